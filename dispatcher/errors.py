@@ -1,0 +1,178 @@
+"""The one error hierarchy of dispatcher.
+
+Every failure says whether it is *transient* (try again later) or *permanent* (do not), the SMTP stage it
+happened in when there is one, and the server's reply when there is one. Subclasses also inherit the
+matching built-in (``ValueError``, ``ConnectionError``, ``TimeoutError``) so callers may catch either.
+
+    DispatcherError
+    ├── ConfigurationError (ValueError)          bad SMTP/Redis URL or setting
+    ├── ValidationError (ValueError)             a mail that may not be enqueued; names field + problem
+    ├── QueueError                               Redis/rq trouble seen by producers and workers
+    │   └── QueueUnavailable (ConnectionError)   Redis did not answer
+    └── SmtpError                                .stage .reply .transient .route_level
+        ├── InvalidCommandArgument (ValueError)  control characters etc., refused before sending
+        ├── PolicyError                          local refusal: TLS required but not offered, AUTH over
+        │                                        plaintext, SIZE exceeded, SMTPUTF8/8BITMIME missing
+        ├── ProtocolError                        garbage, overlong or malformed replies
+        ├── ConnectError (ConnectionError)       could not open the TCP connection
+        ├── ConnectionLost (ConnectionError)     the peer closed or reset the connection
+        ├── TlsError (ConnectionError)           handshake or certificate verification failed
+        ├── StageTimeout (TimeoutError)          a stage's deadline fired
+        ├── UnknownOutcome                       no reply after the final dot: may have been accepted
+        └── ReplyError                           the server answered with an unexpected code
+            ├── ServiceClosing                   421: the server is closing the channel
+            └── AuthenticationFailed             AUTH refused (535, 534, 454 ...)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from dispatcher.smtp.stages import Stage
+
+if TYPE_CHECKING:
+    from dispatcher.smtp.replies import Reply
+
+
+class DispatcherError(Exception):
+    """Root of every error raised by dispatcher."""
+
+
+class ConfigurationError(DispatcherError, ValueError):
+    """A setting or URL is wrong; the message says which and why."""
+
+
+class ValidationError(DispatcherError, ValueError):
+    """A mail failed validation. ``problems`` maps each bad field to what is wrong with it."""
+
+    def __init__(self, problems: dict[str, str]) -> None:
+        self.problems = dict(problems)
+        super().__init__("; ".join(f"{field}: {problem}" for field, problem in self.problems.items()))
+
+    @property
+    def field(self) -> str:
+        return next(iter(self.problems))
+
+
+class QueueError(DispatcherError):
+    """Redis or rq refused or failed an operation."""
+
+
+class QueueUnavailable(QueueError, ConnectionError):
+    """Redis could not be reached; nothing was enqueued."""
+
+
+class SmtpError(DispatcherError):
+    """A failure while talking SMTP.
+
+    ``transient`` says whether trying again later may succeed; ``route_level`` marks failures that belong
+    to the route (TLS policy, authentication, connection trouble) rather than to one message.
+    """
+
+    default_transient = True
+    default_route_level = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        stage: Stage | None = None,
+        reply: Reply | None = None,
+        transient: bool | None = None,
+        route_level: bool | None = None,
+    ) -> None:
+        self.message = message
+        self._route_level = self.default_route_level if route_level is None else route_level
+        self.stage = stage
+        self.reply = reply
+        if transient is None:
+            transient = reply.is_transient if reply is not None else self.default_transient
+        self.transient = transient
+        super().__init__(self._describe())
+
+    @property
+    def permanent(self) -> bool:
+        return not self.transient
+
+    @property
+    def route_level(self) -> bool:
+        return self._route_level
+
+    def _describe(self) -> str:
+        parts = [self.message]
+        if self.stage is not None:
+            parts.append(f"stage={self.stage.value}")
+        if self.reply is not None:
+            parts.append(f"reply={self.reply.summary()}")
+        return " ".join(parts)
+
+
+class InvalidCommandArgument(SmtpError, ValueError):
+    """An address, EHLO name or other argument would break the command line; nothing was sent."""
+
+    default_transient = False
+
+
+class PolicyError(SmtpError):
+    """We refused to go on: the server lacks something the message or the route's policy requires."""
+
+    default_transient = False
+
+
+class ProtocolError(SmtpError):
+    """The server's bytes are not a valid SMTP reply (garbage, overlong, inconsistent)."""
+
+    default_route_level = True
+
+
+class ConnectError(SmtpError, ConnectionError):
+    """The TCP connection could not be opened (refused, unreachable, name not resolved)."""
+
+    default_route_level = True
+
+
+class ConnectionLost(SmtpError, ConnectionError):
+    """The server closed or reset the connection."""
+
+    default_route_level = True
+
+
+class TlsError(SmtpError, ConnectionError):
+    """The TLS handshake failed or the certificate did not verify."""
+
+    default_route_level = True
+
+
+class StageTimeout(SmtpError, TimeoutError):
+    """The deadline of one stage fired before the server answered."""
+
+
+class UnknownOutcome(SmtpError):
+    """The message data was sent but no reply to the final dot arrived: the server may have accepted it.
+
+    Never resend blindly: that risks a duplicate delivery.
+    """
+
+    def __init__(
+        self, message: str, *, stage: Stage | None = Stage.DATA_END, reply: Reply | None = None
+    ) -> None:
+        super().__init__(message, stage=stage, reply=reply, transient=False)
+
+
+class ReplyError(SmtpError):
+    """The server answered with a code that ends this step; ``reply`` holds it."""
+
+    def __init__(self, message: str, *, stage: Stage, reply: Reply) -> None:
+        super().__init__(message, stage=stage, reply=reply)
+
+
+class ServiceClosing(ReplyError):
+    """421: the server is closing the channel. Transient; reconnect."""
+
+    default_route_level = True
+
+
+class AuthenticationFailed(ReplyError):
+    """The server refused our credentials (535, 534, ...) or the exchange broke."""
+
+    default_route_level = True

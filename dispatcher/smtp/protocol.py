@@ -1,0 +1,292 @@
+"""The mail transaction without I/O: which commands go out together, which reply each expects, and what
+every reply means for every recipient.
+
+RFC 2920 (PIPELINING): MAIL and RCPT may appear anywhere in a group, DATA only last, so one group is
+``MAIL, RCPT…, DATA`` and the message data follows the 354 — two round trips per message. RFC 3030
+(CHUNKING): ``BDAT n LAST`` carries the data with it, so ``MAIL, RCPT…, BDAT`` and the data go in one
+write — one round trip. Without PIPELINING every command waits for its reply (lock-step); the outcomes are
+the same in every mode.
+
+The driver (``session``) calls ``next_step()``, writes the step's payload, reads one reply per expected
+stage, feeds each to ``receive()``, and repeats until ``next_step()`` returns ``None``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dispatcher.errors import PolicyError
+from dispatcher.smtp import commands
+from dispatcher.smtp.extensions import Extensions
+from dispatcher.smtp.replies import Reply
+from dispatcher.smtp.stages import Stage
+
+
+class RecipientStatus(enum.StrEnum):
+    ACCEPTED = "accepted"
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientOutcome:
+    recipient: str
+    status: RecipientStatus
+    stage: Stage
+    reply: Reply | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "recipient": self.recipient,
+            "status": self.status.value,
+            "stage": self.stage.value,
+            "reply": self.reply.to_dict() if self.reply else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RecipientOutcome:
+        reply = Reply.from_dict(data["reply"]) if data.get("reply") else None
+        return cls(data["recipient"], RecipientStatus(data["status"]), Stage(data["stage"]), reply)
+
+
+def status_of(reply: Reply) -> RecipientStatus:
+    if reply.is_positive:
+        return RecipientStatus.ACCEPTED
+    return RecipientStatus.TRANSIENT if reply.is_transient else RecipientStatus.PERMANENT
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """What happened to each recipient of one transaction. ``reply`` is the reply that decided the end."""
+
+    outcomes: tuple[RecipientOutcome, ...]
+    reply: Reply | None
+    conn_id: str = ""
+    transcript: tuple[dict[str, Any], ...] = ()
+    round_trips: int = 0
+
+    def with_status(self, status: RecipientStatus) -> tuple[str, ...]:
+        return tuple(o.recipient for o in self.outcomes if o.status is status)
+
+    @property
+    def accepted(self) -> tuple[str, ...]:
+        return self.with_status(RecipientStatus.ACCEPTED)
+
+    @property
+    def transient(self) -> tuple[str, ...]:
+        return self.with_status(RecipientStatus.TRANSIENT)
+
+    @property
+    def permanent(self) -> tuple[str, ...]:
+        return self.with_status(RecipientStatus.PERMANENT)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """Bytes to write, and the stage of each reply they draw, in order (empty: no reply expected)."""
+
+    payload: bytes
+    expect: tuple[Stage, ...]
+    lines: tuple[tuple[Stage, str], ...] = ()
+    data_size: int = 0
+    is_data: bool = False
+
+
+def mail_parameters(
+    extensions: Extensions, sender: str, recipients: Sequence[str], data: bytes
+) -> tuple[int | None, str | None, bool]:
+    """SIZE, BODY and SMTPUTF8 for MAIL FROM, or a ``PolicyError`` before anything is sent."""
+    limit = extensions.size_limit
+    if limit is not None and len(data) > limit:
+        raise PolicyError(
+            f"message is {len(data)} bytes; the server accepts at most {limit} (SIZE)", stage=Stage.MAIL
+        )
+    body = None
+    if commands.has_8bit(data):
+        if not extensions.eightbitmime:
+            raise PolicyError(
+                "message has 8-bit data but the server does not offer 8BITMIME", stage=Stage.MAIL
+            )
+        body = "8BITMIME"
+    smtputf8 = not all(commands.is_ascii(a) for a in (sender, *recipients))
+    if smtputf8 and not extensions.smtputf8:
+        raise PolicyError("non-ASCII address but the server does not offer SMTPUTF8", stage=Stage.MAIL)
+    size = len(data) if extensions.has("SIZE") else None
+    return size, body, smtputf8
+
+
+@dataclass
+class Transaction:
+    """One message to one set of recipients over an identified connection. See the module docstring."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    data: bytes
+    extensions: Extensions
+    pipelining: bool = True
+    chunking: bool = True
+    data_sent: bool = field(default=False, init=False)
+    _mail_sent: bool = field(default=False, init=False)
+    _rcpts_sent: int = field(default=0, init=False)
+    _data_command_sent: bool = field(default=False, init=False)
+    _go_ahead: bool = field(default=False, init=False)
+    _done: bool = field(default=False, init=False)
+    _mail_reply: Reply | None = field(default=None, init=False)
+    _rcpt_replies: list[Reply] = field(default_factory=list, init=False)
+    _final_reply: Reply | None = field(default=None, init=False)
+    _final_stage: Stage = field(default=Stage.DATA_END, init=False)
+
+    def __post_init__(self) -> None:
+        self.data = commands.normalize_line_endings(self.data)
+        size, body, smtputf8 = mail_parameters(self.extensions, self.sender, self.recipients, self.data)
+        self._mail_line = commands.mail_from(self.sender, size=size, body=body, smtputf8=smtputf8)
+        self._rcpt_lines = [commands.rcpt_to(r) for r in self.recipients]
+        self._pipelined = self.pipelining and self.extensions.pipelining
+        self._chunked = self.chunking and self.extensions.chunking
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    @property
+    def accepted_count(self) -> int:
+        return sum(1 for r in self._rcpt_replies if r.is_positive)
+
+    @property
+    def deliverable(self) -> bool:
+        """MAIL was accepted and at least one RCPT: the data, once sent, may be delivered."""
+        mail = self._mail_reply
+        return mail is not None and mail.is_positive and self.accepted_count > 0
+
+    @property
+    def needs_rset(self) -> bool:
+        """The transaction ended without the message being accepted: RSET before the next one."""
+        return self._final_reply is None or not self._final_reply.is_positive
+
+    @property
+    def awaiting_final_reply(self) -> bool:
+        """Data went out and a recipient may have received it: silence now means the outcome is *unknown*.
+
+        With CHUNKING the data goes out before the RCPT replies are read, so a missing RCPT reply counts.
+        """
+        if not self.data_sent or self._done:
+            return False
+        mail = self._mail_reply
+        if mail is not None and not mail.is_positive:
+            return False
+        return self.accepted_count > 0 or len(self._rcpt_replies) < len(self.recipients)
+
+    @property
+    def envelope_accepted(self) -> bool:
+        """MAIL FROM won a positive reply: from here on, a failure is the message's, not the connection's."""
+        return self._mail_reply is not None and self._mail_reply.is_positive
+
+    def next_step(self) -> Step | None:
+        """What to write next, once every reply the previous step expects has been received."""
+        if self._done:
+            return None
+        if not self._mail_sent:
+            self._mail_sent = True
+            if self._pipelined:
+                return self._pipelined_group()
+            return _command(Stage.MAIL, self._mail_line)
+        if self._rcpts_sent < len(self._rcpt_lines):
+            self._rcpts_sent += 1
+            return _command(Stage.RCPT, self._rcpt_lines[self._rcpts_sent - 1])
+        if self._chunked and not self.data_sent:
+            return self._bdat_step()
+        if not self._data_command_sent:
+            self._data_command_sent = True
+            return _command(Stage.DATA, commands.data())
+        if self._go_ahead and not self.data_sent:
+            self.data_sent = True
+            # RFC 2920 §3.1: DATA may win 354 although nobody can receive the message; end it empty.
+            payload = commands.encode_data(self.data if self.deliverable else b"")
+            return Step(payload, (Stage.DATA_END,), (), len(payload), True)
+        return None
+
+    def _pipelined_group(self) -> Step:
+        self._rcpts_sent = len(self._rcpt_lines)
+        lines = [(Stage.MAIL, self._mail_line), *((Stage.RCPT, line) for line in self._rcpt_lines)]
+        envelope = b"".join(line for _, line in lines)
+        stages = tuple(stage for stage, _ in lines)
+        if self._chunked:
+            data = self._bdat_step()
+            return Step(
+                envelope + data.payload,
+                stages + data.expect,
+                _decoded(lines) + data.lines,
+                data.data_size,
+                True,
+            )
+        self._data_command_sent = True
+        lines.append((Stage.DATA, commands.data()))
+        return Step(envelope + commands.data(), (*stages, Stage.DATA), _decoded(lines))
+
+    def _bdat_step(self) -> Step:
+        self.data_sent = True
+        line = commands.bdat(len(self.data), last=True)
+        return Step(line + self.data, (Stage.BDAT,), _decoded([(Stage.BDAT, line)]), len(self.data), True)
+
+    def receive(self, stage: Stage, reply: Reply) -> None:
+        """Take the reply to one command, in the order the commands were sent."""
+        if stage is Stage.MAIL:
+            self._mail_reply = reply
+            if not reply.is_positive and not self._pipelined:
+                self._finish(None, stage)
+        elif stage is Stage.RCPT:
+            self._rcpt_replies.append(reply)
+            last = len(self._rcpt_replies) == len(self.recipients)
+            if last and not self._pipelined and self.accepted_count == 0:
+                self._finish(None, stage)
+        elif stage is Stage.DATA:
+            if reply.code == 354:
+                self._go_ahead = True
+            else:
+                self._finish(reply, stage)
+        elif stage in (Stage.DATA_END, Stage.BDAT):
+            self._finish(reply, stage)
+
+    def _finish(self, reply: Reply | None, stage: Stage) -> None:
+        self._final_reply = reply
+        self._final_stage = stage
+        self._done = True
+
+    def outcomes(self) -> tuple[RecipientOutcome, ...]:
+        """Each recipient's outcome: MAIL's refusal covers all, then RCPT's, then the final reply's."""
+        result = []
+        mail, final = self._mail_reply, self._final_reply
+        for index, recipient in enumerate(self.recipients):
+            rcpt = self._rcpt_replies[index] if index < len(self._rcpt_replies) else None
+            if mail is not None and not mail.is_positive:
+                result.append(RecipientOutcome(recipient, status_of(mail), Stage.MAIL, mail))
+            elif rcpt is None:
+                result.append(RecipientOutcome(recipient, RecipientStatus.TRANSIENT, Stage.RCPT))
+            elif not rcpt.is_positive:
+                result.append(RecipientOutcome(recipient, status_of(rcpt), Stage.RCPT, rcpt))
+            elif final is None:
+                result.append(RecipientOutcome(recipient, RecipientStatus.TRANSIENT, self._final_stage))
+            else:
+                result.append(RecipientOutcome(recipient, status_of(final), self._final_stage, final))
+        return tuple(result)
+
+    def deciding_reply(self) -> Reply | None:
+        """The reply that ended the transaction: the final one, else MAIL's refusal, else the last RCPT's."""
+        if self._final_reply is not None:
+            return self._final_reply
+        if self._mail_reply is not None and not self._mail_reply.is_positive:
+            return self._mail_reply
+        refused = [r for r in self._rcpt_replies if not r.is_positive]
+        return refused[-1] if refused else None
+
+
+def _command(stage: Stage, line: bytes) -> Step:
+    return Step(line, (stage,), _decoded([(stage, line)]))
+
+
+def _decoded(lines: Sequence[tuple[Stage, bytes]]) -> tuple[tuple[Stage, str], ...]:
+    return tuple((stage, line.decode("utf-8").rstrip("\r\n")) for stage, line in lines)
