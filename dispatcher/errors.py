@@ -28,10 +28,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dispatcher.smtp.stages import Stage
-
 if TYPE_CHECKING:
     from dispatcher.smtp.replies import Reply
+    from dispatcher.smtp.stages import Stage
 
 
 class DispatcherError(Exception):
@@ -154,7 +153,7 @@ class UnknownOutcome(SmtpError):
     """
 
     def __init__(
-        self, message: str, *, stage: Stage | None = Stage.DATA_END, reply: Reply | None = None
+        self, message: str, *, stage: Stage | None, reply: Reply | None = None
     ) -> None:
         super().__init__(message, stage=stage, reply=reply, transient=False)
 
