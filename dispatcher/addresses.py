@@ -1,0 +1,277 @@
+"""Email addresses: one strict parser, one frozen value.
+
+``email.utils.parseaddr`` is lenient: it returns ``('', '')`` or a half-parsed pair for garbage and happily
+accepts two addresses glued together. We parse ``addr@example.com`` and ``Name <addr@example.com>``
+ourselves, reject anything doubtful with a precise sentence, and then check that the stdlib header parser
+reads back exactly the address we validated, so what we put in the headers is what we checked.
+
+Also home of :func:`control_character_problem`, the one rule for text that ends up in a header line
+(addresses, subject, custom header values, file names): no CR, LF, NUL or other control characters.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import unicodedata
+from dataclasses import dataclass
+from email import policy as email_policy
+from email.errors import NonASCIILocalPartDefect
+
+MAX_LOCAL_OCTETS = 64  # RFC 5321 §4.5.3.1.1
+MAX_ADDRESS_OCTETS = 254  # RFC 5321 §4.5.3.1.3 path limit (256) minus the angle brackets
+MAX_DOMAIN_OCTETS = 253
+MAX_LABEL_OCTETS = 63
+
+# RFC 5322 atext; any non-ASCII character is atext too (RFC 6532 §3.2).
+_ATEXT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~")
+# RFC 5322 specials: a display name containing one of these must be quoted.
+_SPECIALS = frozenset('()<>[]:;@\\,."')
+_LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_LINE_BREAKS = frozenset("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def control_character_problem(value: str) -> str | None:
+    """Say what is wrong if ``value`` may not go into a header line, else ``None``.
+
+    CR and LF would let the value start a new header (header injection); NUL and other controls
+    (including TAB and the Unicode line/paragraph separators) have no business in a header either.
+    """
+    for char in value:
+        if char in "\r\n":
+            return "contains a line break (CR/LF) — header injection"
+        if char == "\x00":
+            return "contains a NUL character"
+        if char in _LINE_BREAKS or unicodedata.category(char) == "Cc":
+            return f"contains a control character (U+{ord(char):04X})"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """One mailbox: an optional display name and the ``local@domain`` addr-spec used in the envelope."""
+
+    display_name: str
+    addr_spec: str
+
+    @property
+    def local(self) -> str:
+        return self.addr_spec.rpartition("@")[0]
+
+    @property
+    def domain(self) -> str:
+        return self.addr_spec.rpartition("@")[2]
+
+    @property
+    def is_ascii(self) -> bool:
+        """False when the addr-spec needs SMTPUTF8 (RFC 6531); a non-ASCII display name does not."""
+        return self.addr_spec.isascii()
+
+    def formatted(self) -> str:
+        """Header form, ``Name <local@domain>`` or bare ``local@domain``; Unicode left as is.
+
+        The email package encodes a non-ASCII display name (RFC 2047) when the header is written;
+        :func:`parse_address` reads this form back into an equal ``Address``.
+        """
+        if not self.display_name:
+            return self.addr_spec
+        name = self.display_name
+        if not _SPECIALS.isdisjoint(name) or name != name.strip() or "  " in name:
+            name = _quote(name)
+        return f"{name} <{self.addr_spec}>"
+
+
+def parse_address(value: str) -> Address:
+    """Parse exactly one address, ``addr@example.com`` or ``Name <addr@example.com>``.
+
+    Raises ``ValueError`` whose message is a short sentence naming the problem.
+    """
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    problem = control_character_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    text = value.strip()
+    if not text:
+        raise ValueError("empty")
+    angle_start = _find_unquoted(text, "<")
+    if angle_start is None:
+        if _find_unquoted(text, ">") is not None:
+            raise ValueError("not an email address: '>' without '<'")
+        display_name, addr_spec = "", text
+    else:
+        if not text.endswith(">"):
+            raise ValueError("not an email address: text after '>'")
+        display_name = _parse_display_name(text[:angle_start].strip())
+        addr_spec = text[angle_start + 1 : -1].strip()
+        if _find_unquoted(addr_spec, "<") is not None or _find_unquoted(addr_spec, ">") is not None:
+            raise ValueError("not an email address: stray '<' or '>'")
+    addr_spec = _check_addr_spec(addr_spec)
+    return _stdlib_reading(Address(display_name=display_name, addr_spec=addr_spec))
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _find_unquoted(text: str, target: str) -> int | None:
+    """Index of the first ``target`` outside a quoted string (backslash escapes honoured)."""
+    in_quotes = False
+    escaped = False
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\" and in_quotes:
+            escaped = True
+        elif char == '"':
+            in_quotes = not in_quotes
+        elif char == target and not in_quotes:
+            return index
+    return None
+
+
+def _unquote(quoted: str) -> str:
+    """Contents of a complete quoted string ``"..."``; raises if it is not one."""
+    if len(quoted) < 2 or not (quoted.startswith('"') and quoted.endswith('"')):
+        raise ValueError("unbalanced quotes")
+    out: list[str] = []
+    escaped = False
+    for char in quoted[1:-1]:
+        if escaped:
+            out.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            raise ValueError("unbalanced quotes")
+        else:
+            out.append(char)
+    if escaped:
+        raise ValueError("unbalanced quotes")
+    return "".join(out)
+
+
+def _parse_display_name(text: str) -> str:
+    if not text:
+        return ""
+    if text.startswith('"'):
+        try:
+            return _unquote(text)
+        except ValueError:
+            raise ValueError("display name: unbalanced quotes") from None
+    if "," in text or ";" in text:
+        raise ValueError("exactly one address expected; use a list for several")
+    bad = sorted({char for char in text if char in _SPECIALS and char != "."})
+    if bad:
+        raise ValueError(f"display name: special character {bad[0]!r} must be quoted")
+    return text
+
+
+def _check_addr_spec(addr_spec: str) -> str:
+    if "@" not in addr_spec:
+        raise ValueError("not an email address: no '@'")
+    if "," in addr_spec and addr_spec.count("@") > 1 and not addr_spec.startswith('"'):
+        raise ValueError("exactly one address expected; use a list for several")
+    local, _, domain = addr_spec.rpartition("@")
+    _check_local(local)
+    domain = _check_domain(domain)
+    result = f"{local}@{domain}"
+    if len(result.encode("utf-8")) > MAX_ADDRESS_OCTETS:
+        raise ValueError(f"too long: more than {MAX_ADDRESS_OCTETS} octets")
+    return result
+
+
+def _check_local(local: str) -> None:
+    if not local:
+        raise ValueError("not an email address: nothing before '@'")
+    if len(local.encode("utf-8")) > MAX_LOCAL_OCTETS:
+        raise ValueError(f"local part too long: more than {MAX_LOCAL_OCTETS} octets")
+    if local.startswith('"'):
+        try:
+            _unquote(local)
+        except ValueError:
+            raise ValueError("local part: unbalanced quotes") from None
+        return
+    if "@" in local:
+        raise ValueError("not an email address: more than one '@'")
+    if any(char.isspace() for char in local):
+        raise ValueError("local part contains whitespace")
+    if local.startswith(".") or local.endswith(".") or ".." in local:
+        raise ValueError("local part: misplaced '.' (leading, trailing or doubled)")
+    for char in local:
+        if char != "." and char.isascii() and char not in _ATEXT:
+            raise ValueError(f"local part: character {char!r} is not allowed unquoted")
+
+
+def _check_domain(domain: str) -> str:
+    if not domain:
+        raise ValueError("not an email address: nothing after '@'")
+    if domain.startswith("["):
+        return _check_address_literal(domain)
+    if any(char.isspace() for char in domain):
+        raise ValueError("domain contains whitespace")
+    if domain.endswith("."):
+        raise ValueError("domain ends with '.'")
+    for label in domain.split("."):
+        if not label:
+            raise ValueError("domain: empty label (leading or doubled '.')")
+        if len(label.encode("utf-8")) > MAX_LABEL_OCTETS and label.isascii():
+            raise ValueError(f"domain label too long: more than {MAX_LABEL_OCTETS} octets")
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"domain {domain!r} is not a valid (IDNA) domain name") from None
+    if len(ascii_domain) > MAX_DOMAIN_OCTETS:
+        raise ValueError(f"domain too long: more than {MAX_DOMAIN_OCTETS} octets")
+    labels = ascii_domain.split(".")
+    for label in labels:
+        if not _LDH_LABEL.fullmatch(label):
+            raise ValueError(f"domain label {label!r}: only letters, digits and inner hyphens are allowed")
+    if labels[-1].isdigit():
+        raise ValueError("domain: an IP address must be written in brackets, e.g. [192.0.2.1]")
+    return domain
+
+
+def _check_address_literal(domain: str) -> str:
+    if not domain.endswith("]"):
+        raise ValueError("domain: address literal without closing ']'")
+    inner = domain[1:-1]
+    try:
+        if inner[:5].lower() == "ipv6:":
+            ipaddress.IPv6Address(inner[5:])
+            return f"[IPv6:{inner[5:]}]"
+        ipaddress.IPv4Address(inner)
+    except ValueError:
+        raise ValueError(f"domain: {domain!r} is not an IPv4 or IPv6 address literal") from None
+    return domain
+
+
+def _stdlib_reading(address: Address) -> Address:
+    """Read ``address.formatted()`` back with the email package: exactly this mailbox, defect-free.
+
+    Returns the stdlib's canonical form: needless quotes around a local part dropped, RFC 2047
+    encoded-words in a display name decoded (then checked again for control characters).
+    """
+    try:
+        header = email_policy.SMTPUTF8.header_factory("To", address.formatted())
+    except (ValueError, IndexError, TypeError) as exc:  # the stdlib parser's failures are undocumented
+        raise ValueError(f"not an email address: {exc}") from None
+    defects = [d for d in header.defects if not isinstance(d, NonASCIILocalPartDefect)]
+    mailboxes = header.addresses
+    if defects or len(mailboxes) != 1:
+        raise ValueError(f"not an email address: {defects[0] if defects else 'unreadable'}")
+    parsed = mailboxes[0]
+    local = address.local
+    if local.startswith('"'):
+        local = _unquote(local)
+    if (parsed.username, parsed.domain) != (local, address.domain):
+        raise ValueError("not an email address: ambiguous form")
+    display_name = address.display_name
+    if "=?" in display_name:
+        display_name = parsed.display_name
+        problem = control_character_problem(display_name)
+        if problem is not None:
+            raise ValueError(f"display name {problem}")
+    elif parsed.display_name != display_name:
+        raise ValueError("display name: ambiguous form")
+    return Address(display_name=display_name, addr_spec=parsed.addr_spec)

@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dispatcher.addresses import Address, control_character_problem, parse_address
+
+
+@pytest.mark.parametrize(
+    ("raw", "display_name", "addr_spec"),
+    [
+        ("ann@example.com", "", "ann@example.com"),
+        ("  ann@example.com ", "", "ann@example.com"),
+        ("<ann@example.com>", "", "ann@example.com"),
+        ("Ann Lee <ann@example.com>", "Ann Lee", "ann@example.com"),
+        ('"Lee, Ann" <ann@example.com>', "Lee, Ann", "ann@example.com"),
+        ('"say \\"hi\\"" <ann@example.com>', 'say "hi"', "ann@example.com"),
+        ("John Q. Public <john@example.com>", "John Q. Public", "john@example.com"),
+        ("Zoë <zoe@example.com>", "Zoë", "zoe@example.com"),
+        ("=?utf-8?q?Zo=C3=AB?= <zoe@example.com>", "Zoë", "zoe@example.com"),
+        ("first.o'neil+tag@sub.example.co.uk", "", "first.o'neil+tag@sub.example.co.uk"),
+        ('"john doe"@example.com', "", '"john doe"@example.com'),
+        ('"john"@example.com', "", "john@example.com"),
+        ("ann@[192.0.2.1]", "", "ann@[192.0.2.1]"),
+        ("ann@[IPv6:2001:db8::1]", "", "ann@[IPv6:2001:db8::1]"),
+        ("josé@exämple.com", "", "josé@exämple.com"),
+        ("用户 <用户@例子.中国>", "用户", "用户@例子.中国"),
+        ("ann@xn--exmple-cua.com", "", "ann@xn--exmple-cua.com"),
+        ("ann@localhost", "", "ann@localhost"),
+    ],
+)
+def test_accepted_forms(raw: str, display_name: str, addr_spec: str) -> None:
+    address = parse_address(raw)
+    assert address == Address(display_name=display_name, addr_spec=addr_spec)
+    assert parse_address(address.formatted()) == address
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("annexample.com", "not an email address: no '@'"),
+        ("Ann <annexample.com>", "not an email address: no '@'"),
+        ("@example.com", "not an email address: nothing before '@'"),
+        ("ann@", "not an email address: nothing after '@'"),
+        ("ann@b@example.com", "not an email address: more than one '@'"),
+        ("ann lee@example.com", "local part contains whitespace"),
+        ("ann@exa mple.com", "domain contains whitespace"),
+        (".ann@example.com", "local part: misplaced '.' (leading, trailing or doubled)"),
+        ("an..n@example.com", "local part: misplaced '.' (leading, trailing or doubled)"),
+        ("ann(x)@example.com", "local part: character '(' is not allowed unquoted"),
+        ("a" * 65 + "@example.com", "local part too long: more than 64 octets"),
+        ("é" * 33 + "@example.com", "local part too long: more than 64 octets"),
+        ("a@" + ".".join(["b" * 60] * 5) + ".com", "domain too long: more than 253 octets"),
+        ("a" * 60 + "@" + ".".join(["b" * 60] * 4) + ".com", "too long: more than 254 octets"),
+        ("ann@" + "b" * 64 + ".com", "domain label too long: more than 63 octets"),
+        ("ann@exa_mple.com", "domain label 'exa_mple': only letters, digits and inner hyphens are allowed"),
+        ("ann@-example.com", "domain label '-example': only letters, digits and inner hyphens are allowed"),
+        ("ann@example..com", "domain: empty label (leading or doubled '.')"),
+        ("ann@.example.com", "domain: empty label (leading or doubled '.')"),
+        ("ann@example.com.", "domain ends with '.'"),
+        ("ann@192.0.2.1", "domain: an IP address must be written in brackets, e.g. [192.0.2.1]"),
+        ("ann@[192.0.2.300]", "domain: '[192.0.2.300]' is not an IPv4 or IPv6 address literal"),
+        ("ann@[192.0.2.1", "domain: address literal without closing ']'"),
+        ("ann@example.com, bob@example.com", "exactly one address expected; use a list for several"),
+        ("Lee, Ann <ann@example.com>", "exactly one address expected; use a list for several"),
+        ("Ann <ann@example.com> x", "not an email address: text after '>'"),
+        ("ann@example.com>", "not an email address: '>' without '<'"),
+        ("Ann <a<nn@example.com>", "not an email address: stray '<' or '>'"),
+        ("Ann@Home <ann@example.com>", "display name: special character '@' must be quoted"),
+        ('"Ann <ann@example.com>', "local part: unbalanced quotes"),
+        ("ann@example.com\r\nBcc: victim@example.org", "contains a line break (CR/LF) — header injection"),
+        ("Ann\n <ann@example.com>", "contains a line break (CR/LF) — header injection"),
+        ("ann\x00@example.com", "contains a NUL character"),
+        ("Ann\tLee <ann@example.com>", "contains a control character (U+0009)"),
+        ("Ann\u2028 <ann@example.com>", "contains a control character (U+2028)"),
+    ],
+)
+def test_rejected_forms(raw: str, problem: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_address(raw)
+    assert str(caught.value) == problem
+
+
+def test_encoded_word_that_decodes_to_a_line_break_is_rejected() -> None:
+    with pytest.raises(ValueError, match="CR or LF"):
+        parse_address("=?utf-8?q?Ann=0D=0AX?= <ann@example.com>")
+
+
+def test_non_string_is_rejected() -> None:
+    with pytest.raises(ValueError, match="must be a string"):
+        parse_address(42)  # type: ignore[arg-type]
+
+
+def test_parts_and_ascii_flag() -> None:
+    ascii_address = parse_address("Ann <Ann.Lee@Example.COM>")
+    assert (ascii_address.local, ascii_address.domain) == ("Ann.Lee", "Example.COM")
+    assert ascii_address.is_ascii
+    assert parse_address("Zoë <zoe@example.com>").is_ascii  # a UTF-8 display name needs no SMTPUTF8
+    utf8_local = parse_address("josé@example.com")
+    assert not utf8_local.is_ascii
+    assert (utf8_local.local, utf8_local.domain) == ("josé", "example.com")
+
+
+def test_formatted_quotes_only_when_needed() -> None:
+    assert Address("Ann Lee", "ann@example.com").formatted() == "Ann Lee <ann@example.com>"
+    assert Address("Lee, Ann", "ann@example.com").formatted() == '"Lee, Ann" <ann@example.com>'
+    assert Address('a "b" \\ c', "ann@example.com").formatted() == '"a \\"b\\" \\\\ c" <ann@example.com>'
+    assert Address("", "ann@example.com").formatted() == "ann@example.com"
+
+
+def test_control_character_problem() -> None:
+    assert control_character_problem("Plain subject — with ünïcode") is None
+    assert control_character_problem("a\rb") == "contains a line break (CR/LF) — header injection"
+    assert control_character_problem("a\x00b") == "contains a NUL character"
+    assert control_character_problem("a\x7fb") == "contains a control character (U+007F)"
+    assert control_character_problem("a\x85b") == "contains a control character (U+0085)"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40))
+def test_any_accepted_text_round_trips_and_stays_one_line(raw: str) -> None:
+    try:
+        address = parse_address(raw)
+    except ValueError:
+        return
+    formatted = address.formatted()
+    assert control_character_problem(formatted) is None
+    assert "@" in address.addr_spec
+    assert parse_address(formatted) == address
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(st.characters(blacklist_categories=["Cc", "Cs", "Zl", "Zp"]), max_size=20),
+    st.from_regex(r"[a-z0-9]{1,10}(\.[a-z0-9]{1,10}){0,2}", fullmatch=True),
+)
+def test_any_clean_display_name_round_trips(name: str, local: str) -> None:
+    address = Address(display_name=name.strip(), addr_spec=f"{local}@example.com")
+    if "=?" in address.display_name:
+        return  # encoded-words are decoded on purpose, covered above
+    assert parse_address(address.formatted()) == address
