@@ -152,9 +152,7 @@ class UnknownOutcome(SmtpError):
     Never resend blindly: that risks a duplicate delivery.
     """
 
-    def __init__(
-        self, message: str, *, stage: Stage | None, reply: Reply | None = None
-    ) -> None:
+    def __init__(self, message: str, *, stage: Stage | None, reply: Reply | None = None) -> None:
         super().__init__(message, stage=stage, reply=reply, transient=False)
 
 

@@ -59,6 +59,7 @@ class SmtpClient:
         self.messages_on_connection = 0
         self.connections_opened = 0
         self.conn_id = ""
+        self.data_in_flight = False
         self._conn: Connection | None = None
         self._opened_at = 0.0
         self._last_used = 0.0
@@ -266,6 +267,7 @@ class SmtpClient:
                 for stage, line in step.lines:
                     self._transcript.command(stage, line)
                 if step.is_data:
+                    self.data_in_flight = True
                     self._transcript.data(Stage.DATA_BLOCK, step.data_size)
                     self._conn.send_data(step.payload)
                 else:
@@ -274,12 +276,14 @@ class SmtpClient:
                 for stage in step.expect:
                     tx.receive(stage, self._read(stage))
         except SmtpError as exc:
+            self.data_in_flight = False
             self._discard(SessionState.CLOSED)
             if tx.awaiting_final_reply and not isinstance(exc, ReplyError):
                 raise UnknownOutcome(
                     f"message data sent but no reply came back: {exc.message}", stage=exc.stage
                 ) from exc
             raise
+        self.data_in_flight = False
         self.messages_on_connection += 1
         self._last_used = time.monotonic()
         self.state = SessionState.READY

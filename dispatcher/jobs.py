@@ -1,0 +1,250 @@
+"""The rq job: one delivery attempt of one send, recorded before the job returns.
+
+``deliver(send_id)`` loads the send, skips every recipient the ledger says accepted it, sends to the rest
+over the process's kept ``SmtpClient`` for the mail's route, turns the outcome into per-recipient
+verdicts (``policy``), and in ONE Redis transaction: adds the newly accepted recipients to the ledger,
+saves the record, and schedules the next attempt when one is due.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from typing import Any
+
+import redis
+import structlog
+from rq import get_current_job
+
+from dispatcher.errors import ConfigurationError, SmtpError
+from dispatcher.message import Mail
+from dispatcher.mime import build_message
+from dispatcher.policy import (
+    Verdict,
+    backoff_delay,
+    final_state,
+    retry_hint,
+    verdict_for_error,
+    verdict_for_reply,
+)
+from dispatcher.producer import schedule_attempt
+from dispatcher.runtime import Runtime
+from dispatcher.smtp.protocol import RecipientStatus
+from dispatcher.store import (
+    FINAL_STATES,
+    INFLIGHT,
+    LEDGER_TTL,
+    SendRecord,
+    SendStore,
+    delivered_key,
+    ledger_key,
+)
+
+logger = structlog.get_logger("dispatcher.jobs")
+_rng = random.SystemRandom()
+_RETRYABLE = {"pending", RecipientStatus.TRANSIENT.value}
+NO_SIZE_LIMIT = 1 << 62
+
+
+def deliver(send_id: str) -> dict[str, Any]:
+    """rq entry point (referenced by name in every job)."""
+    job = get_current_job()
+    if job is None:
+        raise RuntimeError("deliver() must run inside an rq job")
+    try:
+        return Attempt(Runtime.current(), job.connection, job.id, send_id).run()
+    finally:
+        structlog.contextvars.clear_contextvars()
+
+
+def attempt_job_id(send_id: str, generation: int, attempt: int, suffix: str = "") -> str:
+    return f"{send_id}.{generation}.{attempt}{suffix}"
+
+
+class LeaseKeeper:
+    """Keeps the send's in-flight lease fresh while we send; a killed worker stops refreshing it."""
+
+    def __init__(self, connection: redis.Redis, send_id: str, seconds: float) -> None:
+        self._redis, self._send_id, self._seconds = connection, send_id, seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._seconds / 3):
+            try:
+                self._redis.zadd(INFLIGHT, {self._send_id: time.time() + self._seconds})
+            except redis.RedisError as exc:
+                logger.warning("lease_refresh_failed", send_id=self._send_id, error=str(exc))
+
+
+class Attempt:
+    def __init__(self, runtime: Runtime, connection: redis.Redis, job_id: str, send_id: str) -> None:
+        self.runtime = runtime
+        self.redis = connection
+        self.store = SendStore(connection)
+        self.job_id = job_id
+        self.send_id = send_id
+
+    def run(self) -> dict[str, Any]:
+        rec = self.store.load(self.send_id)
+        if rec is None:
+            logger.warning("mail_missing", send_id=self.send_id, job_id=self.job_id)
+            return {"id": self.send_id, "state": "missing"}
+        if rec.state in FINAL_STATES or (rec.rq_job and rec.rq_job != self.job_id):
+            logger.info("mail_stale_job", send_id=self.send_id, job_id=self.job_id, state=rec.state)
+            return {"id": self.send_id, "state": rec.state, "stale_job": True}
+        mail = Mail.from_dict(rec.mail, max_bytes=NO_SIZE_LIMIT)
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(
+            job_id=self.job_id, send_id=self.send_id, message_id=mail.message_id, attempt=rec.attempts + 1,
+            route=mail.route, worker=self.runtime.worker_name,
+        )  # fmt: skip
+        ledger = self.store.ledger(mail.message_id)
+        for recipient in mail.envelope_recipients:
+            if recipient.casefold() in ledger:
+                rec.outcomes.setdefault(recipient, {})["status"] = RecipientStatus.ACCEPTED.value
+        pending = [
+            r
+            for r in mail.envelope_recipients
+            if rec.outcomes.get(r, {}).get("status", "pending") in _RETRYABLE
+        ]
+        started = time.time()
+        self._begin(rec, started)
+        verdicts: dict[str, Verdict] = {}
+        conn_id = ""
+        if pending:
+            with LeaseKeeper(self.redis, self.send_id, self.runtime.settings.lease_seconds):
+                verdicts, conn_id = self._send(rec, mail, pending)
+        return self._finish(rec, mail, verdicts, conn_id, started)
+
+    def _begin(self, rec: SendRecord, now: float) -> None:
+        rec.state = "sending"
+        rec.attempts += 1
+        rec.record.setdefault("first_attempt_at", now)
+        pipe = self.redis.pipeline(transaction=True)
+        self.store.stage_save(pipe, rec, now=now)
+        pipe.zadd(INFLIGHT, {rec.send_id: now + self.runtime.settings.lease_seconds})
+        pipe.execute()
+
+    def _send(self, rec: SendRecord, mail: Mail, pending: list[str]) -> tuple[dict[str, Verdict], str]:
+        try:
+            client = self.runtime.client(mail.route)
+        except ConfigurationError as exc:
+            return dict.fromkeys(pending, verdict_for_error(exc, self.runtime.settings.retry)), ""
+        try:
+            result = client.send(mail.envelope_sender, pending, build_message(mail))
+        except SmtpError as exc:
+            verdict = verdict_for_error(exc, self.runtime.settings.retry)
+            rec.record["transcript"] = list(client.last_transcript)
+            return dict.fromkeys(pending, verdict), client.conn_id
+        except BaseException as exc:
+            # A job timeout or a cold shutdown interrupted us mid-dialogue: never reuse that connection.
+            in_flight = client.data_in_flight
+            client.abort()
+            status = RecipientStatus.UNKNOWN if in_flight else RecipientStatus.TRANSIENT
+            verdict = Verdict(status, None, None, "interrupted", f"attempt interrupted: {type(exc).__name__}")
+            self._finish(rec, mail, dict.fromkeys(pending, verdict), client.conn_id, time.time())
+            raise
+        verdicts = {o.recipient: verdict_for_reply(o.status, o.stage.value, o.reply) for o in result.outcomes}
+        if not all(o.status is RecipientStatus.ACCEPTED for o in result.outcomes):
+            rec.record["transcript"] = list(result.transcript)
+        return verdicts, result.conn_id
+
+    def _finish(
+        self, rec: SendRecord, mail: Mail, verdicts: dict[str, Verdict], conn_id: str, started: float
+    ) -> dict[str, Any]:
+        now = time.time()
+        policy = self.runtime.settings.retry
+        for recipient, verdict in verdicts.items():
+            rec.outcomes[recipient] = verdict.to_dict(now)
+        statuses = [rec.outcomes.get(r, {}).get("status", "pending") for r in mail.envelope_recipients]
+        first = float(rec.record.get("first_attempt_at", now))
+        can_retry = rec.attempts < policy.max_attempts and now - first < policy.max_age
+        rec.state = final_state(statuses, can_retry)
+        failed = [v for v in verdicts.values() if v.status is not RecipientStatus.ACCEPTED]
+        deciding = failed[-1] if failed else next(iter(verdicts.values()), None)
+        if deciding is not None and deciding.reply is not None:
+            rec.record["last_reply"] = deciding.reply.to_dict()
+        rec.record["reason"] = self._reason(rec, failed, statuses) if rec.state != "delivered" else None
+        ms = round((now - started) * 1000, 1)
+        history = rec.record.setdefault("history", [])
+        history.append({
+            "attempt": rec.attempts, "generation": rec.generation, "at": now, "ms": ms, "conn_id": conn_id,
+            "worker": self.runtime.worker_name, "job_id": self.job_id,
+            "outcomes": {r: v.status.value for r, v in verdicts.items()},
+            "reply": _describe(deciding),
+        })  # fmt: skip
+        del history[:-50]
+        accepted = [r.casefold() for r, v in verdicts.items() if v.status is RecipientStatus.ACCEPTED]
+        pipe = self.redis.pipeline(transaction=True)
+        if accepted:
+            pipe.sadd(ledger_key(mail.message_id), *accepted)
+            pipe.expire(ledger_key(mail.message_id), LEDGER_TTL)
+        if rec.state == "deferred":
+            hints = [h for v in failed if (h := retry_hint(v.reply)) is not None]
+            delay = backoff_delay(policy, rec.attempts, max(hints) if hints else None, _rng)
+            job_id = attempt_job_id(rec.send_id, rec.generation, rec.attempts + 1)
+            schedule_attempt(pipe, self.redis, rec, job_id, now + delay)
+        else:
+            rec.next_attempt_at = None
+        if rec.state == "delivered":
+            minute = int(now // 60)
+            pipe.incr(delivered_key(minute))
+            pipe.expire(delivered_key(minute), 3 * 3600)
+        self.store.stage_save(pipe, rec, now=now)
+        pipe.zrem(INFLIGHT, rec.send_id)
+        pipe.execute()
+        summary = {
+            "id": rec.send_id,
+            "state": rec.state,
+            "attempts": rec.attempts,
+            "ms": ms,
+            "conn_id": conn_id,
+            "recipients": {r: rec.outcomes.get(r, {}).get("status") for r in mail.envelope_recipients},
+        }
+        event = {"delivered": "mail_delivered", "deferred": "mail_deferred"}.get(
+            rec.state, f"mail_{rec.state}"
+        )
+        log = logger.info if rec.state in ("delivered", "deferred") else logger.warning
+        log(
+            event,
+            recipients=summary["recipients"],
+            total_ms=ms,
+            conn_id=conn_id,
+            next_attempt_at=rec.next_attempt_at,
+            reason=rec.record.get("reason"),
+        )
+        return summary
+
+    @staticmethod
+    def _reason(rec: SendRecord, failed: list[Verdict], statuses: list[str]) -> dict[str, Any] | None:
+        """Why the send is not delivered, in the shape the dashboard groups by."""
+        if not failed:
+            return rec.record.get("reason")
+        verdict = failed[-1]
+        reply = verdict.reply
+        kind = verdict.kind
+        if rec.state == "failed" and RecipientStatus.TRANSIENT.value in statuses:
+            kind = "exhausted"
+        return {
+            "kind": kind,
+            "stage": verdict.stage,
+            "code": reply.code if reply else None,
+            "enhanced": reply.enhanced if reply else None,
+            "text": reply.summary() if reply else verdict.detail,
+        }
+
+
+def _describe(verdict: Verdict | None) -> str | None:
+    if verdict is None:
+        return None
+    return verdict.reply.summary() if verdict.reply else verdict.detail

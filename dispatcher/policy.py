@@ -1,0 +1,107 @@
+"""The reply code decides: what one attempt's result means for each recipient, and what happens next.
+
+    stage                      reply / error                  recipient status  next
+    MAIL, RCPT, DATA, data end 2xx                            accepted          ledger; never again
+    MAIL, RCPT, DATA, data end 4xx                            transient         retry with backoff
+    MAIL, RCPT, DATA, data end 5xx                            permanent         failed now
+    any, before the final dot  network error, timeout, 421    transient         retry with backoff
+    after the final dot        no reply (timeout, drop)       unknown           not resent (configurable)
+    route: TLS policy, AUTH    any                            transient (route) retry; blamed on the route
+    local: SIZE, SMTPUTF8      refused before sending         permanent         failed now
+
+Delays: full jitter — uniform(0, min(max_delay, base_delay * 2^(attempt-1))) — unless the server said
+"try again in N seconds/minutes", which wins (capped at max_delay). A send stops being retried after
+``max_attempts`` attempts or ``max_age`` seconds since its first attempt, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from dispatcher.errors import ConfigurationError, DispatcherError, SmtpError, UnknownOutcome
+from dispatcher.settings import RetryPolicy
+from dispatcher.smtp.protocol import RecipientStatus
+from dispatcher.smtp.replies import Reply
+
+_HINT = re.compile(
+    r"(?:try|retry)(?:\s+again)?\s+(?:in|after)\s+(\d+(?:\.\d+)?)\s*"
+    r"(s|sec|secs|seconds?|m|min|mins|minutes?|h|hours?)\b",
+    re.IGNORECASE,
+)
+_UNIT = {"s": 1, "m": 60, "h": 3600}
+
+
+def retry_hint(reply: Reply | None) -> float | None:
+    """Seconds the server asked us to wait ("try again in 5 minutes"), if it said so."""
+    if reply is None:
+        return None
+    match = _HINT.search(reply.text)
+    if match is None:
+        return None
+    return float(match.group(1)) * _UNIT[match.group(2)[0].lower()]
+
+
+def backoff_delay(policy: RetryPolicy, attempt: int, hint: float | None, rng: random.Random) -> float:
+    """Delay before attempt ``attempt + 1`` (``attempt`` >= 1 attempts already made)."""
+    if hint is not None:
+        return min(hint, policy.max_delay)
+    ceiling = min(policy.max_delay, policy.base_delay * 2 ** (attempt - 1))
+    return rng.uniform(0, ceiling)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One recipient's fate after an attempt, with what decided it."""
+
+    status: RecipientStatus
+    stage: str | None
+    reply: Reply | None
+    kind: str
+    detail: str
+
+    def to_dict(self, at: float) -> dict[str, Any]:
+        reply = self.reply
+        return {
+            "status": self.status.value,
+            "stage": self.stage,
+            "code": reply.code if reply else None,
+            "enhanced": reply.enhanced if reply else None,
+            "text": reply.text if reply else self.detail,
+            "kind": self.kind,
+            "at": at,
+        }
+
+
+def verdict_for_error(exc: DispatcherError, policy: RetryPolicy) -> Verdict:
+    """What an exception from the client means for every recipient still pending in that attempt."""
+    if isinstance(exc, ConfigurationError):
+        return Verdict(RecipientStatus.TRANSIENT, None, None, "route", str(exc))
+    assert isinstance(exc, SmtpError)
+    stage = exc.stage.value if exc.stage else None
+    if isinstance(exc, UnknownOutcome):
+        status = RecipientStatus.TRANSIENT if policy.resend_unknown else RecipientStatus.UNKNOWN
+        return Verdict(status, stage, exc.reply, "unknown", exc.message)
+    if exc.route_level:
+        return Verdict(RecipientStatus.TRANSIENT, stage, exc.reply, "route", exc.message)
+    status = RecipientStatus.TRANSIENT if exc.transient else RecipientStatus.PERMANENT
+    return Verdict(status, stage, exc.reply, "message", exc.message)
+
+
+def verdict_for_reply(status: RecipientStatus, stage: str, reply: Reply | None) -> Verdict:
+    kind = "recipient" if stage == "rcpt" else "message"
+    detail = reply.summary() if reply else "no reply"
+    return Verdict(status, stage, reply, kind, detail)
+
+
+def final_state(statuses: list[str], can_retry: bool) -> str:
+    """The send's state from its recipients' statuses after an attempt."""
+    if all(s == RecipientStatus.ACCEPTED for s in statuses):
+        return "delivered"
+    if can_retry and any(s == RecipientStatus.TRANSIENT for s in statuses):
+        return "deferred"
+    if any(s == RecipientStatus.UNKNOWN for s in statuses):
+        return "unknown"
+    return "failed"

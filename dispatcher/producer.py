@@ -1,0 +1,180 @@
+"""The producer API: validate mails, store them and enqueue their rq jobs — atomically, idempotently.
+
+Each batch is one Redis transaction guarded by ``WATCH`` on its idempotency keys: either a mail's key,
+record and rq job are all written, or none is. The same ``key`` enqueued again (now or scheduled) finds the
+first send and creates nothing — rq alone would run a reused job id twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from dispatcher.errors import QueueUnavailable, ValidationError
+from dispatcher.message import DEFAULT_MAX_BYTES, PRIORITIES, Mail
+from dispatcher.store import KEY_TTL, SendRecord, SendStore, idempotency_key, new_send_id, text
+
+JOB_FUNCTION = "dispatcher.jobs.deliver"
+QUEUE_NAMES = tuple(f"mail-{priority}" for priority in PRIORITIES)
+DEFAULT_JOB_TIMEOUT = 3600
+RESULT_TTL = 86400
+FAILURE_TTL = 7 * 86400
+BATCH = 500
+
+
+def queue_name(priority: str) -> str:
+    return f"mail-{priority}"
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    """One mail accepted by the producer; ``duplicate`` when its key had been enqueued before."""
+
+    id: str
+    duplicate: bool
+    message_id: str
+
+
+def rq_queue(connection: redis.Redis, priority: str) -> Queue:
+    return Queue(queue_name(priority), connection=connection, serializer=JSONSerializer)
+
+
+def schedule_attempt(
+    pipe: Any, connection: redis.Redis, rec: SendRecord, job_id: str, when: float | None
+) -> None:
+    """Queue (or schedule, ``when`` in Unix seconds) the rq job for one attempt of ``rec`` on ``pipe``."""
+    queue = rq_queue(connection, str(rec.mail.get("priority", "default")))
+    job = queue.create_job(
+        JOB_FUNCTION,
+        args=(rec.send_id,),
+        job_id=job_id,
+        timeout=DEFAULT_JOB_TIMEOUT,
+        result_ttl=RESULT_TTL,
+        failure_ttl=FAILURE_TTL,
+        description=f"mail {rec.send_id}",
+    )
+    rec.rq_job = job_id
+    if when is not None and when > time.time():
+        rec.next_attempt_at = when
+        queue.schedule_job(job, datetime.fromtimestamp(when, UTC), pipeline=pipe)
+    else:
+        rec.next_attempt_at = None
+        queue.enqueue_job(job, pipeline=pipe)
+
+
+class Producer:
+    """Enqueue mails into Redis for the workers. Thread-safe as far as the redis client is."""
+
+    def __init__(self, connection: redis.Redis, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.redis = connection
+        self.store = SendStore(connection)
+        self.max_bytes = max_bytes
+
+    def validate(self, data: Mapping[str, Any] | Mail) -> Mail:
+        return data if isinstance(data, Mail) else Mail.from_dict(data, max_bytes=self.max_bytes)
+
+    def enqueue(self, data: Mapping[str, Any] | Mail) -> Enqueued:
+        """Validate and enqueue one mail; ``ValidationError`` names every bad field and stores nothing."""
+        return self.enqueue_valid([self.validate(data)])[0]
+
+    def enqueue_many(self, items: Iterable[Mapping[str, Any] | Mail]) -> list[Enqueued | ValidationError]:
+        """Enqueue many mails; each position holds its ``Enqueued`` or the ``ValidationError`` it got."""
+        results: list[Enqueued | ValidationError] = []
+        valid: list[tuple[int, Mail]] = []
+        for item in items:
+            try:
+                valid.append((len(results), self.validate(item)))
+                results.append(ValidationError({"mail": "pending"}))
+            except ValidationError as exc:
+                results.append(exc)
+        for start in range(0, len(valid), BATCH):
+            chunk = valid[start : start + BATCH]
+            for (index, _), done in zip(chunk, self.enqueue_valid([m for _, m in chunk]), strict=True):
+                results[index] = done
+        return results
+
+    def enqueue_valid(self, mails: Sequence[Mail]) -> list[Enqueued]:
+        """Store and enqueue already validated mails in one transaction (retried if a key races)."""
+        try:
+            return self._transaction(mails)
+        except redis.ConnectionError as exc:
+            raise QueueUnavailable(f"Redis is unreachable, nothing was enqueued: {exc}") from exc
+        except redis.TimeoutError as exc:
+            raise QueueUnavailable(f"Redis timed out, the batch may not be enqueued: {exc}") from exc
+
+    def _transaction(self, mails: Sequence[Mail]) -> list[Enqueued]:
+        keys = [idempotency_key(m.key) if m.key is not None else None for m in mails]
+        watched = sorted({k for k in keys if k is not None})
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    existing: dict[str, str] = {}
+                    if watched:
+                        pipe.watch(*watched)  # type: ignore[no-untyped-call]
+                        values = pipe.mget(watched)
+                        existing = {k: text(v) for k, v in zip(watched, values, strict=True) if v is not None}
+                    pipe.multi()
+                    results = self._stage(pipe, mails, keys, existing)
+                    pipe.execute()
+                    return results
+                except redis.WatchError:
+                    continue
+
+    def _stage(
+        self, pipe: Any, mails: Sequence[Mail], keys: Sequence[str | None], existing: dict[str, str]
+    ) -> list[Enqueued]:
+        now = time.time()
+        results: list[Enqueued] = []
+        claimed: dict[str, Enqueued] = {}
+        for mail, key in zip(mails, keys, strict=True):
+            if key is not None and key in existing:
+                results.append(Enqueued(existing[key], True, ""))
+                continue
+            if key is not None and key in claimed:
+                results.append(Enqueued(claimed[key].id, True, claimed[key].message_id))
+                continue
+            send_id = new_send_id(mail.key)
+            scheduled = mail.send_at is not None and mail.send_at.timestamp() > now
+            rec = SendRecord(
+                send_id=send_id,
+                mail=mail.to_dict(),
+                state="scheduled" if scheduled else "queued",
+                created_at=now,
+                record={"outcomes": {r: {"status": "pending"} for r in mail.envelope_recipients}},
+            )
+            when = mail.send_at.timestamp() if scheduled and mail.send_at is not None else None
+            schedule_attempt(pipe, self.redis, rec, send_id, when)
+            self.store.stage_save(pipe, rec, now=now, new=True)
+            if key is not None:
+                pipe.set(key, send_id, ex=KEY_TTL)
+            done = Enqueued(send_id, False, mail.message_id)
+            if key is not None:
+                claimed[key] = done
+            results.append(done)
+        return results
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+
+
+def enqueue(mail: Mapping[str, Any], *, connection: redis.Redis) -> str:
+    """Validate and enqueue one mail; return its id (the first id again for a duplicate ``key``)."""
+    return Producer(connection).enqueue(mail).id
+
+
+def enqueue_many(mails: Iterable[Mapping[str, Any]], *, connection: redis.Redis) -> list[str]:
+    """Validate every mail first; if any is invalid raise its ``ValidationError`` and enqueue nothing."""
+    producer = Producer(connection)
+    validated = [producer.validate(m) for m in mails]
+    ids: list[str] = []
+    for start in range(0, len(validated), BATCH):
+        ids.extend(e.id for e in producer.enqueue_valid(validated[start : start + BATCH]))
+    return ids

@@ -1,0 +1,47 @@
+"""What one worker process keeps between jobs: its settings and one ``SmtpClient`` per route.
+
+rq's ``SimpleWorker`` runs jobs in the worker process itself, so a process-wide runtime is what lets the
+SMTP connection outlive a job. The worker installs it at start and closes it (QUIT) at teardown; a job run
+by any other rq worker gets one built from the environment on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import ClassVar
+
+from dispatcher.settings import Settings, load_settings
+from dispatcher.smtp.session import SmtpClient
+
+
+class Runtime:
+    _current: ClassVar[Runtime | None] = None
+
+    def __init__(self, settings: Settings, worker_name: str | None = None) -> None:
+        self.settings = settings
+        self.worker_name = worker_name or f"{socket.gethostname()}.{os.getpid()}"
+        self.clients: dict[str, SmtpClient] = {}
+
+    @classmethod
+    def install(cls, runtime: Runtime) -> Runtime:
+        cls._current = runtime
+        return runtime
+
+    @classmethod
+    def current(cls) -> Runtime:
+        if cls._current is None:
+            cls._current = Runtime(load_settings(need_routes=True))
+        return cls._current
+
+    def client(self, route: str) -> SmtpClient:
+        """The kept client of ``route``; ``ConfigurationError`` if this worker has no such route."""
+        client = self.clients.get(route)
+        if client is None:
+            client = self.clients[route] = SmtpClient(self.settings.route(route))
+        return client
+
+    def close(self) -> None:
+        """QUIT every kept connection."""
+        for client in self.clients.values():
+            client.close()

@@ -1,0 +1,210 @@
+"""Where a send lives in Redis: its record, its state indexes, the idempotency keys and the ledger.
+
+rq jobs only carry a send id; the record below is the source of truth for state, attempts and every
+recipient's outcome, so retries, the CLI and the dashboard never depend on rq's registries or pickles.
+
+    dispatch:send:<id>          hash   mail (JSON), state, attempts, generation, timestamps, record (JSON)
+    dispatch:key:<sha256(key)>  string the send id owning an idempotency key
+    dispatch:ledger:<msgid>     set    recipients that accepted the message: never sent to again
+    dispatch:state:<state>      zset   send ids by last update, one per state (dashboard, retry filters)
+    dispatch:inflight           zset   send ids being sent, scored by lease expiry (crash recovery)
+    dispatch:delivered:<minute> string messages delivered in that minute (overview chart)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+
+PREFIX = "dispatch"
+STATES = ("queued", "scheduled", "sending", "deferred", "delivered", "failed", "unknown")
+FINAL_STATES = frozenset({"delivered", "failed", "unknown"})
+LEDGER_TTL = 30 * 86400
+KEY_TTL = 30 * 86400
+RECORD_TTL = 30 * 86400
+STATS_TTL = 3 * 3600
+INFLIGHT = f"{PREFIX}:inflight"
+
+
+def text(value: object) -> str:
+    """A Redis reply value as text (the client returns bytes unless told to decode)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def send_key(send_id: str) -> str:
+    return f"{PREFIX}:send:{send_id}"
+
+
+def state_key(state: str) -> str:
+    return f"{PREFIX}:state:{state}"
+
+
+def ledger_key(message_id: str) -> str:
+    return f"{PREFIX}:ledger:{message_id}"
+
+
+def idempotency_key(key: str) -> str:
+    return f"{PREFIX}:key:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def delivered_key(minute: int) -> str:
+    return f"{PREFIX}:delivered:{minute}"
+
+
+def new_send_id(key: str | None) -> str:
+    """A key always maps to the same id, so a duplicate enqueue finds the first one."""
+    if key is not None:
+        return "mail-" + hashlib.sha256(key.encode()).hexdigest()[:32]
+    return "mail-" + uuid.uuid4().hex
+
+
+@dataclass
+class SendRecord:
+    """The decoded hash of one send. ``record`` holds outcomes, attempt history and the failure reason."""
+
+    send_id: str
+    mail: dict[str, Any]
+    state: str
+    attempts: int = 0
+    generation: int = 0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    next_attempt_at: float | None = None
+    rq_job: str | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def message_id(self) -> str:
+        return str(self.mail["message_id"])
+
+    @property
+    def outcomes(self) -> dict[str, dict[str, Any]]:
+        outcomes: dict[str, dict[str, Any]] = self.record.setdefault("outcomes", {})
+        return outcomes
+
+    @classmethod
+    def from_hash(cls, send_id: str, raw: Mapping[Any, Any]) -> SendRecord:
+        fields = {text(k): text(v) for k, v in raw.items()}
+        return cls(
+            send_id=send_id,
+            mail=json.loads(fields["mail"]),
+            state=fields["state"],
+            attempts=int(fields.get("attempts", 0)),
+            generation=int(fields.get("generation", 0)),
+            created_at=float(fields.get("created_at", 0)),
+            updated_at=float(fields.get("updated_at", 0)),
+            next_attempt_at=float(fields["next_attempt_at"]) if fields.get("next_attempt_at") else None,
+            rq_job=fields.get("rq_job") or None,
+            record=json.loads(fields.get("record") or "{}"),
+        )
+
+    def to_hash(self, *, include_mail: bool = False) -> dict[str, str]:
+        """The hash fields; the mail itself is written once, when the send is created."""
+        fields = {
+            "state": self.state,
+            "attempts": str(self.attempts),
+            "generation": str(self.generation),
+            "created_at": repr(self.created_at),
+            "updated_at": repr(self.updated_at),
+            "next_attempt_at": repr(self.next_attempt_at) if self.next_attempt_at is not None else "",
+            "rq_job": self.rq_job or "",
+            "record": json.dumps(self.record, separators=(",", ":")),
+        }
+        if include_mail:
+            fields["mail"] = json.dumps(self.mail, separators=(",", ":"))
+        return fields
+
+    def status(self) -> dict[str, Any]:
+        """The JSON shown by ``enqueue.py status`` and ``GET /api/v1/messages/<id>``."""
+        return {
+            "id": self.send_id,
+            "state": self.state,
+            "message_id": self.message_id,
+            "route": self.mail.get("route", "default"),
+            "priority": self.mail.get("priority", "default"),
+            "subject": self.mail.get("subject", ""),
+            "attempts": self.attempts,
+            "generation": self.generation,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+            "next_attempt_at": _iso(self.next_attempt_at) if self.next_attempt_at else None,
+            "recipients": self.outcomes,
+            "last_reply": self.record.get("last_reply"),
+            "reason": self.record.get("reason"),
+            "history": self.record.get("history", []),
+            "transcript": self.record.get("transcript", []),
+        }
+
+
+def _iso(moment: float | None) -> str | None:
+    if not moment:
+        return None
+    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class SendStore:
+    """Reads and writes send records; every state change moves the id between the state indexes."""
+
+    def __init__(self, connection: redis.Redis) -> None:
+        self.redis = connection
+
+    def load(self, send_id: str) -> SendRecord | None:
+        raw = self.redis.hgetall(send_key(send_id))
+        return SendRecord.from_hash(send_id, raw) if raw else None
+
+    def load_many(self, send_ids: Iterable[str]) -> list[SendRecord]:
+        ids = list(send_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for send_id in ids:
+            pipe.hgetall(send_key(send_id))
+        return [SendRecord.from_hash(i, raw) for i, raw in zip(ids, pipe.execute(), strict=True) if raw]
+
+    def ledger(self, message_id: str) -> set[str]:
+        return {text(m) for m in self.redis.smembers(ledger_key(message_id))}
+
+    def stage_save(self, pipe: Any, rec: SendRecord, *, now: float | None = None, new: bool = False) -> None:
+        """Queue the writes that persist ``rec`` and its state index on ``pipe`` (a MULTI pipeline)."""
+        rec.updated_at = now or time.time()
+        pipe.hset(send_key(rec.send_id), mapping=rec.to_hash(include_mail=new))
+        if rec.state in FINAL_STATES:
+            pipe.expire(send_key(rec.send_id), RECORD_TTL)
+        else:
+            pipe.persist(send_key(rec.send_id))
+        for state in STATES:
+            if state != rec.state:
+                pipe.zrem(state_key(state), rec.send_id)
+        pipe.zadd(state_key(rec.state), {rec.send_id: rec.updated_at})
+
+    def save(self, rec: SendRecord) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        self.stage_save(pipe, rec)
+        pipe.execute()
+
+    def ids_in_state(self, state: str, *, since: float | None = None, limit: int | None = None) -> list[str]:
+        low: float | str = since if since is not None else "-inf"
+        start, num = (0, limit) if limit is not None else (None, None)
+        ids = self.redis.zrevrangebyscore(state_key(state), "+inf", low, start=start, num=num)
+        return [text(i) for i in ids]
+
+    def count_states(self) -> dict[str, int]:
+        pipe = self.redis.pipeline(transaction=False)
+        for state in STATES:
+            pipe.zcard(state_key(state))
+        return dict(zip(STATES, pipe.execute(), strict=True))
+
+    def delivered_per_minute(self, minutes: int = 60, *, now: float | None = None) -> list[tuple[int, int]]:
+        current = int((now or time.time()) // 60)
+        keys = [delivered_key(m) for m in range(current - minutes + 1, current + 1)]
+        values = self.redis.mget(keys)
+        return [
+            (m * 60, int(v or 0))
+            for m, v in zip(range(current - minutes + 1, current + 1), values, strict=True)
+        ]

@@ -1,0 +1,172 @@
+"""Worker processes: each a non-forking rq worker keeping its SMTP connections across jobs.
+
+rq's default ``Worker`` forks a work-horse per job, so a connection opened in a job dies with it;
+``SimpleWorker`` runs jobs in-process, which is what lets one ``SmtpClient`` per route serve every job.
+``MailWorker`` adds: the per-process runtime, a job timeout derived from the routes' stage deadlines,
+crash recovery in the maintenance loop, and QUIT at teardown (burst end, warm or cold shutdown).
+
+``worker.py --concurrency N`` starts N such processes and supervises them: SIGTERM/SIGINT is passed on
+once (each child finishes its current send, QUITs and exits 0); a second signal is passed on too and
+aborts them; a child that dies is started again unless we are stopping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+import redis
+import structlog
+from rq import Queue, SimpleWorker
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from dispatcher.errors import ConfigurationError
+from dispatcher.logs import configure_logging
+from dispatcher.producer import QUEUE_NAMES, connect
+from dispatcher.recovery import reap_abandoned
+from dispatcher.runtime import Runtime
+from dispatcher.settings import load_settings
+
+logger = structlog.get_logger("dispatcher.worker")
+MAINTENANCE_INTERVAL = 10
+WORKER_TTL = 35
+
+
+class MailWorker(SimpleWorker):
+    """A ``SimpleWorker`` owning the process's ``Runtime`` (settings and kept SMTP clients)."""
+
+    def __init__(self, queues: Sequence[Queue], *, runtime: Runtime, **kwargs: Any) -> None:
+        kwargs.setdefault("serializer", JSONSerializer)
+        kwargs.setdefault("maintenance_interval", MAINTENANCE_INTERVAL)
+        kwargs.setdefault("worker_ttl", WORKER_TTL)
+        super().__init__(queues, **kwargs)
+        self.runtime = Runtime.install(runtime)
+        self.runtime.worker_name = self.name
+
+    def perform_job(self, job: Job, queue: Queue) -> bool:
+        job.timeout = int(self.runtime.settings.job_timeout())
+        return bool(super().perform_job(job, queue))
+
+    def run_maintenance_tasks(self) -> None:
+        super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
+        try:
+            reap_abandoned(self.connection)
+        except redis.RedisError as exc:
+            logger.warning("recovery_failed", error=str(exc))
+
+    def teardown(self) -> None:
+        self.runtime.close()
+        super().teardown()  # type: ignore[no-untyped-call]
+
+
+def run_one(queue_names: Sequence[str], *, burst: bool) -> int:
+    """Run one worker in this process until it stops; 0 on a clean stop."""
+    settings = load_settings(need_routes=True)
+    connection = connect(settings.redis_url)
+    queues = [Queue(name, connection=connection, serializer=JSONSerializer) for name in queue_names]
+    worker = MailWorker(queues, connection=connection, runtime=Runtime(settings))
+    logger.info(
+        "worker_started",
+        worker=worker.name,
+        queues=list(queue_names),
+        burst=burst,
+        routes={name: cfg.redacted_url() for name, cfg in settings.routes.items()},
+    )
+    worker.work(burst=burst, with_scheduler=True, logging_level=os.environ.get("DISPATCH_LOG_LEVEL", "INFO"))
+    logger.info("worker_stopped", worker=worker.name)
+    return 0
+
+
+class Supervisor:
+    """Starts N worker processes, forwards stop signals, restarts the ones that die."""
+
+    def __init__(self, concurrency: int, queue_names: Sequence[str], *, burst: bool) -> None:
+        self.concurrency = concurrency
+        self.command = [sys.executable, "-m", "dispatcher.worker", "--concurrency", "1",
+                        "--queues", *queue_names, *(["--burst"] if burst else [])]  # fmt: skip
+        self.burst = burst
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.stopping = 0
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        # Own session: a terminal's Ctrl-C reaches only us, and we pass it on exactly once.
+        return subprocess.Popen(self.command, start_new_session=True)
+
+    def _signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping += 1
+        logger.info("pool_stopping", signal=signal.Signals(signum).name, cold=self.stopping > 1)
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._signal)
+        signal.signal(signal.SIGINT, self._signal)
+        self.children = [self._spawn() for _ in range(self.concurrency)]
+        logger.info("pool_started", processes=self.concurrency, pids=[c.pid for c in self.children])
+        while True:
+            running = 0
+            for index, child in enumerate(self.children):
+                code = child.poll()
+                if code is None:
+                    running += 1
+                elif code != 0 and not self.stopping and not self.burst:
+                    logger.warning("worker_process_died", pid=child.pid, exit_code=code)
+                    self.children[index] = self._spawn()
+                    running += 1
+            if not running:
+                break
+            time.sleep(0.2)
+        codes = [child.returncode for child in self.children]
+        logger.info("pool_stopped", exit_codes=codes)
+        return 0 if all(code == 0 for code in codes) else 1
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="worker.py", description="Deliver queued mail over kept SMTP connections."
+    )
+    parser.add_argument(
+        "--concurrency",
+        "-c",
+        type=int,
+        default=int(os.environ.get("DISPATCH_CONCURRENCY", "1")),
+        help="worker processes on this host (default 1, env DISPATCH_CONCURRENCY)",
+    )
+    parser.add_argument("--burst", action="store_true", help="stop when the queues are empty")
+    parser.add_argument(
+        "--queues",
+        nargs="+",
+        default=list(QUEUE_NAMES),
+        metavar="QUEUE",
+        help="queues in priority order (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging()
+    try:
+        load_settings(need_routes=True)
+    except ConfigurationError as exc:
+        logger.error("worker_config_invalid", error=str(exc))
+        return 2
+    if args.concurrency == 1:
+        return run_one(args.queues, burst=args.burst)
+    return Supervisor(args.concurrency, args.queues, burst=args.burst).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
