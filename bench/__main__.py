@@ -1,0 +1,142 @@
+"""``python -m bench [--short]``: run scenarios 1, 2 and 4, print tables, write bench/results/*.json.
+
+Scenario numbering follows the project plan; 3 (failure/retry behaviour) is not a throughput bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from typing import Any
+
+from bench.harness import DrainResult, EnqueueResult, Lab
+from bench.report import drain_table, enqueue_table, write_json
+from bench.scenarios import DISPATCHER_PLACEHOLDER, Scenario, all_scenarios
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str
+    n_0ms: int  # messages per throughput run at 0 ms RTT
+    n_20ms: int  # ... at 20 ms RTT
+    scaling_workers: tuple[int, ...]
+    scaling_per_worker: int  # scaling runs send max(n_20ms, per_worker x workers) messages
+    n_enqueue: int
+
+
+SHORT = Plan("short", n_0ms=200, n_20ms=60, scaling_workers=(1, 2, 4, 8), scaling_per_worker=20,
+             n_enqueue=2000)
+FULL = Plan("full", n_0ms=1000, n_20ms=200, scaling_workers=(1, 2, 4, 8, 16), scaling_per_worker=40,
+            n_enqueue=10000)
+RTTS_MS = (0.0, 20.0)
+SCALING_RTT_MS = 20.0
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _progress(r: DrainResult) -> None:
+    rate = f"{r.msgs_per_s:.1f} msg/s" if r.msgs_per_s else "no rate"
+    _say(f"  {r.scenario:32s} rtt={r.rtt_ms:>4.0f}ms x{r.workers:<2d} {rate}{'' if r.ok else '  (PROBLEM)'}")
+
+
+def scenario_1(lab: Lab, plan: Plan, scenarios: list[Scenario]) -> list[DrainResult]:
+    results = []
+    for rtt in RTTS_MS:
+        for sc in (s for s in scenarios if s.throughput):
+            results.append(lab.drain(sc, rtt, workers=1, messages=plan.n_0ms if rtt == 0 else plan.n_20ms))
+            _progress(results[-1])
+    return results
+
+
+def scenario_2(lab: Lab, plan: Plan, scenarios: list[Scenario]) -> list[DrainResult]:
+    results = []
+    for sc in (s for s in scenarios if s.scaling):
+        for workers in plan.scaling_workers:
+            n = max(plan.n_20ms, plan.scaling_per_worker * workers)
+            results.append(lab.drain(sc, SCALING_RTT_MS, workers=workers, messages=n))
+            _progress(results[-1])
+    return results
+
+
+def scenario_4(lab: Lab, plan: Plan, scenarios: list[Scenario]) -> list[EnqueueResult]:
+    cases = [case for sc in scenarios for case in sc.enqueue_cases]
+    if not any(case.name == DISPATCHER_PLACEHOLDER.name for case in cases):
+        cases.append(DISPATCHER_PLACEHOLDER)
+    return [lab.enqueue_rate(case, plan.n_enqueue) for case in cases]
+
+
+def _meta(plan: Plan, lab: Lab) -> dict[str, Any]:
+    redis_version = subprocess.run([lab.redis.binary, "--version"], capture_output=True, text=True).stdout
+    return {
+        "mode": plan.mode,
+        "plan": asdict(plan),
+        "python": platform.python_version(),
+        "rq": version("rq"),
+        "redis_py": version("redis"),
+        "redis_server": redis_version.strip(),
+        "aiosmtpd": version("aiosmtpd"),
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
+        "platform": platform.platform(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--short", action="store_true", help="smaller N, scaling 1..8 (~1-3 minutes)")
+    parser.add_argument("--only", action="append", default=[],
+                        help="run only scenarios whose name contains this (repeatable)")
+    parser.add_argument("--skip", action="append", default=[], choices=["1", "2", "4"],
+                        help="skip a scenario number (repeatable)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="max seconds per drain")
+    parser.add_argument("--no-plot", action="store_true", help="do not write results/throughput.png")
+    args = parser.parse_args(argv)
+
+    plan = SHORT if args.short else FULL
+    scenarios = [s for s in all_scenarios() if not args.only or any(o in s.name for o in args.only)]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    started = time.monotonic()
+    doc: dict[str, Any] = {"timestamp": stamp, "scenarios": {}}
+
+    with Lab(timeout_s=args.timeout) as lab:
+        doc["meta"] = _meta(plan, lab)
+        _say(f"bench {plan.mode}: redis {lab.redis.url}, sink 127.0.0.1:{lab.sink.port}, "
+             f"scenarios: {', '.join(s.name for s in scenarios)}")
+        if "1" not in args.skip:
+            _say("\n== scenario 1: end-to-end throughput, one unit of concurrency ==")
+            s1 = scenario_1(lab, plan, scenarios)
+            doc["scenarios"]["throughput"] = [r.as_dict() for r in s1]
+            _say("\n" + drain_table(s1, ratio_to="reference"))
+        if "2" not in args.skip:
+            _say(f"\n== scenario 2: scaling at {SCALING_RTT_MS:.0f} ms RTT ==")
+            s2 = scenario_2(lab, plan, scenarios)
+            doc["scenarios"]["scaling"] = [r.as_dict() for r in s2]
+            _say("\n" + drain_table(s2, ratio_to="one_worker"))
+        if "4" not in args.skip:
+            _say("\n== scenario 4: enqueue rate (producer side, no delay) ==")
+            s4 = scenario_4(lab, plan, scenarios)
+            doc["scenarios"]["enqueue"] = [r.as_dict() for r in s4]
+            _say(enqueue_table(s4))
+
+    doc["meta"]["duration_s"] = round(time.monotonic() - started, 1)
+    doc["meta"]["loadavg_end"] = os.getloadavg()
+    dated, latest = write_json(doc, stamp)
+    _say(f"\nwrote {dated} and {latest} ({doc['meta']['duration_s']} s)")
+    if not args.no_plot:
+        from bench.plot import plot
+
+        _say(f"wrote {plot(latest)}")
+    all_ok = all(r["ok"] for key in ("throughput", "scaling") for r in doc["scenarios"].get(key, []))
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

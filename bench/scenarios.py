@@ -1,0 +1,203 @@
+"""What the harness runs: a :class:`Scenario` is a way to enqueue N mails plus a way to start workers.
+
+The harness owns everything else (private Redis, sink, delay proxy, timing, rusage), so adding a
+contender means writing two functions:
+
+- ``worker_cmds(env, workers) -> list[list[str]]`` — the processes to start for ``workers`` units of
+  concurrency. One command per process (the baselines: N separate ``rq worker`` processes), or one
+  command that forks its own pool (the dispatcher: ``worker.py --concurrency N``). Every process gets
+  ``env.process_env()`` (REDIS_URL, SMTP_URL, PYTHONPATH) and must exit by itself when the queue is
+  empty (burst mode); the harness waits for all of them.
+- ``enqueue(n, env)`` — put n mails on the queue before the workers start (not timed).
+
+``enqueue_cases`` feed scenario 4 (producer speed); they are timed by the harness.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from redis import Redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from bench import baselines
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BENCH_QUEUE = "bench"
+
+
+@dataclass(frozen=True)
+class BenchEnv:
+    """Where one run points: private Redis, SMTP endpoint (the delay proxy), and the run's size."""
+
+    redis_url: str
+    smtp_host: str
+    smtp_port: int
+    run_id: str
+    messages: int = 0
+    project_root: Path = PROJECT_ROOT
+
+    @property
+    def smtp_url(self) -> str:
+        return f"smtp://{self.smtp_host}:{self.smtp_port}"
+
+    def process_env(self) -> dict[str, str]:
+        """Extra environment variables for every worker process."""
+        return {"REDIS_URL": self.redis_url, "SMTP_URL": self.smtp_url, "PYTHONPATH": str(self.project_root)}
+
+    def sized(self, messages: int) -> BenchEnv:
+        return replace(self, messages=messages)
+
+
+WorkerCmds = Callable[[BenchEnv, int], list[list[str]]]
+Enqueue = Callable[[int, BenchEnv], None]
+
+
+@dataclass(frozen=True)
+class EnqueueCase:
+    """A row of scenario 4: ``fn(n, env)`` enqueues n jobs; ``fn=None`` prints a placeholder row."""
+
+    name: str
+    fn: Enqueue | None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    worker_cmds: WorkerCmds
+    enqueue: Enqueue
+    queues: tuple[str, ...] = (BENCH_QUEUE,)
+    throughput: bool = True  # scenario 1 (one unit of concurrency, 0 and 20 ms RTT)
+    scaling: bool = False  # scenario 2 (1..16 units at 20 ms RTT)
+    enqueue_cases: tuple[EnqueueCase, ...] = field(default=())
+
+
+# --- baselines ------------------------------------------------------------------------------------
+
+
+def _rq_worker_cmds(worker_class: str) -> WorkerCmds:
+    def cmds(env: BenchEnv, workers: int) -> list[list[str]]:
+        one = [
+            sys.executable, "-m", "rq.cli", "worker", "--burst", "--url", env.redis_url,
+            "--serializer", "rq.serializers.JSONSerializer", "--worker-class", worker_class, BENCH_QUEUE,
+        ]
+        return [list(one) for _ in range(workers)]
+
+    return cmds
+
+
+def _job_data(env: BenchEnv, seq: int) -> tuple[Any, ...]:
+    return (env.smtp_host, env.smtp_port, baselines.make_mail(seq, env.run_id))
+
+
+def _rq_queue(env: BenchEnv) -> Queue:
+    return Queue(BENCH_QUEUE, connection=Redis.from_url(env.redis_url), serializer=JSONSerializer)
+
+
+def _rq_enqueue_many(func: Callable[..., Any]) -> Enqueue:
+    def enqueue(n: int, env: BenchEnv) -> None:
+        queue = _rq_queue(env)
+        datas = [Queue.prepare_data(func, args=_job_data(env, i)) for i in range(n)]
+        queue.enqueue_many(datas)
+
+    return enqueue
+
+
+def _rq_enqueue_one_by_one(func: Callable[..., Any]) -> Enqueue:
+    def enqueue(n: int, env: BenchEnv) -> None:
+        queue = _rq_queue(env)
+        for i in range(n):
+            queue.enqueue(func, *_job_data(env, i))
+
+    return enqueue
+
+
+def _raw_cmds(env: BenchEnv, workers: int) -> list[list[str]]:
+    return [[sys.executable, "-m", "bench.raw_send", "--host", env.smtp_host, "--port", str(env.smtp_port),
+             "--count", str(env.messages), "--run-id", env.run_id]]
+
+
+def _nothing(n: int, env: BenchEnv) -> None:
+    return None
+
+
+BASELINE_NEW = Scenario(
+    name="rq-Worker+smtplib-new",
+    description="(a) rq forking Worker, new smtplib connection per job",
+    worker_cmds=_rq_worker_cmds("rq.worker.Worker"),
+    enqueue=_rq_enqueue_many(baselines.smtplib_new_connection),
+    enqueue_cases=(
+        EnqueueCase(
+            "rq Queue.enqueue (one by one)", _rq_enqueue_one_by_one(baselines.smtplib_new_connection)
+        ),
+        EnqueueCase("rq Queue.enqueue_many", _rq_enqueue_many(baselines.smtplib_new_connection)),
+    ),
+)
+
+BASELINE_KEPT = Scenario(
+    name="rq-SimpleWorker+smtplib-kept",
+    description="(b) rq SimpleWorker, one smtplib connection kept across jobs",
+    worker_cmds=_rq_worker_cmds("rq.worker.SimpleWorker"),
+    enqueue=_rq_enqueue_many(baselines.smtplib_kept_connection),
+    scaling=True,
+)
+
+RAW_SMTPLIB = Scenario(
+    name="smtplib-raw",
+    description="ceiling: one process, one smtplib connection, no queue",
+    worker_cmds=_raw_cmds,
+    enqueue=_nothing,
+    queues=(),
+)
+
+
+# --- ours -------------------------------------------------------------------------------------------
+
+DISPATCHER_QUEUES = ("mail-high", "mail-default", "mail-bulk")
+
+
+def dispatcher_mail(seq: int, env: BenchEnv) -> dict[str, Any]:
+    """The mail dict handed to ``dispatcher.enqueue_many``. Adjust if the producer API's shape differs."""
+    return baselines.make_mail(seq, env.run_id)
+
+
+def dispatcher_scenario() -> Scenario | None:
+    """Ours, enabled as soon as ``dispatcher.enqueue_many`` and ``worker.py`` exist; None until then."""
+    worker = PROJECT_ROOT / "worker.py"
+    try:
+        from dispatcher import enqueue_many  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    if not worker.exists():
+        return None
+
+    def enqueue(n: int, env: BenchEnv) -> None:
+        enqueue_many([dispatcher_mail(i, env) for i in range(n)], redis=Redis.from_url(env.redis_url))
+
+    def cmds(env: BenchEnv, workers: int) -> list[list[str]]:
+        return [[sys.executable, str(worker), "--burst", "--concurrency", str(workers)]]
+
+    return Scenario(
+        name="dispatcher",
+        description="ours: worker.py --concurrency N, one SmtpSession per process",
+        worker_cmds=cmds,
+        enqueue=enqueue,
+        queues=DISPATCHER_QUEUES,
+        scaling=True,
+        enqueue_cases=(EnqueueCase("dispatcher.enqueue_many", enqueue),),
+    )
+
+
+DISPATCHER_PLACEHOLDER = EnqueueCase("dispatcher.enqueue_many", None, "not available yet")
+
+
+def all_scenarios() -> list[Scenario]:
+    ours = dispatcher_scenario()
+    return [BASELINE_NEW, BASELINE_KEPT, RAW_SMTPLIB, *([ours] if ours is not None else [])]
