@@ -1,0 +1,185 @@
+"""What operators do to sends that did not go out: find them, group them by reason, retry, delete.
+
+One implementation for ``enqueue.py retry``, the dashboard and the HTTP API, so all three mean the same:
+a retry gives a fresh attempt budget, sends only to recipients that are not in the ledger and did not
+accept, and is idempotent — a send already queued again is left alone, so retrying twice sends once.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import structlog
+
+from dispatcher.errors import ConfigurationError
+from dispatcher.producer import schedule_attempt
+from dispatcher.store import INFLIGHT, SendRecord, SendStore, ledger_key, send_key, state_key
+
+logger = structlog.get_logger("dispatcher.operations")
+RETRYABLE_STATES = ("failed", "unknown", "deferred")
+FAILURE_STATES = ("failed", "unknown")
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_CLASS = re.compile(r"[245]xx")
+_CODE = re.compile(r"[245]\d\d")
+
+
+@dataclass(frozen=True, slots=True)
+class FailureFilter:
+    """Which failures an operation applies to. ``code``: ``4xx``, ``421`` or an enhanced ``5.1.1``."""
+
+    code: str | None = None
+    domain: str | None = None
+    since: float | None = None
+    states: tuple[str, ...] = FAILURE_STATES
+    group: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.code is not None and not (
+            _CLASS.fullmatch(self.code) or _CODE.fullmatch(self.code) or _ENHANCED.fullmatch(self.code)
+        ):
+            raise ConfigurationError(f"code filter {self.code!r}: expected e.g. 4xx, 421 or 5.1.1")
+        unknown = set(self.states) - set(RETRYABLE_STATES)
+        if unknown:
+            raise ConfigurationError(f"state filter {sorted(unknown)}: expected some of {RETRYABLE_STATES}")
+
+    def matches(self, rec: SendRecord) -> bool:
+        reason = rec.record.get("reason") or {}
+        if self.code is not None:
+            code, enhanced = str(reason.get("code") or ""), str(reason.get("enhanced") or "")
+            if _CLASS.fullmatch(self.code):
+                if not code.startswith(self.code[0]):
+                    return False
+            elif _CODE.fullmatch(self.code):
+                if code != self.code:
+                    return False
+            elif enhanced != self.code:
+                return False
+        if self.domain is not None and self.domain.lower() not in failed_domains(rec):
+            return False
+        return self.group is None or group_key(rec) == self.group
+
+
+def failed_domains(rec: SendRecord) -> set[str]:
+    return {
+        recipient.rpartition("@")[2].lower()
+        for recipient, outcome in rec.outcomes.items()
+        if outcome.get("status") != "accepted"
+    }
+
+
+def group_key(rec: SendRecord) -> str:
+    """The reason a failure is grouped under: stage, reply code, enhanced code, recipient domain."""
+    reason = rec.record.get("reason") or {}
+    domains = ",".join(sorted(failed_domains(rec))) or "-"
+    parts = [rec.state, reason.get("kind") or "-", reason.get("stage") or "-",
+             str(reason.get("code") or "-"), reason.get("enhanced") or "-", domains]  # fmt: skip
+    return "|".join(parts)
+
+
+def describe_group(key: str) -> dict[str, str]:
+    state, kind, stage, code, enhanced, domains = key.split("|", 5)
+    return {
+        "state": state,
+        "kind": kind,
+        "stage": stage,
+        "code": code,
+        "enhanced": enhanced,
+        "domains": domains,
+    }
+
+
+class Operations:
+    def __init__(self, connection: redis.Redis) -> None:
+        self.redis = connection
+        self.store = SendStore(connection)
+
+    def find(self, flt: FailureFilter, *, limit: int = 10_000) -> list[SendRecord]:
+        """Sends in the filter's states matching it, newest first."""
+        found: list[SendRecord] = []
+        for state in flt.states:
+            ids = self.store.ids_in_state(state, since=flt.since, limit=limit)
+            found.extend(rec for rec in self.store.load_many(ids) if flt.matches(rec))
+        found.sort(key=lambda rec: rec.updated_at, reverse=True)
+        return found[:limit]
+
+    def groups(self, flt: FailureFilter | None = None) -> list[dict[str, Any]]:
+        """Failures grouped by reason with counts, largest group first."""
+        groups: dict[str, dict[str, Any]] = {}
+        for rec in self.find(flt or FailureFilter()):
+            key = group_key(rec)
+            group = groups.setdefault(key, {"key": key, **describe_group(key), "count": 0, "sample": None})
+            group["count"] += 1
+            if group["sample"] is None:
+                group["sample"] = (rec.record.get("reason") or {}).get("text")
+        return sorted(groups.values(), key=lambda g: (-g["count"], g["key"]))
+
+    def retry(self, send_ids: Iterable[str], *, dry_run: bool = False) -> dict[str, str]:
+        """Queue each send again with a fresh budget; returns what happened to each id."""
+        return {send_id: self._retry_one(send_id, dry_run) for send_id in dict.fromkeys(send_ids)}
+
+    def _retry_one(self, send_id: str, dry_run: bool) -> str:
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(send_key(send_id))  # type: ignore[no-untyped-call]
+                    rec = self.store.load(send_id)
+                    if rec is None:
+                        return "not found"
+                    if rec.state not in RETRYABLE_STATES:
+                        return f"skipped: {rec.state}"
+                    ledger = {m.casefold() for m in self.store.ledger(rec.message_id)}
+                    pending = [
+                        r for r, o in rec.outcomes.items()
+                        if o.get("status") != "accepted" and r.casefold() not in ledger
+                    ]  # fmt: skip
+                    if not pending:
+                        return "skipped: every recipient already accepted"
+                    if dry_run:
+                        return f"would retry {len(pending)} recipient(s)"
+                    self._stage_retry(pipe, rec, pending)
+                    pipe.execute()
+                    logger.info("mail_retry_requested", send_id=send_id, generation=rec.generation,
+                                recipients=pending)  # fmt: skip
+                    return f"queued: {len(pending)} recipient(s)"
+                except redis.WatchError:
+                    continue
+
+    def _stage_retry(self, pipe: Any, rec: SendRecord, pending: list[str]) -> None:
+        now = time.time()
+        rec.generation += 1
+        rec.attempts = 0
+        rec.state = "queued"
+        rec.record.pop("first_attempt_at", None)
+        for recipient in pending:
+            rec.outcomes[recipient] = {**rec.outcomes[recipient], "status": "pending"}
+        history = rec.record.setdefault("history", [])
+        history.append({"generation": rec.generation, "at": now, "event": "retry_requested"})
+        pipe.multi()
+        schedule_attempt(pipe, self.redis, rec, f"{rec.send_id}.{rec.generation}.1", None)
+        self.store.stage_save(pipe, rec, now=now)
+
+    def delete(self, send_ids: Iterable[str]) -> dict[str, str]:
+        """Forget sends that are not in flight (their rq jobs, if any, find no record and do nothing)."""
+        done: dict[str, str] = {}
+        for send_id in dict.fromkeys(send_ids):
+            rec = self.store.load(send_id)
+            if rec is None:
+                done[send_id] = "not found"
+                continue
+            if rec.state == "sending":
+                done[send_id] = "skipped: sending"
+                continue
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.delete(send_key(send_id))
+            for state in (rec.state, *RETRYABLE_STATES):
+                pipe.zrem(state_key(state), send_id)
+            pipe.zrem(INFLIGHT, send_id)
+            pipe.delete(ledger_key(rec.message_id))
+            pipe.execute()
+            done[send_id] = "deleted"
+        return done
