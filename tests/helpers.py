@@ -1,0 +1,34 @@
+"""Small helpers for tests: wait on a condition with a deadline, pick a free port."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01, message: str = ""
+) -> None:
+    """Poll ``predicate`` until it returns true; AssertionError with ``message`` when ``timeout`` passes.
+
+    The predicate is evaluated once more at the deadline, so a slow machine never loses a last chance.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(message or f"condition {predicate!r} not met within {timeout}s")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read it, release it).
+
+    Prefer binding port 0 yourself when you can; this is for servers that need the number up front.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
