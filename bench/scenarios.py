@@ -172,14 +172,14 @@ def dispatcher_scenario() -> Scenario | None:
     """Ours, enabled as soon as ``dispatcher.enqueue_many`` and ``worker.py`` exist; None until then."""
     worker = PROJECT_ROOT / "worker.py"
     try:
-        from dispatcher import enqueue_many  # type: ignore[attr-defined]
+        from dispatcher import enqueue_many
     except ImportError:
         return None
     if not worker.exists():
         return None
 
     def enqueue(n: int, env: BenchEnv) -> None:
-        enqueue_many([dispatcher_mail(i, env) for i in range(n)], redis=Redis.from_url(env.redis_url))
+        enqueue_many([dispatcher_mail(i, env) for i in range(n)], connection=Redis.from_url(env.redis_url))
 
     def cmds(env: BenchEnv, workers: int) -> list[list[str]]:
         return [[sys.executable, str(worker), "--burst", "--concurrency", str(workers)]]

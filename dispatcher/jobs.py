@@ -8,18 +8,18 @@ saves the record, and schedules the next attempt when one is due.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
 import redis
 import structlog
 from rq import get_current_job
 
 from dispatcher.errors import ConfigurationError, SmtpError
-from dispatcher.message import Mail
-from dispatcher.mime import build_message
 from dispatcher.policy import (
     Verdict,
     backoff_delay,
@@ -39,12 +39,12 @@ from dispatcher.store import (
     SendStore,
     delivered_key,
     ledger_key,
+    text,
 )
 
 logger = structlog.get_logger("dispatcher.jobs")
 _rng = random.SystemRandom()
 _RETRYABLE = {"pending", RecipientStatus.TRANSIENT.value}
-NO_SIZE_LIMIT = 1 << 62
 
 
 def deliver(send_id: str) -> dict[str, Any]:
@@ -63,27 +63,47 @@ def attempt_job_id(send_id: str, generation: int, attempt: int, suffix: str = ""
 
 
 class LeaseKeeper:
-    """Keeps the send's in-flight lease fresh while we send; a killed worker stops refreshing it."""
+    """Keeps the in-flight lease of the send being delivered fresh; a killed worker stops refreshing it.
 
-    def __init__(self, connection: redis.Redis, send_id: str, seconds: float) -> None:
-        self._redis, self._send_id, self._seconds = connection, send_id, seconds
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
+    One daemon thread per process (not one per job: starting and joining a thread per message costs more
+    than the rest of the job's bookkeeping). ``_begin`` sets the first lease; this only extends it.
+    """
 
-    def __enter__(self) -> LeaseKeeper:
-        self._thread.start()
-        return self
+    _instance: ClassVar[LeaseKeeper | None] = None
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+    def __init__(self, connection: redis.Redis, seconds: float) -> None:
+        self._redis, self._seconds = connection, seconds
+        self._current: str | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        threading.Thread(target=self._run, name="lease", daemon=True).start()
+
+    @classmethod
+    def for_process(cls, connection: redis.Redis, seconds: float) -> LeaseKeeper:
+        if cls._instance is None:
+            cls._instance = cls(connection, seconds)
+        return cls._instance
+
+    @contextlib.contextmanager
+    def hold(self, send_id: str) -> Iterator[None]:
+        with self._lock:
+            self._current = send_id
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._current = None
 
     def _run(self) -> None:
-        while not self._stop.wait(self._seconds / 3):
+        while not self._wake.wait(self._seconds / 3):
+            with self._lock:
+                send_id = self._current
+            if send_id is None:
+                continue
             try:
-                self._redis.zadd(INFLIGHT, {self._send_id: time.time() + self._seconds})
+                self._redis.zadd(INFLIGHT, {send_id: time.time() + self._seconds}, xx=True)
             except redis.RedisError as exc:
-                logger.warning("lease_refresh_failed", send_id=self._send_id, error=str(exc))
+                logger.warning("lease_refresh_failed", send_id=send_id, error=str(exc))
 
 
 class Attempt:
@@ -102,46 +122,48 @@ class Attempt:
         if rec.state in FINAL_STATES or (rec.rq_job and rec.rq_job != self.job_id):
             logger.info("mail_stale_job", send_id=self.send_id, job_id=self.job_id, state=rec.state)
             return {"id": self.send_id, "state": rec.state, "stale_job": True}
-        mail = Mail.from_dict(rec.mail, max_bytes=NO_SIZE_LIMIT)
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(
-            job_id=self.job_id, send_id=self.send_id, message_id=mail.message_id, attempt=rec.attempts + 1,
-            route=mail.route, worker=self.runtime.worker_name,
+            job_id=self.job_id, send_id=self.send_id, message_id=rec.message_id, attempt=rec.attempts + 1,
+            route=rec.route, worker=self.runtime.worker_name,
         )  # fmt: skip
-        ledger = self.store.ledger(mail.message_id)
-        for recipient in mail.envelope_recipients:
+        started = time.time()
+        ledger = self._begin(rec, started)
+        for recipient in rec.recipients:
             if recipient.casefold() in ledger:
                 rec.outcomes.setdefault(recipient, {})["status"] = RecipientStatus.ACCEPTED.value
         pending = [
-            r
-            for r in mail.envelope_recipients
-            if rec.outcomes.get(r, {}).get("status", "pending") in _RETRYABLE
+            r for r in rec.recipients if rec.outcomes.get(r, {}).get("status", "pending") in _RETRYABLE
         ]
-        started = time.time()
-        self._begin(rec, started)
         verdicts: dict[str, Verdict] = {}
         conn_id = ""
         if pending:
-            with LeaseKeeper(self.redis, self.send_id, self.runtime.settings.lease_seconds):
-                verdicts, conn_id = self._send(rec, mail, pending)
-        return self._finish(rec, mail, verdicts, conn_id, started)
+            lease = LeaseKeeper.for_process(self.redis, self.runtime.settings.lease_seconds)
+            with lease.hold(self.send_id):
+                verdicts, conn_id = self._send(rec, pending)
+        return self._finish(rec, verdicts, conn_id, started)
 
-    def _begin(self, rec: SendRecord, now: float) -> None:
+    def _begin(self, rec: SendRecord, now: float) -> set[str]:
+        """Mark the send in flight under a lease and read its ledger, in one transaction."""
         rec.state = "sending"
         rec.attempts += 1
         rec.record.setdefault("first_attempt_at", now)
         pipe = self.redis.pipeline(transaction=True)
+        pipe.smembers(ledger_key(rec.message_id))
         self.store.stage_save(pipe, rec, now=now)
         pipe.zadd(INFLIGHT, {rec.send_id: now + self.runtime.settings.lease_seconds})
-        pipe.execute()
+        members = pipe.execute()[0]
+        return {text(m).casefold() for m in members}
 
-    def _send(self, rec: SendRecord, mail: Mail, pending: list[str]) -> tuple[dict[str, Verdict], str]:
+    def _send(self, rec: SendRecord, pending: list[str]) -> tuple[dict[str, Verdict], str]:
         try:
-            client = self.runtime.client(mail.route)
+            client = self.runtime.client(rec.route)
         except ConfigurationError as exc:
             return dict.fromkeys(pending, verdict_for_error(exc, self.runtime.settings.retry)), ""
+        if rec.raw is None:
+            raise RuntimeError(f"send {rec.send_id} has no message bytes")
         try:
-            result = client.send(mail.envelope_sender, pending, build_message(mail))
+            result = client.send(rec.sender, pending, rec.raw)
         except SmtpError as exc:
             verdict = verdict_for_error(exc, self.runtime.settings.retry)
             rec.record["transcript"] = list(client.last_transcript)
@@ -152,7 +174,7 @@ class Attempt:
             client.abort()
             status = RecipientStatus.UNKNOWN if in_flight else RecipientStatus.TRANSIENT
             verdict = Verdict(status, None, None, "interrupted", f"attempt interrupted: {type(exc).__name__}")
-            self._finish(rec, mail, dict.fromkeys(pending, verdict), client.conn_id, time.time())
+            self._finish(rec, dict.fromkeys(pending, verdict), client.conn_id, time.time())
             raise
         verdicts = {o.recipient: verdict_for_reply(o.status, o.stage.value, o.reply) for o in result.outcomes}
         if not all(o.status is RecipientStatus.ACCEPTED for o in result.outcomes):
@@ -160,13 +182,13 @@ class Attempt:
         return verdicts, result.conn_id
 
     def _finish(
-        self, rec: SendRecord, mail: Mail, verdicts: dict[str, Verdict], conn_id: str, started: float
+        self, rec: SendRecord, verdicts: dict[str, Verdict], conn_id: str, started: float
     ) -> dict[str, Any]:
         now = time.time()
         policy = self.runtime.settings.retry
         for recipient, verdict in verdicts.items():
             rec.outcomes[recipient] = verdict.to_dict(now)
-        statuses = [rec.outcomes.get(r, {}).get("status", "pending") for r in mail.envelope_recipients]
+        statuses = [rec.outcomes.get(r, {}).get("status", "pending") for r in rec.recipients]
         first = float(rec.record.get("first_attempt_at", now))
         can_retry = rec.attempts < policy.max_attempts and now - first < policy.max_age
         rec.state = final_state(statuses, can_retry)
@@ -187,8 +209,8 @@ class Attempt:
         accepted = [r.casefold() for r, v in verdicts.items() if v.status is RecipientStatus.ACCEPTED]
         pipe = self.redis.pipeline(transaction=True)
         if accepted:
-            pipe.sadd(ledger_key(mail.message_id), *accepted)
-            pipe.expire(ledger_key(mail.message_id), LEDGER_TTL)
+            pipe.sadd(ledger_key(rec.message_id), *accepted)
+            pipe.expire(ledger_key(rec.message_id), LEDGER_TTL)
         if rec.state == "deferred":
             hints = [h for v in failed if (h := retry_hint(v.reply)) is not None]
             delay = backoff_delay(policy, rec.attempts, max(hints) if hints else None, _rng)
@@ -209,7 +231,7 @@ class Attempt:
             "attempts": rec.attempts,
             "ms": ms,
             "conn_id": conn_id,
-            "recipients": {r: rec.outcomes.get(r, {}).get("status") for r in mail.envelope_recipients},
+            "recipients": {r: rec.outcomes.get(r, {}).get("status") for r in rec.recipients},
         }
         event = {"delivered": "mail_delivered", "deferred": "mail_deferred"}.get(
             rec.state, f"mail_{rec.state}"

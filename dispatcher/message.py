@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import math
 import re
@@ -84,6 +85,8 @@ class Mail:
     route: str
     message_id: str
     date: str
+    raw: bytes = field(default=b"", compare=False, repr=False)
+    """The MIME bytes, built once at validation: every attempt sends exactly these."""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_BYTES) -> Mail:
@@ -135,12 +138,12 @@ class Mail:
         if checker.problems:
             raise ValidationError(checker.problems)
         try:
-            size = len(build_message(mail))
+            raw = build_message(mail)
         except (ValueError, TypeError, IndexError) as exc:  # a stdlib email limit we did not foresee
             raise ValidationError({"mail": f"cannot be written as MIME: {exc}"}) from exc
-        if size > max_bytes:
-            raise ValidationError({"size": f"too large: {size} bytes > limit {max_bytes}"})
-        return mail
+        if len(raw) > max_bytes:
+            raise ValidationError({"size": f"too large: {len(raw)} bytes > limit {max_bytes}"})
+        return dataclasses.replace(mail, raw=raw)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form; ``Mail.from_dict(mail.to_dict()) == mail``. Empty optional fields are left out."""

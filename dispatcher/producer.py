@@ -19,7 +19,7 @@ from rq.serializers import JSONSerializer
 
 from dispatcher.errors import QueueUnavailable, ValidationError
 from dispatcher.message import DEFAULT_MAX_BYTES, PRIORITIES, Mail
-from dispatcher.store import KEY_TTL, SendRecord, SendStore, idempotency_key, new_send_id, text
+from dispatcher.store import KEY_TTL, SendRecord, SendStore, idempotency_key, mail_summary, new_send_id, text
 
 JOB_FUNCTION = "dispatcher.jobs.deliver"
 QUEUE_NAMES = tuple(f"mail-{priority}" for priority in PRIORITIES)
@@ -78,7 +78,10 @@ class Producer:
         self.max_bytes = max_bytes
 
     def validate(self, data: Mapping[str, Any] | Mail) -> Mail:
-        return data if isinstance(data, Mail) else Mail.from_dict(data, max_bytes=self.max_bytes)
+        if isinstance(data, Mail) and data.raw:
+            return data
+        mapping = data.to_dict() if isinstance(data, Mail) else data
+        return Mail.from_dict(mapping, max_bytes=self.max_bytes)
 
     def enqueue(self, data: Mapping[str, Any] | Mail) -> Enqueued:
         """Validate and enqueue one mail; ``ValidationError`` names every bad field and stores nothing."""
@@ -144,7 +147,8 @@ class Producer:
             scheduled = mail.send_at is not None and mail.send_at.timestamp() > now
             rec = SendRecord(
                 send_id=send_id,
-                mail=mail.to_dict(),
+                mail=mail_summary(mail),
+                raw=mail.raw,
                 state="scheduled" if scheduled else "queued",
                 created_at=now,
                 record={"outcomes": {r: {"status": "pending"} for r in mail.envelope_recipients}},

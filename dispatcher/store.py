@@ -24,6 +24,8 @@ from typing import Any
 
 import redis
 
+from dispatcher.message import Mail
+
 PREFIX = "dispatch"
 STATES = ("queued", "scheduled", "sending", "deferred", "delivered", "failed", "unknown")
 FINAL_STATES = frozenset({"delivered", "failed", "unknown"})
@@ -59,6 +61,19 @@ def delivered_key(minute: int) -> str:
     return f"{PREFIX}:delivered:{minute}"
 
 
+def mail_summary(mail: Mail) -> dict[str, Any]:
+    """What a record keeps of a mail besides its MIME bytes: headers, envelope, attachment names."""
+    summary = mail.to_dict()
+    summary.pop("text", None)
+    summary.pop("html", None)
+    summary["attachments"] = [
+        {"filename": a.filename, "content_type": a.content_type, "size": len(a.content)}
+        for a in mail.attachments
+    ]
+    summary["envelope"] = {"sender": mail.envelope_sender, "recipients": list(mail.envelope_recipients)}
+    return summary
+
+
 def new_send_id(key: str | None) -> str:
     """A key always maps to the same id, so a duplicate enqueue finds the first one."""
     if key is not None:
@@ -80,10 +95,24 @@ class SendRecord:
     next_attempt_at: float | None = None
     rq_job: str | None = None
     record: dict[str, Any] = field(default_factory=dict)
+    raw: bytes | None = field(default=None, repr=False)
+    stored_state: str | None = None
 
     @property
     def message_id(self) -> str:
         return str(self.mail["message_id"])
+
+    @property
+    def route(self) -> str:
+        return str(self.mail.get("route", "default"))
+
+    @property
+    def sender(self) -> str:
+        return str(self.mail["envelope"]["sender"])
+
+    @property
+    def recipients(self) -> list[str]:
+        return list(self.mail["envelope"]["recipients"])
 
     @property
     def outcomes(self) -> dict[str, dict[str, Any]]:
@@ -92,7 +121,8 @@ class SendRecord:
 
     @classmethod
     def from_hash(cls, send_id: str, raw: Mapping[Any, Any]) -> SendRecord:
-        fields = {text(k): text(v) for k, v in raw.items()}
+        message = raw.get(b"raw")
+        fields = {text(k): text(v) for k, v in raw.items() if k != b"raw"}
         return cls(
             send_id=send_id,
             mail=json.loads(fields["mail"]),
@@ -104,6 +134,8 @@ class SendRecord:
             next_attempt_at=float(fields["next_attempt_at"]) if fields.get("next_attempt_at") else None,
             rq_job=fields.get("rq_job") or None,
             record=json.loads(fields.get("record") or "{}"),
+            raw=message,
+            stored_state=fields["state"],
         )
 
     def to_hash(self, *, include_mail: bool = False) -> dict[str, str]:
@@ -120,6 +152,13 @@ class SendRecord:
         }
         if include_mail:
             fields["mail"] = json.dumps(self.mail, separators=(",", ":"))
+        return fields
+
+    def to_hash_new(self) -> dict[str, str | bytes]:
+        """Every field of a send being created, the MIME bytes included."""
+        fields: dict[str, str | bytes] = {**self.to_hash(include_mail=True)}
+        if self.raw is not None:
+            fields["raw"] = self.raw
         return fields
 
     def status(self) -> dict[str, Any]:
@@ -173,15 +212,15 @@ class SendStore:
     def stage_save(self, pipe: Any, rec: SendRecord, *, now: float | None = None, new: bool = False) -> None:
         """Queue the writes that persist ``rec`` and its state index on ``pipe`` (a MULTI pipeline)."""
         rec.updated_at = now or time.time()
-        pipe.hset(send_key(rec.send_id), mapping=rec.to_hash(include_mail=new))
+        pipe.hset(send_key(rec.send_id), mapping=rec.to_hash_new() if new else rec.to_hash())
         if rec.state in FINAL_STATES:
             pipe.expire(send_key(rec.send_id), RECORD_TTL)
-        else:
+        elif rec.stored_state in FINAL_STATES:
             pipe.persist(send_key(rec.send_id))
-        for state in STATES:
-            if state != rec.state:
-                pipe.zrem(state_key(state), rec.send_id)
+        if rec.stored_state is not None and rec.stored_state != rec.state:
+            pipe.zrem(state_key(rec.stored_state), rec.send_id)
         pipe.zadd(state_key(rec.state), {rec.send_id: rec.updated_at})
+        rec.stored_state = rec.state
 
     def save(self, rec: SendRecord) -> None:
         pipe = self.redis.pipeline(transaction=True)

@@ -13,6 +13,7 @@ aborts them; a child that dies is started again unless we are stopping.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
@@ -80,7 +81,7 @@ def run_one(queue_names: Sequence[str], *, burst: bool) -> int:
         burst=burst,
         routes={name: cfg.redacted_url() for name, cfg in settings.routes.items()},
     )
-    worker.work(burst=burst, with_scheduler=True, logging_level=os.environ.get("DISPATCH_LOG_LEVEL", "INFO"))
+    worker.work(burst=burst, with_scheduler=True, logging_level=logging.getLogger("rq").getEffectiveLevel())
     logger.info("worker_stopped", worker=worker.name)
     return 0
 
