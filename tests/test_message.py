@@ -306,7 +306,9 @@ def test_all_problems_are_collected_together() -> None:
 def test_oversize_mail_is_refused_with_its_size() -> None:
     payload = base64.b64encode(b"\x00" * 3000).decode()
     data = minimal(
-        attachments=[{"filename": "z.bin", "content_type": "application/octet-stream", "content": payload}]
+        attachments=[{"filename": "z.bin", "content_type": "application/octet-stream", "content": payload}],
+        message_id="<fixed.size@example.com>",
+        date="Fri, 27 Nov 2026 16:00:00 +0000",
     )
     problems = problems_of(data, max_bytes=2000)
     assert list(problems) == ["size"]
