@@ -28,7 +28,7 @@ from dispatcher.policy import (
     verdict_for_error,
     verdict_for_reply,
 )
-from dispatcher.producer import schedule_attempt
+from dispatcher.producer import attempt_job_id, schedule_attempt
 from dispatcher.runtime import Runtime
 from dispatcher.smtp.protocol import RecipientStatus
 from dispatcher.store import (
@@ -56,10 +56,6 @@ def deliver(send_id: str) -> dict[str, Any]:
         return Attempt(Runtime.current(), job.connection, job.id, send_id).run()
     finally:
         structlog.contextvars.clear_contextvars()
-
-
-def attempt_job_id(send_id: str, generation: int, attempt: int, suffix: str = "") -> str:
-    return f"{send_id}.{generation}.{attempt}{suffix}"
 
 
 class LeaseKeeper:

@@ -17,7 +17,7 @@ import redis
 import structlog
 
 from dispatcher.errors import ConfigurationError
-from dispatcher.producer import schedule_attempt
+from dispatcher.producer import attempt_job_id, schedule_attempt
 from dispatcher.store import INFLIGHT, SendRecord, SendStore, ledger_key, send_key, state_key
 
 logger = structlog.get_logger("dispatcher.operations")
@@ -160,7 +160,7 @@ class Operations:
         history = rec.record.setdefault("history", [])
         history.append({"generation": rec.generation, "at": now, "event": "retry_requested"})
         pipe.multi()
-        schedule_attempt(pipe, self.redis, rec, f"{rec.send_id}.{rec.generation}.1", None)
+        schedule_attempt(pipe, self.redis, rec, attempt_job_id(rec.send_id, rec.generation, 1), None)
         self.store.stage_save(pipe, rec, now=now)
 
     def delete(self, send_ids: Iterable[str]) -> dict[str, str]:

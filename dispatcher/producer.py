@@ -46,6 +46,11 @@ def rq_queue(connection: redis.Redis, priority: str) -> Queue:
     return Queue(queue_name(priority), connection=connection, serializer=JSONSerializer)
 
 
+def attempt_job_id(send_id: str, generation: int, attempt: int, suffix: str = "") -> str:
+    """The rq job id of one attempt (rq allows letters, digits, ``_`` and ``-`` only)."""
+    return f"{send_id}-g{generation}-a{attempt}{suffix}"
+
+
 def schedule_attempt(
     pipe: Any, connection: redis.Redis, rec: SendRecord, job_id: str, when: float | None
 ) -> None:

@@ -13,7 +13,7 @@ import time
 import redis
 import structlog
 
-from dispatcher.producer import schedule_attempt
+from dispatcher.producer import attempt_job_id, schedule_attempt
 from dispatcher.store import INFLIGHT, SendStore, send_key, text
 
 logger = structlog.get_logger("dispatcher.recovery")
@@ -41,13 +41,15 @@ def reap_abandoned(connection: redis.Redis, *, now: float | None = None) -> list
                     event: dict[str, object] = {"attempt": rec.attempts, "generation": rec.generation}
                     event.update(at=now, event="worker_lost", reply=note)
                     rec.record.setdefault("history", []).append(event)
-                    job_id = f"{send_id}.{rec.generation}.{rec.attempts}r"
+                    job_id = attempt_job_id(send_id, rec.generation, rec.attempts, "-recovered")
                     schedule_attempt(pipe, connection, rec, job_id, None)
                     store.stage_save(pipe, rec, now=now)
                     requeued.append(send_id)
                 pipe.execute()
             except redis.WatchError:
                 continue
+            except (ValueError, KeyError, TypeError) as exc:  # one broken record must not stop the others
+                logger.exception("recovery_skipped", send_id=send_id, error=str(exc))
     if requeued:
         logger.warning("mail_requeued_after_worker_loss", sends=requeued)
     return requeued

@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-import redis
 import structlog
 from rq import Queue, SimpleWorker
 from rq.job import Job
@@ -60,8 +59,8 @@ class MailWorker(SimpleWorker):
         super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
         try:
             reap_abandoned(self.connection)
-        except redis.RedisError as exc:
-            logger.warning("recovery_failed", error=str(exc))
+        except Exception as exc:  # recovery must never take the worker down with it
+            logger.exception("recovery_failed", error=str(exc))
 
     def teardown(self) -> None:
         self.runtime.close()
@@ -81,7 +80,11 @@ def run_one(queue_names: Sequence[str], *, burst: bool) -> int:
         burst=burst,
         routes={name: cfg.redacted_url() for name, cfg in settings.routes.items()},
     )
-    worker.work(burst=burst, with_scheduler=True, logging_level=logging.getLogger("rq").getEffectiveLevel())
+    worker.work(
+        burst=burst,
+        with_scheduler=True,
+        logging_level=logging.getLevelName(logging.getLogger("rq").getEffectiveLevel()),
+    )
     logger.info("worker_stopped", worker=worker.name)
     return 0
 
