@@ -16,6 +16,33 @@ from dispatcher.smtp.config import SmtpConfig, parse_smtp_url
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 ROUTE_PREFIX = "SMTP_URL_"
 
+#: Every environment variable dispatcher reads: name -> (default, meaning). The README's configuration
+#: table and docker-compose.yml are checked against it by the tests.
+ENVIRONMENT: dict[str, tuple[str, str]] = {
+    "REDIS_URL": (DEFAULT_REDIS_URL, "Redis holding queues, send records and the ledger"),
+    "SMTP_URL": ("(none: workers refuse to start)", "the default route, e.g. smtp+starttls://user:pass@host:587"),
+    "SMTP_URL_<NAME>": ("", "an extra route <name> (lower-cased), chosen per mail by its route field"),
+    "DISPATCH_CONCURRENCY": ("1", "worker processes per worker.py (same as --concurrency)"),
+    "DISPATCH_RETRY_BASE": ("60", "first retry delay ceiling in seconds; doubles per attempt (full jitter)"),
+    "DISPATCH_RETRY_MAX_DELAY": ("3600", "cap on one retry delay, seconds"),
+    "DISPATCH_RETRY_MAX_ATTEMPTS": ("8", "attempts per retry budget before a send fails"),
+    "DISPATCH_RETRY_MAX_AGE": ("172800", "seconds after the first attempt when retrying stops"),
+    "DISPATCH_RESEND_UNKNOWN": ("false", "resend when no reply came after the final dot (risks duplicates)"),
+    "DISPATCH_MAX_MESSAGE_BYTES": ("26214400", "largest MIME message accepted at enqueue"),
+    "DISPATCH_LEASE_SECONDS": ("30", "in-flight lease; a dead worker's send is requeued after it expires"),
+    "DISPATCH_JOB_TIMEOUT_MARGIN": ("60", "seconds added to the routes' summed deadlines: rq's job timeout"),
+    "DISPATCH_LOG_LEVEL": ("INFO", "log level of dispatcher's events"),
+    "DISPATCH_LOG_FORMAT": ("json off a TTY", "json or console"),
+    "DISPATCH_RQ_LOG_LEVEL": ("WARNING", "log level of rq's own per-job messages"),
+    "DISPATCH_DASHBOARD_USER": ("(required)", "dashboard login user"),
+    "DISPATCH_DASHBOARD_PASSWORD": ("(required)", "dashboard login password"),
+    "DISPATCH_DASHBOARD_SECRET": ("random per process", "session signing key; keeps logins across restarts"),
+    "DISPATCH_DASHBOARD_SECURE_COOKIE": ("false", "mark the session cookie Secure (behind HTTPS)"),
+    "DISPATCH_DASHBOARD_OPEN": ("false", "run the dashboard without login (loopback only)"),
+    "DISPATCH_API_TOKEN": ("(API off)", "bearer token for the HTTP API"),
+    "DISPATCH_API_MAX_BYTES": ("31457280", "largest HTTP API request body"),
+}
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
