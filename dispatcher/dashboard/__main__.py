@@ -1,0 +1,72 @@
+"""``python -m dispatcher.dashboard [--host 127.0.0.1] [--port 8025] [--insecure-open]``.
+
+Serves the dashboard and API with werkzeug's threaded server. Put a TLS-terminating reverse proxy in
+front of it for anything but loopback (and set DISPATCH_DASHBOARD_SECURE_COOKIE=1 there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+import structlog
+from werkzeug.serving import make_server
+
+from dispatcher.dashboard import create_app
+from dispatcher.dashboard.config import DEFAULT_HOST, DEFAULT_PORT, load_config
+from dispatcher.errors import ConfigurationError
+from dispatcher.logs import configure_logging
+
+logger = structlog.get_logger("dispatcher.dashboard")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m dispatcher.dashboard",
+        description="Operator dashboard and HTTP enqueue API. Credentials: DISPATCH_DASHBOARD_USER / "
+        "DISPATCH_DASHBOARD_PASSWORD; API token: DISPATCH_API_TOKEN; Redis: REDIS_URL.",
+    )
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default %(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %(default)s)")
+    parser.add_argument(
+        "--insecure-open",
+        action="store_true",
+        help="run without a login (loopback only; also DISPATCH_DASHBOARD_OPEN=1)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging()
+    try:
+        config = load_config(os.environ, host=args.host, port=args.port, insecure_open=args.insecure_open)
+    except ConfigurationError as exc:
+        logger.error("dashboard_config_invalid", error=str(exc))
+        return 2
+    server = make_server(config.host, config.port, create_app(config), threaded=True)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        logger.info("dashboard_stopping", signal=signal.Signals(signum).name)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    logger.info(
+        "dashboard_started",
+        url=f"http://{config.host}:{server.server_port}/",
+        login="required" if config.auth_required else "open (loopback only)",
+        api="enabled" if config.api_token else "disabled: DISPATCH_API_TOKEN not set",
+    )
+    server.serve_forever()
+    logger.info("dashboard_stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The HTTP API, ``/api/v1``: enqueue mail, read a send's status, retry failures by filter.
+
+Same JSON schema and validation as the Python producer and the CLI (``Mail.from_dict``); problems come
+back per field with 422. Authentication is a bearer token (see ``auth.check_bearer``); errors are JSON.
+
+``Idempotency-Key``: for one mail it is the mail's ``key`` (a different ``key`` in the body is a 422);
+for a list, item *i* without its own ``key`` gets ``<Idempotency-Key>/<i>``, so sending the same batch
+again with the same header enqueues nothing twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from flask import Blueprint, jsonify, request, url_for
+from flask.typing import ResponseReturnValue
+
+from dispatcher.dashboard import context
+from dispatcher.dashboard.auth import check_bearer
+from dispatcher.errors import ConfigurationError, ValidationError
+from dispatcher.operations import FAILURE_STATES, RETRYABLE_STATES, FailureFilter
+from dispatcher.producer import Enqueued
+
+logger = structlog.get_logger("dispatcher.dashboard.api")
+blueprint = Blueprint("api", __name__, url_prefix="/api/v1")
+MAX_BATCH = 1000
+RETRY_FIELDS = frozenset({"code", "domain", "since", "states", "ids", "all", "dry_run"})
+
+
+def _problems(problems: dict[str, str], status: int = 422) -> ResponseReturnValue:
+    return jsonify(error="validation", problems=problems), status
+
+
+@blueprint.before_request
+def _authenticate() -> ResponseReturnValue | None:
+    return check_bearer()
+
+
+def _json_body() -> tuple[Any, ResponseReturnValue | None]:
+    data = request.get_json(force=True, silent=True)  # raises 413 first when the body is too large
+    if data is None:
+        message = "the body must be JSON (Content-Type: application/json)"
+        return None, (jsonify(error="invalid_json", message=message), 400)
+    return data, None
+
+
+def _accepted(done: Enqueued) -> dict[str, Any]:
+    message_id = done.message_id
+    if not message_id:  # a duplicate: the producer did not load the first send's record
+        rec = context.state().store.load(done.id)
+        message_id = rec.message_id if rec is not None else ""
+    return {
+        "id": done.id,
+        "duplicate": done.duplicate,
+        "message_id": message_id,
+        "status_url": url_for("api.message_status", send_id=done.id),
+    }
+
+
+@blueprint.post("/messages")
+def enqueue() -> ResponseReturnValue:
+    data, error = _json_body()
+    if error is not None:
+        return error
+    header = request.headers.get("Idempotency-Key")
+    producer = context.state().producer
+    if isinstance(data, list):
+        return _enqueue_list(data, header)
+    if header is not None and isinstance(data, dict):
+        if data.get("key") not in (None, header):
+            return _problems({"key": "differs from the Idempotency-Key header; send one or make them equal"})
+        data = {**data, "key": header}
+    try:
+        done = producer.enqueue(data)
+    except ValidationError as exc:
+        return _problems(exc.problems)
+    logger.info("api_enqueued", id=done.id, duplicate=done.duplicate)
+    body = _accepted(done)
+    return jsonify(body), 202, {"Location": body["status_url"]}
+
+
+def _enqueue_list(items: list[Any], header: str | None) -> ResponseReturnValue:
+    if not items:
+        return _problems({"messages": "empty list: send one mail object or a non-empty list"})
+    if len(items) > MAX_BATCH:
+        return _problems({"messages": f"at most {MAX_BATCH} mails per request, got {len(items)}"})
+    if header is not None:
+        items = [
+            {**item, "key": f"{header}/{index}"}
+            if isinstance(item, dict) and item.get("key") is None
+            else item
+            for index, item in enumerate(items)
+        ]
+    results = context.state().producer.enqueue_many(items)
+    answers: list[dict[str, Any]] = []
+    for result in results:
+        if isinstance(result, ValidationError):
+            answers.append({"status": 422, "error": "validation", "problems": result.problems})
+        else:
+            answers.append({"status": 202, **_accepted(result)})
+    accepted = sum(1 for a in answers if a["status"] == 202)
+    logger.info("api_enqueued_batch", accepted=accepted, rejected=len(answers) - accepted)
+    body = {"accepted": accepted, "rejected": len(answers) - accepted, "results": answers}
+    return jsonify(body), 202 if accepted else 422
+
+
+@blueprint.get("/messages/<send_id>")
+def message_status(send_id: str) -> ResponseReturnValue:
+    rec = context.state().store.load(send_id)
+    if rec is None:
+        return jsonify(error="not_found", message=f"no send with id {send_id!r}"), 404
+    return jsonify(rec.status())
+
+
+@blueprint.post("/failures/retry")
+def retry() -> ResponseReturnValue:
+    """Like ``enqueue.py retry``: ids, or ``all``, or a filter (code, domain, since, states) — not both."""
+    data, error = _json_body()
+    if error is not None:
+        return error
+    if not isinstance(data, dict):
+        return _problems({"filter": "must be a JSON object"})
+    problems = _retry_problems(data)
+    flt: FailureFilter | None = None
+    ids = data.get("ids")
+    if not problems and not ids:
+        since, states = data.get("since"), data.get("states")
+        try:
+            flt = FailureFilter(
+                code=data.get("code"),
+                domain=data.get("domain"),
+                since=float(since) if since is not None else None,
+                states=tuple(states) if states else FAILURE_STATES,
+            )
+        except ConfigurationError as exc:
+            problems["code"] = str(exc)
+    if problems:
+        return _problems(problems)
+    ops = context.state().operations
+    ids = [rec.send_id for rec in ops.find(flt)] if flt is not None else list(ids or [])
+    dry_run = bool(data.get("dry_run", False))
+    results = ops.retry(ids, dry_run=dry_run)
+    logger.info("api_retry", matched=len(results), dry_run=dry_run)
+    return jsonify(dry_run=dry_run, matched=len(results), results=results)
+
+
+def _retry_problems(data: dict[str, Any]) -> dict[str, str]:
+    problems = {name: "unknown field" for name in data if name not in RETRY_FIELDS}
+    code, domain, since, ids = data.get("code"), data.get("domain"), data.get("since"), data.get("ids")
+    states, everything = data.get("states"), data.get("all", False)
+    if code is not None and not isinstance(code, str):
+        problems["code"] = "must be a string like 4xx, 421 or 5.1.1"
+    if domain is not None and (not isinstance(domain, str) or not domain):
+        problems["domain"] = "must be a domain name"
+    if since is not None and (isinstance(since, bool) or not isinstance(since, int | float)):
+        problems["since"] = "must be Unix seconds"
+    if ids is not None and (
+        not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids)
+    ):
+        problems["ids"] = "must be a non-empty list of send ids"
+    if states is not None and (
+        not isinstance(states, list) or not states or not set(states) <= set(RETRYABLE_STATES)
+    ):
+        problems["states"] = f"must be a non-empty list of {', '.join(RETRYABLE_STATES)}"
+    for flag in ("dry_run", "all"):
+        if not isinstance(data.get(flag, False), bool):
+            problems[flag] = "must be true or false"
+    has_filter = any(data.get(name) is not None for name in ("code", "domain", "since", "states"))
+    if problems:
+        return problems
+    if ids and (everything or has_filter):
+        problems["ids"] = "give either ids or all/a filter (code, domain, since, states), not both"
+    elif not ids and not everything and not has_filter:
+        problems["filter"] = "give ids, all: true, or a filter (code, domain, since, states)"
+    return problems

@@ -1,0 +1,117 @@
+"""Dashboard settings from the environment and the command line, checked once before anything listens.
+
+Credentials are required by default. Running without them ("open") must be asked for explicitly
+(``--insecure-open`` or ``DISPATCH_DASHBOARD_OPEN=1``) and is refused on any address but loopback: an open
+dashboard can retry and delete mail, so it must never be reachable from another machine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from dispatcher.errors import ConfigurationError
+from dispatcher.message import DEFAULT_MAX_BYTES
+from dispatcher.settings import DEFAULT_REDIS_URL
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8025
+DEFAULT_MAX_REQUEST_BYTES = 30 * 1024 * 1024
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost``, 127.0.0.0/8 or ::1. Names other than localhost are not resolved: refuse them."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class DashboardConfig:
+    """Everything the app needs; the constructor refuses an unsafe combination (see the module doc)."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    open_access: bool = False
+    secret_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    api_token: str | None = field(default=None, repr=False)
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_message_bytes: int = DEFAULT_MAX_BYTES
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    secure_cookie: bool = False
+
+    def __post_init__(self) -> None:
+        if bool(self.user) != bool(self.password):
+            raise ConfigurationError(
+                "set both DISPATCH_DASHBOARD_USER and DISPATCH_DASHBOARD_PASSWORD, or neither"
+            )
+        if not self.auth_required:
+            if not self.open_access:
+                raise ConfigurationError(
+                    "the dashboard needs DISPATCH_DASHBOARD_USER and DISPATCH_DASHBOARD_PASSWORD; "
+                    "to run it without a login on loopback only, pass --insecure-open "
+                    "(or DISPATCH_DASHBOARD_OPEN=1)"
+                )
+            if not is_loopback(self.host):
+                raise ConfigurationError(
+                    f"refusing to run open (no login) on {self.host!r}: open mode is for loopback only "
+                    "(--host 127.0.0.1); set DISPATCH_DASHBOARD_USER and DISPATCH_DASHBOARD_PASSWORD"
+                )
+        if self.api_token is not None and len(self.api_token) < 16:
+            raise ConfigurationError("DISPATCH_API_TOKEN must be at least 16 characters")
+        if self.max_request_bytes < 1024:
+            raise ConfigurationError("DISPATCH_API_MAX_BYTES must be at least 1024")
+        if not 0 <= self.port <= 65535:
+            raise ConfigurationError(f"port {self.port} is out of range")
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.user and self.password)
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ConfigurationError(f"{name}={raw!r}: expected true or false")
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r}: expected a whole number of bytes") from None
+
+
+def load_config(
+    env: Mapping[str, str], *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, insecure_open: bool = False
+) -> DashboardConfig:
+    """Read ``DISPATCH_DASHBOARD_*``, ``DISPATCH_API_*``, ``REDIS_URL``; ``ConfigurationError`` if unsafe."""
+    secret = env.get("DISPATCH_DASHBOARD_SECRET") or ""
+    return DashboardConfig(
+        redis_url=env.get("REDIS_URL") or DEFAULT_REDIS_URL,
+        user=env.get("DISPATCH_DASHBOARD_USER") or None,
+        password=env.get("DISPATCH_DASHBOARD_PASSWORD") or None,
+        open_access=insecure_open or _flag(env, "DISPATCH_DASHBOARD_OPEN"),
+        secret_key=secret.encode() if secret else secrets.token_bytes(32),
+        api_token=env.get("DISPATCH_API_TOKEN") or None,
+        max_request_bytes=_int(env, "DISPATCH_API_MAX_BYTES", DEFAULT_MAX_REQUEST_BYTES),
+        max_message_bytes=_int(env, "DISPATCH_MAX_MESSAGE_BYTES", DEFAULT_MAX_BYTES),
+        host=host,
+        port=port,
+        secure_cookie=_flag(env, "DISPATCH_DASHBOARD_SECURE_COOKIE"),
+    )

@@ -1,0 +1,108 @@
+"""Read-only views of Redis for the pages: the overview numbers and failures grouped by reason.
+
+Nothing here writes. rq's own ``registry.count`` runs a cleanup that moves or deletes jobs, so registry
+sizes are read with ``get_job_count(cleanup=False)``: a GET must never change anything.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from rq import Queue, Worker
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from dispatcher.operations import FailureFilter, Operations, describe_group, group_key
+from dispatcher.producer import QUEUE_NAMES
+from dispatcher.store import SendRecord, SendStore
+
+CHART_MINUTES = 60
+
+
+def queue_numbers(connection: redis.Redis) -> list[dict[str, Any]]:
+    """Per rq queue: jobs waiting, scheduled for later, running now, and in rq's failed registry."""
+    rows = []
+    for name in QUEUE_NAMES:
+        queue = Queue(name, connection=connection, serializer=JSONSerializer)
+        rows.append(
+            {
+                "name": name,
+                "waiting": queue.count,
+                "scheduled": ScheduledJobRegistry(queue=queue).get_job_count(cleanup=False),  # type: ignore[no-untyped-call]
+                "started": StartedJobRegistry(queue=queue).get_job_count(cleanup=False),
+                "rq_failed": FailedJobRegistry(queue=queue).get_job_count(cleanup=False),
+            }
+        )
+    return rows
+
+
+def workers(connection: redis.Redis, now: float | None = None) -> list[dict[str, Any]]:
+    """rq's live worker registrations (a worker's key expires when it stops heartbeating)."""
+    now = now or time.time()
+    rows = []
+    for worker in Worker.all(connection=connection, serializer=JSONSerializer):
+        heartbeat = worker.last_heartbeat.timestamp() if worker.last_heartbeat else None
+        rows.append(
+            {
+                "name": worker.name,
+                "hostname": worker.hostname,
+                "pid": worker.pid,
+                "state": worker.get_state(),
+                "queues": worker.queue_names(),
+                "current_job": worker.get_current_job_id(),
+                "successful": worker.successful_job_count,
+                "failed": worker.failed_job_count,
+                "heartbeat_age": round(now - heartbeat, 1) if heartbeat else None,
+                "started_at": worker.birth_date.timestamp() if worker.birth_date else None,
+            }
+        )
+    return sorted(rows, key=lambda row: str(row["name"]))
+
+
+def overview(connection: redis.Redis, now: float | None = None) -> dict[str, Any]:
+    """Everything the overview page shows; also its auto-refresh JSON."""
+    now = now or time.time()
+    store = SendStore(connection)
+    per_minute = store.delivered_per_minute(CHART_MINUTES, now=now)
+    return {
+        "generated_at": now,
+        "queues": queue_numbers(connection),
+        "states": store.count_states(),
+        "delivered_last_hour": sum(count for _, count in per_minute),
+        "chart": [{"t": minute, "n": count} for minute, count in per_minute],
+        "workers": workers(connection, now),
+    }
+
+
+@dataclass
+class Group:
+    """One reason (``operations.group_key``) with its sends, newest first."""
+
+    key: str
+    info: dict[str, str]
+    sends: list[SendRecord] = field(default_factory=list)
+    sample: str | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.sends)
+
+
+def failure_groups(operations: Operations, flt: FailureFilter) -> list[Group]:
+    """The same groups and order as ``Operations.groups``, keeping the records (one pass over Redis)."""
+    groups: dict[str, Group] = {}
+    for rec in operations.find(flt):
+        key = group_key(rec)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = Group(key, describe_group(key))
+            group.sample = (rec.record.get("reason") or {}).get("text")
+        group.sends.append(rec)
+    return sorted(groups.values(), key=lambda g: (-g.count, g.key))
+
+
+def failed_recipients(rec: SendRecord) -> list[str]:
+    return sorted(r for r, o in rec.outcomes.items() if o.get("status") != "accepted") or sorted(rec.outcomes)
