@@ -130,6 +130,7 @@ class Transaction:
     pipelining: bool = True
     chunking: bool = True
     data_sent: bool = field(default=False, init=False)
+    data_complete: bool = field(default=False, init=False)
     _mail_sent: bool = field(default=False, init=False)
     _rcpts_sent: int = field(default=0, init=False)
     _data_command_sent: bool = field(default=False, init=False)
@@ -173,12 +174,16 @@ class Transaction:
 
         With CHUNKING the data goes out before the RCPT replies are read, so a missing RCPT reply counts.
         """
-        if not self.data_sent or self._done:
+        if not self.data_complete or self._done:
             return False
         mail = self._mail_reply
         if mail is not None and not mail.is_positive:
             return False
         return self.accepted_count > 0 or len(self._rcpt_replies) < len(self.recipients)
+
+    def data_written(self) -> None:
+        """The driver wrote the whole data step: only now can the server have the end of the message."""
+        self.data_complete = self.data_sent
 
     @property
     def envelope_accepted(self) -> bool:
@@ -275,12 +280,15 @@ class Transaction:
         return tuple(result)
 
     def deciding_reply(self) -> Reply | None:
-        """The reply that ended the transaction: the final one, else MAIL's refusal, else the last RCPT's."""
-        if self._final_reply is not None:
-            return self._final_reply
+        """The reply that ended the transaction, the same in every mode: MAIL's refusal, else the last
+        RCPT refusal when nobody was accepted, else the final reply."""
         if self._mail_reply is not None and not self._mail_reply.is_positive:
             return self._mail_reply
         refused = [r for r in self._rcpt_replies if not r.is_positive]
+        if self.accepted_count == 0 and refused:
+            return refused[-1]
+        if self._final_reply is not None:
+            return self._final_reply
         return refused[-1] if refused else None
 
 

@@ -136,8 +136,8 @@ class ReplyParser:
 
     @property
     def pending(self) -> bool:
-        """True while bytes of an unfinished reply are held."""
-        return bool(self._buffer) or bool(self._lines)
+        """True while bytes of an unfinished reply (or an error not yet raised) are held."""
+        return bool(self._buffer) or bool(self._lines) or self._error is not None
 
     def clear(self) -> None:
         """Forget buffered bytes and any partial reply: after STARTTLS nothing sent in plaintext may
@@ -148,11 +148,23 @@ class ReplyParser:
         self._lines = []
 
     def feed(self, data: bytes) -> list[Reply]:
-        """Add ``data``; return every reply it completes, in order (maybe none)."""
+        """Add ``data``; return every reply it completes, in order (maybe none).
+
+        Replies completed before a malformed line in the same chunk are returned; the error is raised on
+        the next call (a 250 followed by garbage in one packet still counts as accepted).
+        """
         if self._error is not None:
             raise ProtocolError(self._error)
         self._buffer += data
         replies: list[Reply] = []
+        try:
+            self._parse(replies)
+        except ProtocolError:
+            if not replies:
+                raise
+        return replies
+
+    def _parse(self, replies: list[Reply]) -> None:
         while True:
             end = self._buffer.find(b"\n", self._scanned)
             if end < 0:
@@ -161,7 +173,7 @@ class ReplyParser:
                     self._fail(
                         f"reply line longer than {self._max_line_length} bytes: {_excerpt(self._buffer)}"
                     )
-                return replies
+                return
             raw = bytes(self._buffer[: end + 1])
             del self._buffer[: end + 1]
             self._scanned = 0

@@ -270,6 +270,7 @@ class SmtpClient:
                     self.data_in_flight = True
                     self._transcript.data(Stage.DATA_BLOCK, step.data_size)
                     self._conn.send_data(step.payload)
+                    tx.data_written()
                 else:
                     self._conn.send(step.payload, step.expect[0])
                 round_trips += 1

@@ -206,11 +206,6 @@ def test_outcomes_identical_lockstep_pipelined_and_chunking(
     assert statuses == {r: expected[r] for r in recipients}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Transaction.deciding_reply prefers the answer to the pipelined DATA/BDAT (554 'no valid "
-    "recipients') over the RCPT refusals, so SendResult.reply depends on the mode when none is accepted",
-)
 def test_deciding_reply_identical_across_modes_when_no_recipient_accepted(scripted_server: Scripted) -> None:
     replies = {}
     for mode, keywords in {

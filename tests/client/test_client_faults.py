@@ -309,11 +309,6 @@ def test_garbage_after_the_final_reply_is_an_unknown_outcome_not_a_hang(scripted
     assert isinstance(caught.value.__cause__, ProtocolError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ReplyParser.feed drops the complete replies of a chunk when a later line in the same "
-    "chunk is garbage, so a 250 after the final dot is lost and the send reports UnknownOutcome",
-)
 def test_final_250_followed_by_garbage_in_the_same_packet_counts_as_accepted(
     scripted_server: Scripted,
 ) -> None:
@@ -465,11 +460,6 @@ def test_client_recovers_on_the_next_send_after_a_timeout(scripted_server: Scrip
 BIG = (b"y" * 78 + b"\r\n") * 250_000  # 20 MB: more than loopback socket buffers hold
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: session._run maps every failure after next_step() set data_sent to UnknownOutcome, even "
-    "when send_data() itself failed and the end of the data never left",
-)
 @pytest.mark.parametrize("mode", ["pipelined", "chunking"])
 def test_drop_while_sending_data_is_connection_lost_not_unknown(scripted_server: Scripted, mode: str) -> None:
     keywords = ["PIPELINING", "SIZE 100000000"] + (["CHUNKING"] if mode == "chunking" else [])
@@ -482,11 +472,6 @@ def test_drop_while_sending_data_is_connection_lost_not_unknown(scripted_server:
     assert isinstance(caught.value, ConnectionLost) and caught.value.transient
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a data block deadline (the data never finished) is reported as UnknownOutcome (permanent) "
-    "instead of a transient StageTimeout at data_block",
-)
 @pytest.mark.parametrize(
     "keywords", [("SIZE 200000000",), ("PIPELINING", "CHUNKING", "SIZE 200000000")], ids=["data", "bdat"]
 )
