@@ -29,6 +29,7 @@ from dispatcher.policy import (
     verdict_for_reply,
 )
 from dispatcher.producer import attempt_job_id, schedule_attempt
+from dispatcher.recovery import requeue_unstarted
 from dispatcher.runtime import Runtime
 from dispatcher.smtp.protocol import RecipientStatus
 from dispatcher.store import (
@@ -48,14 +49,36 @@ _RETRYABLE = {"pending", RecipientStatus.TRANSIENT.value}
 
 
 def deliver(send_id: str) -> dict[str, Any]:
-    """rq entry point (referenced by name in every job)."""
+    """rq entry point for one send (referenced by name in its job)."""
+    return deliver_batch([send_id])["sends"][send_id]  # type: ignore[no-any-return]
+
+
+def deliver_batch(send_ids: list[str]) -> dict[str, Any]:
+    """rq entry point for sends enqueued together: one attempt each, in order, on the kept connection.
+
+    Every send of the batch is leased at once, so if the worker dies the reaper requeues the ones it did
+    not finish. On a warm shutdown the batch stops after the current send and requeues the rest.
+    """
     job = get_current_job()
     if job is None:
-        raise RuntimeError("deliver() must run inside an rq job")
+        raise RuntimeError("deliver_batch() must run inside an rq job")
+    runtime = Runtime.current()
+    seconds = runtime.settings.lease_seconds
+    if len(send_ids) > 1:  # a lone send is leased by its attempt's first transaction
+        job.connection.zadd(INFLIGHT, {send_id: time.time() + seconds for send_id in send_ids})
+    results: dict[str, Any] = {}
     try:
-        return Attempt(Runtime.current(), job.connection, job.id, send_id).run()
+        with LeaseKeeper.for_process(job.connection, seconds).hold(send_ids):
+            for send_id in send_ids:
+                if results and runtime.stop_requested():
+                    break
+                results[send_id] = Attempt(runtime, job.connection, job.id, send_id).run()
     finally:
         structlog.contextvars.clear_contextvars()
+        rest = send_ids[len(results) :]
+        if rest:
+            requeue_unstarted(job.connection, rest, job.id)
+    return {"sends": results}
 
 
 class LeaseKeeper:
@@ -69,7 +92,7 @@ class LeaseKeeper:
 
     def __init__(self, connection: redis.Redis, seconds: float) -> None:
         self._redis, self._seconds = connection, seconds
-        self._current: str | None = None
+        self._current: list[str] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         threading.Thread(target=self._run, name="lease", daemon=True).start()
@@ -81,25 +104,28 @@ class LeaseKeeper:
         return cls._instance
 
     @contextlib.contextmanager
-    def hold(self, send_id: str) -> Iterator[None]:
+    def hold(self, send_ids: list[str]) -> Iterator[None]:
+        """Refresh the leases of ``send_ids`` while inside; finished sends drop out of the in-flight set
+        and ``XX`` keeps a refresh from bringing them back."""
         with self._lock:
-            self._current = send_id
+            self._current = list(send_ids)
         try:
             yield
         finally:
             with self._lock:
-                self._current = None
+                self._current = []
 
     def _run(self) -> None:
         while not self._wake.wait(self._seconds / 3):
             with self._lock:
-                send_id = self._current
-            if send_id is None:
+                send_ids = self._current
+            if not send_ids:
                 continue
+            expiry = time.time() + self._seconds
             try:
-                self._redis.zadd(INFLIGHT, {send_id: time.time() + self._seconds}, xx=True)
+                self._redis.zadd(INFLIGHT, dict.fromkeys(send_ids, expiry), xx=True)
             except redis.RedisError as exc:
-                logger.warning("lease_refresh_failed", send_id=send_id, error=str(exc))
+                logger.warning("lease_refresh_failed", sends=len(send_ids), error=str(exc))
 
 
 class Attempt:
@@ -134,9 +160,7 @@ class Attempt:
         verdicts: dict[str, Verdict] = {}
         conn_id = ""
         if pending:
-            lease = LeaseKeeper.for_process(self.redis, self.runtime.settings.lease_seconds)
-            with lease.hold(self.send_id):
-                verdicts, conn_id = self._send(rec, pending)
+            verdicts, conn_id = self._send(rec, pending)
         return self._finish(rec, verdicts, conn_id, started)
 
     def _begin(self, rec: SendRecord, now: float) -> set[str]:

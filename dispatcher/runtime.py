@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from typing import ClassVar
 
 from dispatcher.settings import Settings, load_settings
@@ -22,6 +23,11 @@ class Runtime:
         self.settings = settings
         self.worker_name = worker_name or f"{socket.gethostname()}.{os.getpid()}"
         self.clients: dict[str, SmtpClient] = {}
+        self.should_stop: Callable[[], bool] = lambda: False
+
+    def stop_requested(self) -> bool:
+        """True once the worker was asked to stop: a batch ends after its current send."""
+        return self.should_stop()
 
     @classmethod
     def install(cls, runtime: Runtime) -> Runtime:

@@ -30,7 +30,7 @@ from rq.serializers import JSONSerializer
 
 from dispatcher.errors import ConfigurationError
 from dispatcher.logs import configure_logging
-from dispatcher.producer import QUEUE_NAMES, connect
+from dispatcher.producer import BATCH_FUNCTION, QUEUE_NAMES, connect
 from dispatcher.recovery import reap_abandoned
 from dispatcher.runtime import Runtime
 from dispatcher.settings import load_settings
@@ -50,9 +50,11 @@ class MailWorker(SimpleWorker):
         super().__init__(queues, **kwargs)
         self.runtime = Runtime.install(runtime)
         self.runtime.worker_name = self.name
+        self.runtime.should_stop = lambda: bool(self._stop_requested)
 
     def perform_job(self, job: Job, queue: Queue) -> bool:
-        job.timeout = int(self.runtime.settings.job_timeout())
+        sends = len(job.args[0]) if job.func_name == BATCH_FUNCTION and job.args else 1
+        job.timeout = int(self.runtime.settings.job_timeout() * sends)
         return bool(super().perform_job(job, queue))
 
     def run_maintenance_tasks(self) -> None:
