@@ -1,0 +1,99 @@
+"""Sends enqueued together share rq jobs; a stopped or dead batch hands back its unstarted sends."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from email import message_from_bytes
+from pathlib import Path
+
+import redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from dispatcher.devsink import DevSink
+from dispatcher.jobs import Attempt
+from dispatcher.producer import BATCH_FUNCTION, JOB_BATCH_SIZE, Producer
+from dispatcher.recovery import reap_abandoned, requeue_unstarted
+from dispatcher.runtime import Runtime
+from dispatcher.settings import load_settings
+from dispatcher.store import INFLIGHT, SendStore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mails(n: int) -> list[dict[str, str]]:
+    return [{"from": "app@example.com", "to": f"user{i}@example.org", "subject": f"batch {i}", "text": "hi"}
+            for i in range(n)]  # fmt: skip
+
+
+def run_worker_burst(redis_url: str, port: int) -> None:
+    env = {**os.environ, "REDIS_URL": redis_url, "SMTP_URL": f"smtp://127.0.0.1:{port}?tls=off",
+           "DISPATCH_LOG_FORMAT": "json"}  # fmt: skip
+    done = subprocess.run([sys.executable, "worker.py", "--burst"], cwd=ROOT, env=env, capture_output=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+
+def delivered_subjects(sink: DevSink) -> list[str]:
+    return [str(message_from_bytes(m.data)["Subject"]) for m in sink.messages]
+
+
+def test_enqueue_many_packs_sends_into_jobs_of_the_batch_size(redis_url: str) -> None:
+    connection = redis.Redis.from_url(redis_url)
+    results = Producer(connection).enqueue_many(mails(JOB_BATCH_SIZE * 2 + 5))
+    queue = Queue("mail-default", connection=connection, serializer=JSONSerializer)
+    jobs = queue.get_jobs()
+    assert [len(job.args[0]) for job in jobs] == [JOB_BATCH_SIZE, JOB_BATCH_SIZE, 5]
+    assert all(job.func_name == BATCH_FUNCTION for job in jobs)
+    store = SendStore(connection)
+    by_job = {send_id for job in jobs for send_id in job.args[0]}
+    assert by_job == {r.id for r in results if not isinstance(r, Exception)}
+    assert store.load(jobs[0].args[0][0]).rq_job == jobs[0].id  # type: ignore[union-attr]
+
+
+def test_a_batch_delivers_every_send_once_on_one_connection(
+    redis_url: str, smtp_server: Callable[..., DevSink]
+) -> None:
+    sink = smtp_server()
+    Producer(redis.Redis.from_url(redis_url)).enqueue_many(mails(45))
+    run_worker_burst(redis_url, sink.port)
+    assert sorted(delivered_subjects(sink)) == sorted(f"batch {i}" for i in range(45))
+    assert sink.connections == 1
+
+
+def test_sends_handed_back_by_a_stopped_batch_are_delivered_once_by_their_own_jobs(
+    redis_url: str, smtp_server: Callable[..., DevSink]
+) -> None:
+    connection = redis.Redis.from_url(redis_url)
+    Producer(connection).enqueue_many(mails(6))
+    job = Queue("mail-default", connection=connection, serializer=JSONSerializer).get_jobs()[0]
+    handed_back = job.args[0][3:]
+    assert requeue_unstarted(connection, handed_back, job.id) == handed_back
+    store = SendStore(connection)
+    assert all(store.load(s).rq_job != job.id for s in handed_back)  # type: ignore[union-attr]
+    sink = smtp_server()
+    # The old batch job reaching a handed-back send must leave it to the send's own job.
+    settings = load_settings({"SMTP_URL": f"smtp://127.0.0.1:{sink.port}?tls=off"}, need_routes=True)
+    stale = Attempt(Runtime(settings), connection, job.id, handed_back[0]).run()
+    assert stale.get("stale_job") is True
+    assert sink.messages == []
+    run_worker_burst(redis_url, sink.port)
+    assert sorted(delivered_subjects(sink)) == sorted(f"batch {i}" for i in range(6))
+
+
+def test_the_reaper_requeues_the_unfinished_sends_of_a_dead_batch(redis_url: str) -> None:
+    connection = redis.Redis.from_url(redis_url)
+    Producer(connection).enqueue_many(mails(3))
+    job = Queue("mail-default", connection=connection, serializer=JSONSerializer).get_jobs()[0]
+    ids = list(job.args[0])
+    expired = time.time() - 1
+    connection.zadd(INFLIGHT, dict.fromkeys(ids, expired))
+    assert sorted(reap_abandoned(connection)) == sorted(ids)
+    assert connection.zcard(INFLIGHT) == 0
+    store = SendStore(connection)
+    assert {store.load(s).rq_job for s in ids}.isdisjoint({job.id})  # type: ignore[union-attr]
+    assert reap_abandoned(connection) == []
