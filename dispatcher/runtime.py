@@ -47,6 +47,21 @@ class Runtime:
             client = self.clients[route] = SmtpClient(self.settings.route(route))
         return client
 
+    def describe(self) -> dict[str, dict[str, object]]:
+        """Each configured route with the state of this process's connection to it (no secrets)."""
+        routes: dict[str, dict[str, object]] = {}
+        for name, config in self.settings.routes.items():
+            client = self.clients.get(name)
+            routes[name] = {
+                "url": config.redacted_url(),
+                "state": client.state.value if client else "new",
+                "conn_id": client.conn_id if client else None,
+                "tls": client.tls_version if client else None,
+                "messages_on_connection": client.messages_on_connection if client else 0,
+                "connections_opened": client.connections_opened if client else 0,
+            }
+        return routes
+
     def close(self) -> None:
         """QUIT every kept connection."""
         for client in self.clients.values():

@@ -9,6 +9,7 @@ recipient's outcome, so retries, the CLI and the dashboard never depend on rq's 
     dispatch:state:<state>      zset   send ids by last update, one per state (dashboard, retry filters)
     dispatch:inflight           zset   send ids being sent, scored by lease expiry (crash recovery)
     dispatch:delivered:<minute> string messages delivered in that minute (overview chart)
+    dispatch:worker:<name>      string JSON: a live worker's routes and SMTP connection states
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def ledger_key(message_id: str) -> str:
 
 def idempotency_key(key: str) -> str:
     return f"{PREFIX}:key:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def worker_key(name: str) -> str:
+    return f"{PREFIX}:worker:{name}"
 
 
 def delivered_key(minute: int) -> str:

@@ -13,6 +13,8 @@ aborts them; a child that dies is started again unless we are stopping.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import signal
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
+import redis
 import structlog
 from rq import Queue, SimpleWorker
 from rq.job import Job
@@ -34,9 +37,11 @@ from dispatcher.producer import BATCH_FUNCTION, QUEUE_NAMES, connect
 from dispatcher.recovery import reap_abandoned
 from dispatcher.runtime import Runtime
 from dispatcher.settings import load_settings
+from dispatcher.store import worker_key
 
 logger = structlog.get_logger("dispatcher.worker")
 MAINTENANCE_INTERVAL = 10
+STATUS_TTL = 3 * MAINTENANCE_INTERVAL
 WORKER_TTL = 35
 
 
@@ -55,9 +60,21 @@ class MailWorker(SimpleWorker):
     def perform_job(self, job: Job, queue: Queue) -> bool:
         sends = len(job.args[0]) if job.func_name == BATCH_FUNCTION and job.args else 1
         job.timeout = int(self.runtime.settings.job_timeout() * sends)
-        return bool(super().perform_job(job, queue))
+        try:
+            return bool(super().perform_job(job, queue))
+        finally:
+            self.publish_status()
+
+    def publish_status(self) -> None:
+        """Routes and connection states for the dashboard; expires if the worker stops refreshing it."""
+        status = {"routes": self.runtime.describe(), "updated_at": time.time()}
+        try:
+            self.connection.set(worker_key(self.name), json.dumps(status), ex=STATUS_TTL)
+        except redis.RedisError as exc:
+            logger.warning("worker_status_failed", error=str(exc))
 
     def run_maintenance_tasks(self) -> None:
+        self.publish_status()
         super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
         try:
             reap_abandoned(self.connection)
@@ -66,6 +83,8 @@ class MailWorker(SimpleWorker):
 
     def teardown(self) -> None:
         self.runtime.close()
+        with contextlib.suppress(redis.RedisError):
+            self.connection.delete(worker_key(self.name))
         super().teardown()  # type: ignore[no-untyped-call]
 
 

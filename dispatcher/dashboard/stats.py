@@ -6,6 +6,7 @@ sizes are read with ``get_job_count(cleanup=False)``: a GET must never change an
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from rq.serializers import JSONSerializer
 
 from dispatcher.operations import FailureFilter, Operations, describe_group, group_key
 from dispatcher.producer import QUEUE_NAMES
-from dispatcher.store import SendRecord, SendStore
+from dispatcher.store import SendRecord, SendStore, worker_key
 
 CHART_MINUTES = 60
 
@@ -39,12 +40,25 @@ def queue_numbers(connection: redis.Redis) -> list[dict[str, Any]]:
     return rows
 
 
+def describe_route(name: str, route: dict[str, Any]) -> str:
+    """One line per route: ``default: ready TLSv1.3, 120 mails on conn 3f2a-81-2``."""
+    text = f"{name}: {route.get('state', '?')}"
+    if route.get("tls"):
+        text += f" {route['tls']}"
+    if route.get("conn_id"):
+        text += f", {route.get('messages_on_connection', 0)} mails on conn {route['conn_id']}"
+    return text
+
+
 def workers(connection: redis.Redis, now: float | None = None) -> list[dict[str, Any]]:
     """rq's live worker registrations (a worker's key expires when it stops heartbeating)."""
     now = now or time.time()
     rows = []
-    for worker in Worker.all(connection=connection, serializer=JSONSerializer):
+    found = Worker.all(connection=connection, serializer=JSONSerializer)
+    statuses = connection.mget([worker_key(w.name) for w in found]) if found else []
+    for worker, raw_status in zip(found, statuses, strict=True):
         heartbeat = worker.last_heartbeat.timestamp() if worker.last_heartbeat else None
+        routes = json.loads(raw_status)["routes"] if raw_status else {}
         rows.append(
             {
                 "name": worker.name,
@@ -57,6 +71,7 @@ def workers(connection: redis.Redis, now: float | None = None) -> list[dict[str,
                 "failed": worker.failed_job_count,
                 "heartbeat_age": round(now - heartbeat, 1) if heartbeat else None,
                 "started_at": worker.birth_date.timestamp() if worker.birth_date else None,
+                "routes": [describe_route(name, route) for name, route in sorted(routes.items())],
             }
         )
     return sorted(rows, key=lambda row: str(row["name"]))

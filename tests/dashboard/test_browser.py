@@ -141,6 +141,7 @@ def test_operator_retries_a_deferred_send_from_the_browser(
         expect(page.locator('[data-field="delivered_last_hour"]')).to_have_text("1")
         expect(page.locator("#workers tbody tr")).to_have_count(1)
         expect(page.locator("#workers tbody")).to_contain_text("mail-high, mail-default, mail-bulk")
+        expect(page.locator("#workers tbody")).to_contain_text("default: ready")
         page.goto(f"{base}/failures")
         expect(page.locator(f'tr[data-send-id="{send_id}"]')).to_have_count(0)
         page.close()

@@ -64,14 +64,14 @@ function renderOverview(root, data) {
   body.replaceChildren();
   for (const w of data.workers) {
     const tr = document.createElement("tr");
-    tr.append(cell(w.name), cell(w.hostname + " / " + w.pid), cell(w.state), cell(w.queues.join(", ")),
+    tr.append(cell(w.name), cell(w.hostname + " / " + w.pid), cell(w.state), cell(w.queues.join(", ")), cell(w.routes.join("; ")),
       cell(w.current_job || ""), cell(w.successful + " / " + w.failed), cell(w.heartbeat_age + "s ago"));
     body.appendChild(tr);
   }
   if (!data.workers.length) {
     const tr = document.createElement("tr");
     const td = cell("No live worker.");
-    td.colSpan = 7;
+    td.colSpan = 8;
     tr.appendChild(td);
     body.appendChild(tr);
   }
