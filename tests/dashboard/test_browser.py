@@ -2,7 +2,7 @@
 
 The sink answers 450 to soft@example.com once (saying "try again in 1 hour", so the worker's own retry is
 an hour away); the operator logs in, finds the send grouped under that reason, clicks Retry, and watches
-the worker deliver it. A screenshot of the failures page goes to artifacts/ (copy it to docs/ to refresh the README's).
+the worker deliver it. A screenshot of the failures page goes to artifacts/ (copy it to docs/ for the README).
 """
 
 from __future__ import annotations
