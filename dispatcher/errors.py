@@ -18,6 +18,7 @@ matching built-in (``ValueError``, ``ConnectionError``, ``TimeoutError``) so cal
         ├── ConnectionLost (ConnectionError)     the peer closed or reset the connection
         ├── TlsError (ConnectionError)           handshake or certificate verification failed
         ├── StageTimeout (TimeoutError)          a stage's deadline fired
+        ├── ThrottleTimeout (TimeoutError)       no connection slot of the route came free in time
         ├── UnknownOutcome                       no reply after the final dot: may have been accepted
         └── ReplyError                           the server answered with an unexpected code
             ├── ServiceClosing                   421: the server is closing the channel
@@ -29,6 +30,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from dispatcher.smtp.protocol import RecipientOutcome
     from dispatcher.smtp.replies import Reply
     from dispatcher.smtp.stages import Stage
 
@@ -66,6 +68,8 @@ class SmtpError(DispatcherError):
 
     ``transient`` says whether trying again later may succeed; ``route_level`` marks failures that belong
     to the route (TLS policy, authentication, connection trouble) rather than to one message.
+    ``outcomes`` holds what the transaction had already settled per recipient when it broke off (a RCPT
+    refusal stays that recipient's outcome whatever happens to the others).
     """
 
     default_transient = True
@@ -82,6 +86,7 @@ class SmtpError(DispatcherError):
     ) -> None:
         self.message = message
         self._route_level = self.default_route_level if route_level is None else route_level
+        self.outcomes: tuple[RecipientOutcome, ...] = ()
         self.stage = stage
         self.reply = reply
         if transient is None:
@@ -144,6 +149,10 @@ class TlsError(SmtpError, ConnectionError):
 
 class StageTimeout(SmtpError, TimeoutError):
     """The deadline of one stage fired before the server answered."""
+
+
+class ThrottleTimeout(SmtpError, TimeoutError):
+    """The route's connection cap stayed full past the wait allowed; nothing was sent. Transient."""
 
 
 class UnknownOutcome(SmtpError):

@@ -27,9 +27,11 @@ from dispatcher.policy import (
     retry_hint,
     verdict_for_error,
     verdict_for_reply,
+    verdicts_after_error,
 )
 from dispatcher.producer import attempt_job_id, schedule_attempt
 from dispatcher.recovery import requeue_unstarted
+from dispatcher.routing import RouteGate
 from dispatcher.runtime import Runtime
 from dispatcher.smtp.protocol import RecipientStatus
 from dispatcher.store import (
@@ -135,6 +137,7 @@ class Attempt:
         self.store = SendStore(connection)
         self.job_id = job_id
         self.send_id = send_id
+        self.started = time.time()
 
     def run(self) -> dict[str, Any]:
         rec = self.store.load(self.send_id)
@@ -149,7 +152,7 @@ class Attempt:
             job_id=self.job_id, send_id=self.send_id, message_id=rec.message_id, attempt=rec.attempts + 1,
             route=rec.route, worker=self.runtime.worker_name,
         )  # fmt: skip
-        started = time.time()
+        started = self.started = time.time()
         ledger = self._begin(rec, started)
         for recipient in rec.recipients:
             if recipient.casefold() in ledger:
@@ -169,6 +172,7 @@ class Attempt:
         rec.attempts += 1
         rec.record.setdefault("first_attempt_at", now)
         pipe = self.redis.pipeline(transaction=True)
+        pipe.multi()  # explicit before rq sees the pipeline: its enqueue calls multi() when it is not
         pipe.smembers(ledger_key(rec.message_id))
         self.store.stage_save(pipe, rec, now=now)
         pipe.zadd(INFLIGHT, {rec.send_id: now + self.runtime.settings.lease_seconds})
@@ -176,30 +180,58 @@ class Attempt:
         return {text(m).casefold() for m in members}
 
     def _send(self, rec: SendRecord, pending: list[str]) -> tuple[dict[str, Verdict], str]:
-        try:
-            client = self.runtime.client(rec.route)
-        except ConfigurationError as exc:
-            return dict.fromkeys(pending, verdict_for_error(exc, self.runtime.settings.retry)), ""
-        if rec.raw is None:
-            raise RuntimeError(f"send {rec.send_id} has no message bytes")
-        try:
-            result = client.send(rec.sender, pending, rec.raw)
-        except SmtpError as exc:
-            verdict = verdict_for_error(exc, self.runtime.settings.retry)
-            rec.record["transcript"] = list(client.last_transcript)
-            return dict.fromkeys(pending, verdict), client.conn_id
-        except BaseException as exc:
-            # A job timeout or a cold shutdown interrupted us mid-dialogue: never reuse that connection.
-            in_flight = client.data_in_flight
-            client.abort()
-            status = RecipientStatus.UNKNOWN if in_flight else RecipientStatus.TRANSIENT
-            verdict = Verdict(status, None, None, "interrupted", f"attempt interrupted: {type(exc).__name__}")
-            self._finish(rec, dict.fromkeys(pending, verdict), client.conn_id, time.time())
-            raise
-        verdicts = {o.recipient: verdict_for_reply(o.status, o.stage.value, o.reply) for o in result.outcomes}
-        if not all(o.status is RecipientStatus.ACCEPTED for o in result.outcomes):
-            rec.record["transcript"] = list(result.transcript)
-        return verdicts, result.conn_id
+        settings = self.runtime.settings
+        # The route's shared limits and breaker (dispatcher.routing): waits stay well inside the job timeout.
+        gate = RouteGate.for_process(self.redis, settings.policies, settings.job_timeout_margin / 2)
+        refused: SmtpError | None = None
+        for route in gate.candidates(rec.route):
+            try:
+                client = self.runtime.client(route, self.redis)
+            except ConfigurationError as exc:
+                return dict.fromkeys(pending, verdict_for_error(exc, settings.retry)), ""
+            if rec.raw is None:
+                raise RuntimeError(f"send {rec.send_id} has no message bytes")
+            deferred = gate.admit(route, client)
+            if deferred is not None:
+                # Waiting for the route's limits is not an attempt: give it back; _finish defers the send.
+                rec.attempts -= 1
+                logger.info("mail_throttled", route=route, reason=deferred)
+                verdict = Verdict(RecipientStatus.TRANSIENT, None, None, "throttled", deferred)
+                return dict.fromkeys(pending, verdict), ""
+            if route != rec.route:
+                rec.record["delivered_via"] = route
+                logger.info("mail_failover", primary=rec.route, fallback=route)
+            try:
+                with gate.using(client):
+                    result = client.send(rec.sender, pending, rec.raw)
+            except SmtpError as exc:
+                # Only a connection-level failure (before MAIL FROM: nothing offered) may move the send on.
+                if gate.failed(route, exc):
+                    refused = exc
+                    rec.record["transcript"] = list(client.last_transcript)
+                    continue
+                rec.record["transcript"] = list(client.last_transcript)
+                return verdicts_after_error(exc, pending, settings.retry), client.conn_id
+            except BaseException as exc:
+                # A job timeout or a cold shutdown interrupted us mid-dialogue: never reuse that connection.
+                in_flight = client.data_in_flight
+                client.abort()
+                status = RecipientStatus.UNKNOWN if in_flight else RecipientStatus.TRANSIENT
+                detail = f"attempt interrupted: {type(exc).__name__}"
+                verdict = Verdict(status, None, None, "interrupted", detail)
+                rec.record["transcript"] = list(client.last_transcript)
+                self._finish(rec, dict.fromkeys(pending, verdict), client.conn_id, self.started)
+                raise
+            gate.answered(route, client, [o.reply for o in result.outcomes])
+            verdicts = {
+                o.recipient: verdict_for_reply(o.status, o.stage.value, o.reply) for o in result.outcomes
+            }
+            if not all(o.status is RecipientStatus.ACCEPTED for o in result.outcomes):
+                rec.record["transcript"] = list(result.transcript)
+            return verdicts, result.conn_id
+        # Every candidate failed at the connection level (nothing was offered to any of them).
+        assert refused is not None
+        return dict.fromkeys(pending, verdict_for_error(refused, settings.retry)), ""
 
     def _finish(
         self, rec: SendRecord, verdicts: dict[str, Verdict], conn_id: str, started: float
@@ -216,7 +248,7 @@ class Attempt:
         deciding = failed[-1] if failed else next(iter(verdicts.values()), None)
         if deciding is not None and deciding.reply is not None:
             rec.record["last_reply"] = deciding.reply.to_dict()
-        rec.record["reason"] = self._reason(rec, failed, statuses) if rec.state != "delivered" else None
+        rec.record["reason"] = self._reason(rec) if rec.state != "delivered" else None
         ms = round((now - started) * 1000, 1)
         history = rec.record.setdefault("history", [])
         history.append({
@@ -228,6 +260,7 @@ class Attempt:
         del history[:-50]
         accepted = [r.casefold() for r, v in verdicts.items() if v.status is RecipientStatus.ACCEPTED]
         pipe = self.redis.pipeline(transaction=True)
+        pipe.multi()  # explicit before rq sees the pipeline: its enqueue calls multi() when it is not
         if accepted:
             pipe.sadd(ledger_key(rec.message_id), *accepted)
             pipe.expire(ledger_key(rec.message_id), LEDGER_TTL)
@@ -268,21 +301,24 @@ class Attempt:
         return summary
 
     @staticmethod
-    def _reason(rec: SendRecord, failed: list[Verdict], statuses: list[str]) -> dict[str, Any] | None:
-        """Why the send is not delivered, in the shape the dashboard groups by."""
-        if not failed:
-            return rec.record.get("reason")
-        verdict = failed[-1]
-        reply = verdict.reply
-        kind = verdict.kind
-        if rec.state == "failed" and RecipientStatus.TRANSIENT.value in statuses:
+    def _reason(rec: SendRecord) -> dict[str, Any] | None:
+        """Why the send is not delivered, in the shape the dashboard groups by: a permanent refusal first,
+        then an unknown outcome, then a transient one (kind "exhausted" once retrying has stopped)."""
+        rank = {"permanent": 0, "unknown": 1, "transient": 2}
+        open_outcomes = [o for o in rec.outcomes.values() if o.get("status") in rank]
+        if not open_outcomes:
+            return None
+        worst = min(open_outcomes, key=lambda o: rank[o["status"]])
+        kind = worst.get("kind") or "message"
+        if rec.state == "failed" and worst["status"] == "transient":
             kind = "exhausted"
+        code, text = worst.get("code"), str(worst.get("text") or "").split("\n")[0]
         return {
             "kind": kind,
-            "stage": verdict.stage,
-            "code": reply.code if reply else None,
-            "enhanced": reply.enhanced if reply else None,
-            "text": reply.summary() if reply else verdict.detail,
+            "stage": worst.get("stage"),
+            "code": code,
+            "enhanced": worst.get("enhanced"),
+            "text": f"{code} {text}" if code else text,
         }
 
 

@@ -25,6 +25,7 @@ from dispatcher.errors import ConfigurationError, DispatcherError, SmtpError, Un
 from dispatcher.settings import RetryPolicy
 from dispatcher.smtp.protocol import RecipientStatus
 from dispatcher.smtp.replies import Reply
+from dispatcher.smtp.stages import Stage
 
 _HINT = re.compile(
     r"(?:try|retry)(?:\s+again)?\s+(?:in|after)\s+(\d+(?:\.\d+)?)\s*"
@@ -88,6 +89,17 @@ def verdict_for_error(exc: DispatcherError, policy: RetryPolicy) -> Verdict:
         return Verdict(RecipientStatus.TRANSIENT, stage, exc.reply, "route", exc.message)
     status = RecipientStatus.TRANSIENT if exc.transient else RecipientStatus.PERMANENT
     return Verdict(status, stage, exc.reply, "message", exc.message)
+
+
+def verdicts_after_error(exc: DispatcherError, pending: list[str], policy: RetryPolicy) -> dict[str, Verdict]:
+    """The error's verdict for every pending recipient, except those a RCPT reply already settled."""
+    verdict = verdict_for_error(exc, policy)
+    verdicts = dict.fromkeys(pending, verdict)
+    for outcome in getattr(exc, "outcomes", ()):
+        reply = outcome.reply
+        if outcome.stage is Stage.RCPT and reply is not None and not reply.is_positive:
+            verdicts[outcome.recipient] = verdict_for_reply(outcome.status, Stage.RCPT.value, reply)
+    return verdicts
 
 
 def verdict_for_reply(status: RecipientStatus, stage: str, reply: Reply | None) -> Verdict:

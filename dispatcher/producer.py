@@ -7,6 +7,7 @@ first send and creates nothing — rq alone would run a reused job id twice.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -92,7 +93,8 @@ def schedule_attempt(
     rec.rq_job = job_id
     if when is not None and when > time.time():
         rec.next_attempt_at = when
-        queue.schedule_job(job, datetime.fromtimestamp(when, UTC), pipeline=pipe)
+        # rq's scheduled registry keeps whole seconds (it drops the fraction): round up, never fire early.
+        queue.schedule_job(job, datetime.fromtimestamp(math.ceil(when), UTC), pipeline=pipe)
     else:
         rec.next_attempt_at = None
         queue.enqueue_job(job, pipeline=pipe)

@@ -12,7 +12,10 @@ import socket
 from collections.abc import Callable
 from typing import ClassVar
 
+import redis
+
 from dispatcher.settings import Settings, load_settings
+from dispatcher.slots import ConnectionSlots, SlottedClient
 from dispatcher.smtp.session import SmtpClient
 
 
@@ -40,11 +43,19 @@ class Runtime:
             cls._current = Runtime(load_settings(need_routes=True))
         return cls._current
 
-    def client(self, route: str) -> SmtpClient:
-        """The kept client of ``route``; ``ConfigurationError`` if this worker has no such route."""
+    def client(self, route: str, connection: redis.Redis | None = None) -> SmtpClient:
+        """The kept client of ``route``; ``ConfigurationError`` if this worker has no such route. With
+        ``connection`` and a route capped by ``max_connections``, the client holds a slot of the shared
+        semaphore while its connection is open (``dispatcher.slots``)."""
         client = self.clients.get(route)
         if client is None:
-            client = self.clients[route] = SmtpClient(self.settings.route(route))
+            config = self.settings.route(route)
+            policy = self.settings.policies.get(route)
+            if connection is not None and policy is not None and policy.max_connections is not None:
+                client = SlottedClient(config, ConnectionSlots(connection, policy))
+            else:
+                client = SmtpClient(config)
+            self.clients[route] = client
         return client
 
     def describe(self) -> dict[str, dict[str, object]]:

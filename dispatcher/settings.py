@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from dispatcher.errors import ConfigurationError
+from dispatcher.routes import RoutePolicy, check_fallbacks, parse_policy, split_route_url
 from dispatcher.smtp.config import SmtpConfig, parse_smtp_url
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -59,6 +60,7 @@ class RetryPolicy:
 class Settings:
     redis_url: str = DEFAULT_REDIS_URL
     routes: Mapping[str, SmtpConfig] = field(default_factory=dict)
+    policies: Mapping[str, RoutePolicy] = field(default_factory=dict)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     max_message_bytes: int = 25 * 1024 * 1024
     lease_seconds: float = 30.0
@@ -113,10 +115,28 @@ def read_routes(env: Mapping[str, str]) -> dict[str, SmtpConfig]:
         else:
             continue
         try:
-            routes[route] = parse_smtp_url(value)
+            routes[route] = parse_smtp_url(split_route_url(value)[0])
         except ConfigurationError as exc:
             raise ConfigurationError(f"{name}: {exc}") from None
     return routes
+
+
+def read_policies(env: Mapping[str, str]) -> dict[str, RoutePolicy]:
+    """Each route's limits and fallbacks, from the route options of its URL (``dispatcher.routes``)."""
+    policies: dict[str, RoutePolicy] = {}
+    for name, value in env.items():
+        if name == "SMTP_URL":
+            route = "default"
+        elif name.startswith(ROUTE_PREFIX) and len(name) > len(ROUTE_PREFIX):
+            route = name[len(ROUTE_PREFIX) :].lower()
+        else:
+            continue
+        try:
+            policies[route] = parse_policy(route, split_route_url(value)[1])
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{name}: {exc}") from None
+    check_fallbacks(policies)
+    return policies
 
 
 def load_settings(env: Mapping[str, str] | None = None, *, need_routes: bool = False) -> Settings:
@@ -137,6 +157,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, need_routes: bool = F
     return Settings(
         redis_url=env.get("REDIS_URL") or DEFAULT_REDIS_URL,
         routes=routes,
+        policies=read_policies(env),
         retry=retry,
         max_message_bytes=int(_number(env, "DISPATCH_MAX_MESSAGE_BYTES", 25 * 1024 * 1024, minimum=1024)),
         lease_seconds=_number(env, "DISPATCH_LEASE_SECONDS", 30.0, minimum=2.0),

@@ -90,6 +90,9 @@ class MailWorker(SimpleWorker):
 
 def run_one(queue_names: Sequence[str], *, burst: bool) -> int:
     """Run one worker in this process until it stops; 0 on a clean stop."""
+    stop_before_start: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):  # until rq installs its own handlers in work()
+        signal.signal(signum, lambda received, frame: stop_before_start.append(received))
     settings = load_settings(need_routes=True)
     connection = connect(settings.redis_url)
     queues = [Queue(name, connection=connection, serializer=JSONSerializer) for name in queue_names]
@@ -101,6 +104,9 @@ def run_one(queue_names: Sequence[str], *, burst: bool) -> int:
         burst=burst,
         routes={name: cfg.redacted_url() for name, cfg in settings.routes.items()},
     )
+    if stop_before_start:
+        logger.info("worker_stopped_before_start", worker=worker.name)
+        return 0
     worker.work(
         burst=burst,
         with_scheduler=True,
@@ -152,7 +158,9 @@ class Supervisor:
             time.sleep(0.2)
         codes = [child.returncode for child in self.children]
         logger.info("pool_stopped", exit_codes=codes)
-        return 0 if all(code == 0 for code in codes) else 1
+        # A child still starting when we passed SIGTERM on dies of it before rq installs its handler.
+        clean = (0, -signal.SIGTERM) if self.stopping else (0,)
+        return 0 if all(code in clean for code in codes) else 1
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

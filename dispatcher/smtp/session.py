@@ -279,10 +279,13 @@ class SmtpClient:
         except SmtpError as exc:
             self.data_in_flight = False
             self._discard(SessionState.CLOSED)
+            exc.outcomes = tx.outcomes()
             if tx.awaiting_final_reply and not isinstance(exc, ReplyError):
-                raise UnknownOutcome(
+                unknown = UnknownOutcome(
                     f"message data sent but no reply came back: {exc.message}", stage=exc.stage
-                ) from exc
+                )
+                unknown.outcomes = exc.outcomes
+                raise unknown from exc
             raise
         self.data_in_flight = False
         self.messages_on_connection += 1

@@ -1,0 +1,117 @@
+"""What ``Attempt._send`` asks before and after a send: which route, may it go now, what the reply means.
+
+One ``RouteGate`` per worker process ties the route policies (``routes``), the shared limits (``throttle``,
+``slots``) and the breakers (``breaker``) together so the job code stays a few lines:
+
+    for route in gate.candidates(rec.route):        # primary unless its breaker is open, then fallbacks
+        client = runtime.client(route, redis)
+        if (why := gate.admit(route, client)) ...   # connection slot + rate token, waited for in the job;
+                                                    # a longer wait defers the send without an attempt
+        with gate.using(client): client.send(...)
+        gate.failed(route, exc) / gate.answered(route, client, replies)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterable, Iterator, Mapping
+from typing import ClassVar
+
+import redis
+import structlog
+
+from dispatcher.breaker import Breaker, is_connection_failure
+from dispatcher.errors import SmtpError
+from dispatcher.routes import RoutePolicy
+from dispatcher.slots import SlottedClient
+from dispatcher.smtp.replies import Reply
+from dispatcher.smtp.session import SmtpClient
+from dispatcher.throttle import Throttle, is_slow_down
+
+logger = structlog.get_logger("dispatcher.routing")
+
+
+class RouteGate:
+    """Per-process access to the routes' shared limits and breakers."""
+
+    _instances: ClassVar[dict[int, RouteGate]] = {}
+
+    def __init__(self, connection: redis.Redis, policies: Mapping[str, RoutePolicy], max_wait: float) -> None:
+        self.policies = policies
+        self.max_wait = max_wait
+        self.throttle = Throttle(connection)
+        self.breaker = Breaker(connection, policies, f"{socket.gethostname()}-{os.getpid()}")
+
+    @classmethod
+    def for_process(
+        cls, connection: redis.Redis, policies: Mapping[str, RoutePolicy], max_wait: float
+    ) -> RouteGate:
+        """The gate of this Redis connection (one per process in a worker); ``max_wait`` caps every
+        route's own ``max_wait`` so a wait always ends well inside the job's timeout."""
+        gate = cls._instances.get(id(connection))
+        if gate is None:
+            gate = cls._instances[id(connection)] = cls(connection, policies, max_wait)
+        return gate
+
+    def policy(self, route: str) -> RoutePolicy:
+        return self.policies.get(route) or RoutePolicy(route)
+
+    def candidates(self, route: str) -> Iterator[str]:
+        return self.breaker.candidates(route)
+
+    def admit(self, route: str, client: SmtpClient) -> str | None:
+        """Wait (in this job, bounded) for a connection slot and a token of ``route``. None when the send
+        may go; otherwise why it must be deferred — nothing was spent, the caller defers without an
+        attempt."""
+        policy = self.policy(route)
+        max_wait = min(policy.max_wait, self.max_wait)
+        if isinstance(client, SlottedClient) and not client.take_slot(max_wait):
+            busy = f"all {policy.max_connections} connection slots stayed busy"
+            return f"route {route}: {busy} for {max_wait:g}s"
+        reservation = self.throttle.acquire(policy, max_wait)
+        if reservation.granted:
+            return None
+        if reservation.reason == "daily":
+            logger.info("route_daily_cap_reached", route=route, daily=policy.daily)
+            return f"route {route}: daily cap of {policy.daily} reached; resumes in {reservation.wait:.0f}s"
+        return f"route {route}: rate limit, next token in {reservation.wait:.1f}s (over {max_wait:g}s)"
+
+    @staticmethod
+    def using(client: SmtpClient) -> contextlib.AbstractContextManager[object]:
+        """Hold the client against the slot keeper thread while a job uses it."""
+        return client.lock if isinstance(client, SlottedClient) else contextlib.nullcontext()
+
+    def failed(self, route: str, exc: SmtpError) -> bool:
+        """Report an error of a send on ``route``; True when the send should move to the next candidate
+        (a connection-level failure — before MAIL FROM, so nothing was offered — with the breaker open)."""
+        self._adapt(route, [exc.reply])
+        if not self._guarded(route):
+            return False
+        if not is_connection_failure(exc):
+            self.breaker.success(route)  # the server talked to us: the route is reachable
+            return False
+        return self.breaker.failure(route, exc) or self.breaker.is_open(route)
+
+    def answered(self, route: str, client: SmtpClient, replies: Iterable[Reply | None]) -> None:
+        """The send on ``route`` got its replies: close the breaker, adapt the rate, share the slot."""
+        if self._guarded(route):
+            self.breaker.success(route)
+        self._adapt(route, replies)
+        if isinstance(client, SlottedClient):
+            with client.lock:
+                client.yield_if_wanted()
+
+    def _guarded(self, route: str) -> bool:
+        """Breakers exist to fail over: a route without fallbacks (nor one serving as a fallback) has none."""
+        return bool(self.policy(route).fallbacks) or any(route in p.fallbacks for p in self.policies.values())
+
+    def _adapt(self, route: str, replies: Iterable[Reply | None]) -> None:
+        policy = self.policy(route)
+        if policy.rate is None:
+            return
+        for reply in replies:
+            if reply is not None and is_slow_down(reply.code, reply.enhanced):
+                self.throttle.slow_down(policy, code=reply.code, enhanced=reply.enhanced)
+                return

@@ -1,0 +1,201 @@
+"""Provider limits shared by every worker on every host, held in Redis: rate, daily cap, adaptive slow-down.
+
+Workers on many hosts can only agree through Redis, so every decision is one Lua script (atomic, on
+Redis's clock — ``TIME`` — so hosts with skewed clocks still share one bucket):
+
+    dispatch:route:<name>:bucket        hash   tokens, ts (ms), factor, cut_at (ms)   token bucket + slow-down
+    dispatch:route:<name>:day:<YYYYMMDD> string messages reserved that UTC day (expires after 2 days)
+
+``reserve`` takes one token *ahead of time*: the bucket may go negative, and the caller sleeps until its
+token's time — so waiting workers form a queue instead of polling, and sends are spaced exactly
+``1/rate`` apart (with ``burst=1``). A wait longer than ``max_wait`` reserves nothing: the caller defers
+the send. A 421 or 4.7.x reply calls ``slow_down``: the factor applied to the rate is halved (at most once
+per second: one burst of refusals seen by many workers is one signal) and comes back by a quarter every
+``slowdown_step`` seconds — computed lazily by the scripts, so no process has to be alive to recover it.
+
+The connection cap (``max_connections``) is ``slots.ConnectionSlots``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import redis
+import structlog
+
+from dispatcher.routes import RoutePolicy
+
+logger = structlog.get_logger("dispatcher.throttle")
+
+MIN_FACTOR = 1 / 16
+RECOVERY_STEP = 0.25
+CUT_GUARD_MS = 1000
+DAY_TTL = 2 * 86400
+
+# Shared by both scripts: the slow-down factor in force at `now` (ms), recovering step by step.
+_FACTOR = """
+local function current_factor(key, now, step_ms)
+  local f = redis.call('HMGET', key, 'factor', 'cut_at')
+  local factor, cut_at = tonumber(f[1]), tonumber(f[2])
+  if not factor then return 1.0, nil end
+  factor = math.min(1.0, factor + RECOVERY_STEP * math.floor((now - cut_at) / step_ms))
+  return factor, cut_at
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+""".replace("RECOVERY_STEP", repr(RECOVERY_STEP))
+
+# KEYS: bucket, day counter. ARGV: rate/s, burst, max_wait ms, daily cap (0 = none), day ttl s, step ms.
+# Returns {code, wait ms, factor}: code 1 = reserved (send after `wait`), 0 = wait too long, 2 = daily cap.
+_RESERVE = (
+    _FACTOR
+    + """
+local rate, burst, max_wait = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local daily, step_ms = tonumber(ARGV[4]), tonumber(ARGV[6])
+local factor = current_factor(KEYS[1], now, step_ms)
+if factor >= 1.0 then redis.call('HDEL', KEYS[1], 'factor', 'cut_at') end
+if daily > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') >= daily then
+  return {2, '0', tostring(factor)}
+end
+local wait = 0
+if rate > 0 then
+  local per_ms = rate * factor / 1000
+  local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+  local tokens, ts = tonumber(b[1]), tonumber(b[2])
+  if not tokens then tokens, ts = burst, now end
+  if now > ts then tokens = math.min(burst, tokens + (now - ts) * per_ms); ts = now end
+  if tokens < 1 then wait = (1 - tokens) / per_ms end
+  if wait > max_wait then return {0, tostring(wait), tostring(factor)} end
+  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - 1), 'ts', tostring(ts))
+  redis.call('PEXPIRE', KEYS[1], math.ceil(wait + burst / per_ms + step_ms * 8 + 60000))
+end
+if daily > 0 then
+  redis.call('INCR', KEYS[2])
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
+end
+return {1, tostring(wait), tostring(factor)}
+"""
+)
+
+# KEYS: bucket. ARGV: step ms, min factor, guard ms. Returns the new factor, or -1 when inside the guard.
+_SLOW_DOWN = (
+    _FACTOR
+    + """
+local factor, cut_at = current_factor(KEYS[1], now, tonumber(ARGV[1]))
+if cut_at and now - cut_at < tonumber(ARGV[3]) then return '-1' end
+factor = math.max(tonumber(ARGV[2]), factor / 2)
+redis.call('HSET', KEYS[1], 'factor', tostring(factor), 'cut_at', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) * 8 + 60000))
+return tostring(factor)
+"""
+)
+
+
+def bucket_key(route: str) -> str:
+    return f"dispatch:route:{route}:bucket"
+
+
+def day_key(route: str, when: float | None = None) -> str:
+    day = datetime.fromtimestamp(time.time() if when is None else when, UTC).strftime("%Y%m%d")
+    return f"dispatch:route:{route}:day:{day}"
+
+
+def seconds_to_midnight(now: float | None = None) -> float:
+    now = time.time() if now is None else now
+    return 86400 - now % 86400
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The answer of ``Throttle.reserve``: ``granted`` with ``wait`` seconds to sleep, or refused with
+    ``wait`` seconds until trying again is worth it; ``reason`` says which limit decided."""
+
+    granted: bool
+    wait: float
+    factor: float
+    reason: str = "rate"
+
+
+class Throttle:
+    """Rate and daily cap of the routes, shared through Redis; one per process (keeps what it logged)."""
+
+    def __init__(self, connection: redis.Redis) -> None:
+        self.redis = connection
+        self._reserve = connection.register_script(_RESERVE)
+        self._slow_down = connection.register_script(_SLOW_DOWN)
+        self._factors: dict[str, float] = {}
+
+    def reserve(self, policy: RoutePolicy, max_wait: float | None = None) -> Reservation:
+        """Take the route's next token if it comes within ``max_wait`` (default: the route's) seconds."""
+        if not policy.limited:
+            return Reservation(True, 0.0, 1.0)
+        limit = policy.max_wait if max_wait is None else max_wait
+        code, wait_ms, factor_text = self._reserve(
+            keys=[bucket_key(policy.name), day_key(policy.name)],
+            args=[policy.rate or 0, policy.burst, limit * 1000, policy.daily or 0, DAY_TTL,
+                  policy.slowdown_step * 1000],
+        )  # fmt: skip
+        factor = float(factor_text)
+        self._note_factor(policy, factor)
+        wait = float(wait_ms) / 1000
+        if int(code) == 2:
+            return Reservation(False, seconds_to_midnight(), factor, "daily")
+        return Reservation(int(code) == 1, wait, factor)
+
+    def acquire(self, policy: RoutePolicy, max_wait: float | None = None) -> Reservation:
+        """``reserve``, then sleep until the token's time when it was granted (never a busy loop)."""
+        reservation = self.reserve(policy, max_wait)
+        if reservation.granted and reservation.wait > 0:
+            time.sleep(reservation.wait)
+        return reservation
+
+    def slow_down(self, policy: RoutePolicy, *, code: int, enhanced: str | None) -> float | None:
+        """A 421 or 4.7.x came back: halve the route's rate for a while. Returns the new factor, or None
+        when another worker already cut it for the same burst."""
+        result = float(self._slow_down(
+            keys=[bucket_key(policy.name)], args=[policy.slowdown_step * 1000, MIN_FACTOR, CUT_GUARD_MS]
+        ))  # fmt: skip
+        if result < 0:
+            return None
+        self._factors[policy.name] = result
+        logger.warning(
+            "route_slowed_down", route=policy.name, code=code, enhanced=enhanced, factor=result,
+            rate=_effective(policy, result), recovers_every_s=policy.slowdown_step,
+        )  # fmt: skip
+        return result
+
+    def factor(self, policy: RoutePolicy) -> float:
+        """The slow-down factor in force now (1.0 = full rate); reads only."""
+        raw = self.redis.hmget(bucket_key(policy.name), ["factor", "cut_at"])
+        if raw[0] is None or raw[1] is None:
+            return 1.0
+        now_s, now_us = self.redis.time()
+        elapsed = now_s * 1000 + now_us // 1000 - float(raw[1])
+        steps = elapsed // (policy.slowdown_step * 1000)
+        return min(1.0, float(raw[0]) + RECOVERY_STEP * steps)
+
+    def sent_today(self, policy: RoutePolicy) -> int:
+        return int(self.redis.get(day_key(policy.name)) or 0)
+
+    def _note_factor(self, policy: RoutePolicy, factor: float) -> None:
+        """Log each recovery step once per process, as this process first sees it."""
+        seen = self._factors.get(policy.name, 1.0)
+        if factor > seen:
+            event = "route_rate_recovered" if factor >= 1.0 else "route_rate_recovering"
+            logger.info(event, route=policy.name, factor=factor, rate=_effective(policy, factor))
+        if factor != seen:
+            self._factors[policy.name] = factor
+
+
+def _effective(policy: RoutePolicy, factor: float) -> float | None:
+    return round(policy.rate * factor, 3) if policy.rate is not None else None
+
+
+def is_slow_down(code: int | None, enhanced: str | None) -> bool:
+    """421 (service closing, often "too many connections / messages") or any 4.7.x (RFC 3463 security
+    or policy status — providers' "slow down" / rate-limit replies)."""
+    if code is None:
+        return False
+    return code == 421 or (400 <= code < 500 and enhanced is not None and enhanced.startswith("4.7."))
