@@ -1,6 +1,7 @@
 """``python -m bench [--short]``: run scenarios 1, 2 and 4, print tables, write bench/results/*.json.
 
-Scenario numbering follows the project plan; 3 (failure/retry behaviour) is not a throughput bench.
+Scenario 3 of issue 7 (worker CPU ms per message, peak RSS per worker process) is not a separate run:
+every drain of scenarios 1 and 2 measures it (``cpu ms/msg``, ``net cpu``, ``rss MB`` columns).
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
 from typing import Any
 
 from bench.harness import DrainResult, EnqueueResult, Lab
-from bench.report import drain_table, enqueue_table, write_json
+from bench.report import cpu_model, cpu_split_table, drain_table, enqueue_table, targets_table, write_json
 from bench.scenarios import DISPATCHER_PLACEHOLDER, Scenario, all_scenarios
 
 
@@ -30,9 +31,11 @@ class Plan:
     n_enqueue: int
 
 
-SHORT = Plan("short", n_0ms=200, n_20ms=60, scaling_workers=(1, 2, 4, 8), scaling_per_worker=20,
+# Scaling runs send max(n_20ms, per_worker x workers): the dispatcher packs bulk-enqueued mails into jobs
+# of up to 20, so each worker needs several jobs for the load to spread (60 = 3 jobs per worker).
+SHORT = Plan("short", n_0ms=200, n_20ms=60, scaling_workers=(1, 2, 4, 8), scaling_per_worker=60,
              n_enqueue=2000)
-FULL = Plan("full", n_0ms=1000, n_20ms=200, scaling_workers=(1, 2, 4, 8, 16), scaling_per_worker=40,
+FULL = Plan("full", n_0ms=1000, n_20ms=200, scaling_workers=(1, 2, 4, 8, 16), scaling_per_worker=100,
             n_enqueue=10000)
 RTTS_MS = (0.0, 20.0)
 SCALING_RTT_MS = 20.0
@@ -84,6 +87,7 @@ def _meta(plan: Plan, lab: Lab) -> dict[str, Any]:
         "redis_server": redis_version.strip(),
         "aiosmtpd": version("aiosmtpd"),
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "loadavg_start": os.getloadavg(),
         "platform": platform.platform(),
     }
@@ -96,11 +100,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only scenarios whose name contains this (repeatable)")
     parser.add_argument("--skip", action="append", default=[], choices=["1", "2", "4"],
                         help="skip a scenario number (repeatable)")
+    parser.add_argument("--scaling", type=lambda v: tuple(int(x) for x in v.split(",")), default=None,
+                        metavar="1,2,4,...", help="scenario 2: these worker counts instead of the plan's")
     parser.add_argument("--timeout", type=float, default=120.0, help="max seconds per drain")
     parser.add_argument("--no-plot", action="store_true", help="do not write results/throughput.png")
     args = parser.parse_args(argv)
 
     plan = SHORT if args.short else FULL
+    if args.scaling:
+        plan = replace(plan, scaling_workers=args.scaling)
     scenarios = [s for s in all_scenarios() if not args.only or any(o in s.name for o in args.only)]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     started = time.monotonic()
@@ -108,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with Lab(timeout_s=args.timeout) as lab:
         doc["meta"] = _meta(plan, lab)
-        _say(f"bench {plan.mode}: redis {lab.redis.url}, sink 127.0.0.1:{lab.sink.port}, "
+        doc["meta"]["effective_rtt_ms"] = {f"{rtt:.0f}": round(lab.probe_rtt_ms(rtt), 2) for rtt in RTTS_MS}
+        sinks = ", ".join(f"{name} 127.0.0.1:{sink.port}" for name, sink in lab.sinks.items())
+        probe = ", ".join(f"{k} ms -> {v:.2f} ms" for k, v in doc["meta"]["effective_rtt_ms"].items())
+        _say(f"effective RTT through the delay proxy (NOOP ping-pong, median): {probe}")
+        _say(f"bench {plan.mode}: redis {lab.redis.url}, sinks {sinks}, "
              f"scenarios: {', '.join(s.name for s in scenarios)}")
         if "1" not in args.skip:
             _say("\n== scenario 1: end-to-end throughput, one unit of concurrency ==")
@@ -120,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             s2 = scenario_2(lab, plan, scenarios)
             doc["scenarios"]["scaling"] = [r.as_dict() for r in s2]
             _say("\n" + drain_table(s2, ratio_to="one_worker"))
+            _say(f"\nwho uses the CPU ({os.cpu_count()} cores; busy = CPU s / wall s over the whole drain "
+                 "and over the steady window first..last mail; ms columns = steady window):\n"
+                 + cpu_split_table(s2))
         if "4" not in args.skip:
             _say("\n== scenario 4: enqueue rate (producer side, no delay) ==")
             s4 = scenario_4(lab, plan, scenarios)
@@ -128,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     doc["meta"]["duration_s"] = round(time.monotonic() - started, 1)
     doc["meta"]["loadavg_end"] = os.getloadavg()
+    _say("\n" + targets_table(doc))
     dated, latest = write_json(doc, stamp)
     _say(f"\nwrote {dated} and {latest} ({doc['meta']['duration_s']} s)")
     if not args.no_plot:

@@ -156,6 +156,11 @@ class DelayProxy:
             raise RuntimeError("delay proxy did not start")
         return self
 
+    @property
+    def thread_id(self) -> int | None:
+        """Native id of the proxy's event-loop thread (for its CPU time in /proc/self/task)."""
+        return self._thread.native_id if self._thread is not None else None
+
     def stop(self) -> None:
         if self._thread is None:
             return

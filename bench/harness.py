@@ -11,17 +11,26 @@ including interpreter start-up as a real burst would; ``steady_msgs_per_s`` = (d
 CPU and memory come from ``os.wait4`` on each worker process: user+sys of the process and of every
 child it waited for (rq's forked work-horses, a pool's children), and its peak RSS. Start-up cost is
 measured by running the same commands against an empty queue; ``cpu_ms_per_msg_net`` subtracts it.
+The rest of the machine's CPU during a drain (sink, Redis, delay proxy thread, harness) comes from
+``/proc`` snapshots (:mod:`bench.cpu`) and lands in ``cpu_split_ms`` with the workers' share, so a
+saturated 2-core box shows who is using it (``busy_cores`` = all of it / wall time).
+
+Two sinks run for the whole invocation: ``aiosmtpd`` (PIPELINING) and ``chunking`` (PIPELINING +
+CHUNKING, :mod:`bench.chunking_sink`); a :class:`Scenario` names the one it talks to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
+import statistics
 import subprocess
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,6 +39,7 @@ from rq import Queue
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
+from bench.cpu import CpuSampler, CpuWatch, descendants, main_thread_tid
 from bench.delay_proxy import DelayProxy
 from bench.redis_server import PrivateRedis
 from bench.scenarios import BenchEnv, EnqueueCase, Scenario
@@ -49,6 +59,7 @@ class ProcUsage:
 @dataclass
 class DrainResult:
     scenario: str
+    sink: str
     rtt_ms: float
     workers: int
     processes: int
@@ -70,6 +81,11 @@ class DrainResult:
     peak_rss_mb: float
     ok: bool
     error: str = ""
+    cpu_split_ms: dict[str, float] = field(default_factory=dict)  # workers, sink, redis, proxy, harness
+    busy_cores: float | None = None  # sum of cpu_split_ms / workers_exit_s
+    steady_cpu_split_ms: dict[str, float] = field(default_factory=dict)  # same, first..last mail only
+    steady_busy_cores: float | None = None
+    steady_window_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,16 +113,22 @@ class Lab:
         self._tmp = tempfile.TemporaryDirectory(prefix="bench-")
         self.log_path = Path(self._tmp.name) / "workers.log"
         self._log: IO[bytes] = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.sink = SinkProcess(log=self._log)
-        self._startup_cache: dict[tuple[str, int], float] = {}
+        self.sinks: dict[str, SinkProcess] = {
+            "aiosmtpd": SinkProcess(log=self._log),
+            "chunking": SinkProcess(log=self._log, module="bench.chunking_sink"),
+        }
+        self.sink = self.sinks["aiosmtpd"]
+        self._startup_cache: dict[tuple[tuple[str, ...], ...], float] = {}
 
     def start(self) -> Lab:
         self.redis.start()
-        self.sink.start()
+        for sink in self.sinks.values():
+            sink.start()
         return self
 
     def stop(self) -> None:
-        self.sink.stop()
+        for sink in self.sinks.values():
+            sink.stop()
         self.redis.stop()
         self._log.close()
         self._tmp.cleanup()
@@ -123,14 +145,23 @@ class Lab:
     def clean(self) -> None:
         """Empty our private Redis (never a server we did not start) and zero the sink's counters."""
         self.redis.client().flushdb()
-        self.sink.reset()
+        for sink in self.sinks.values():
+            sink.reset()
 
-    def log_tail(self, lines: int = 15) -> str:
+    def log_tail(self, lines: int = 15, width: int = 240) -> str:
+        """Last lines of the workers' log, each cut to ``width`` (tracebacks in JSON are one long line)."""
         self._log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "\n".join(line if len(line) <= width else line[:width] + " ..." for line in tail)
 
-    def run_processes(self, cmds: list[list[str]], env: BenchEnv) -> ProcUsage:
-        """Spawn every command, wait for all (bounded by timeout_s), sum their rusage."""
+    def run_processes(
+        self, cmds: list[list[str]], env: BenchEnv, sampler: CpuSampler | None = None
+    ) -> ProcUsage:
+        """Spawn every command, wait for all (bounded by timeout_s), sum their rusage.
+
+        On timeout each worker's process group is killed, and so is every descendant found under it
+        (a pool's children run in sessions of their own and would survive a group kill).
+        """
         proc_env = {**os.environ, **env.process_env()}
         procs = [
             subprocess.Popen(cmd, env=proc_env, cwd=env.project_root, stdout=self._log, stderr=self._log,
@@ -140,8 +171,12 @@ class Lab:
         usage = ProcUsage()
         codes: list[int] = []
         pending = {p.pid: p for p in procs}
+        if sampler is not None:
+            sampler.roots = list(pending)
         deadline = time.monotonic() + self.timeout_s
         while pending:
+            if sampler is not None:
+                sampler.sample(time.monotonic())
             for pid in list(pending):
                 done_pid, status, rusage = os.wait4(pid, os.WNOHANG)
                 if done_pid == 0:
@@ -150,11 +185,17 @@ class Lab:
                 proc.returncode = os.waitstatus_to_exitcode(status)
                 codes.append(proc.returncode)
                 usage.cpu_s += rusage.ru_utime + rusage.ru_stime
+                if sampler is not None:
+                    sampler.final[pid] = rusage.ru_utime + rusage.ru_stime
                 usage.peak_rss_kb = max(usage.peak_rss_kb, rusage.ru_maxrss)
             if pending and time.monotonic() > deadline:
                 usage.timed_out = True
                 for pid in pending:  # each worker runs in its own session: kill exactly that group
+                    strays = descendants(pid)
                     os.killpg(pid, signal.SIGKILL)
+                    for stray in strays:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(stray, signal.SIGKILL)
                 for pid, proc in pending.items():
                     _, status, _ = os.wait4(pid, 0)
                     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -166,25 +207,40 @@ class Lab:
         return usage
 
     def startup_cpu_s(self, scenario: Scenario, workers: int) -> float:
-        """CPU the worker processes burn with nothing to do (imports, registration, exit)."""
-        key = (scenario.name, workers)
+        """CPU the worker processes burn with nothing to do (imports, registration, exit).
+
+        Cached per command line, so the same workers against another sink are not measured twice.
+        """
+        env = self.env(smtp_port=self.sinks[scenario.sink].port, messages=0)
+        cmds = scenario.worker_cmds(env, workers)
+        key = tuple(tuple(cmd) for cmd in cmds)
         if key not in self._startup_cache:
             self.clean()
-            env = self.env(smtp_port=self.sink.port, messages=0)
-            self._startup_cache[key] = self.run_processes(scenario.worker_cmds(env, workers), env).cpu_s
+            self._startup_cache[key] = self.run_processes(cmds, env).cpu_s
         return self._startup_cache[key]
+
+    def _cpu_watch(self, proxy: DelayProxy, sink: SinkProcess) -> CpuWatch:
+        pids = {"sink": sink.pid, "redis": self.redis.pid}
+        tids = {"proxy": proxy.thread_id, "harness": main_thread_tid()}
+        return CpuWatch(pids={k: v for k, v in pids.items() if v is not None},
+                        tids={k: v for k, v in tids.items() if v is not None})
 
     def drain(self, scenario: Scenario, rtt_ms: float, workers: int, messages: int) -> DrainResult:
         startup = self.startup_cpu_s(scenario, workers)
+        sink = self.sinks[scenario.sink]
         self.clean()
-        with DelayProxy("127.0.0.1", self.sink.port, rtt_ms / 2000.0) as proxy:
+        with DelayProxy("127.0.0.1", sink.port, rtt_ms / 2000.0) as proxy:
             env = self.env(smtp_port=proxy.port, messages=messages)
             scenario.enqueue(messages, env)
             cmds = scenario.worker_cmds(env, workers)
+            watch = self._cpu_watch(proxy, sink).start()
+            sampler = CpuSampler(watch)
             t0 = time.monotonic()
-            usage = self.run_processes(cmds, env)
+            usage = self.run_processes(cmds, env, sampler)
             t_exit = time.monotonic()
-        stats = self.sink.stats()
+            split = {"workers": round(usage.cpu_s * 1000, 1), **watch.split_ms()}
+        stats = sink.stats()
+        window = sampler.window(stats.first_ts, stats.last_ts)
         failed, left = self._queue_state(scenario)
         delivered = stats.messages
         wall = stats.last_ts - t0 if stats.last_ts is not None else None
@@ -206,7 +262,8 @@ class Lab:
         if errors:
             errors.append("log tail:\n" + self.log_tail())
         return DrainResult(
-            scenario=scenario.name, rtt_ms=rtt_ms, workers=workers, processes=len(cmds), messages=messages,
+            scenario=scenario.name, sink=scenario.sink, rtt_ms=rtt_ms, workers=workers, processes=len(cmds),
+            messages=messages,
             delivered=delivered, connections=stats.connections, ehlo=stats.ehlo, quit=stats.quit,
             failed_jobs=failed, left_in_queue=left, wall_s=wall,
             msgs_per_s=delivered / wall if wall else None, steady_msgs_per_s=steady,
@@ -214,7 +271,33 @@ class Lab:
             cpu_ms_per_msg=cpu_ms / delivered if delivered else None, startup_cpu_ms=startup * 1000,
             cpu_ms_per_msg_net=net_ms / delivered if delivered else None,
             peak_rss_mb=usage.peak_rss_kb / 1024, ok=not errors, error="; ".join(errors),
+            cpu_split_ms=split, busy_cores=sum(split.values()) / 1000 / (t_exit - t0),
+            steady_cpu_split_ms=window[0] if window else {},
+            steady_busy_cores=sum(window[0].values()) / 1000 / window[1] if window else None,
+            steady_window_s=window[1] if window else None,
         )
+
+    def probe_rtt_ms(self, rtt_ms: float, rounds: int = 20) -> float:
+        """Effective round trip through a fresh proxy: NOOP ping-pong with the CHUNKING sink (median).
+
+        The proxy's timers fire a little late (epoll waits in whole ms), so this is slightly above the
+        nominal RTT; 1000 / this is the ceiling for one connection at one round trip per message.
+        """
+        with DelayProxy("127.0.0.1", self.sinks["chunking"].port, rtt_ms / 2000.0) as proxy, \
+                socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            file = sock.makefile("rb")
+            file.readline()
+            times = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                sock.sendall(b"NOOP\r\n")
+                file.readline()
+                times.append(time.perf_counter() - t0)
+            sock.sendall(b"QUIT\r\n")
+            file.readline()
+        self.sinks["chunking"].reset()
+        return statistics.median(times) * 1000
 
     def _queue_state(self, scenario: Scenario) -> tuple[int, int]:
         conn: Redis = self.redis.client()
@@ -228,6 +311,7 @@ class Lab:
     def enqueue_rate(self, case: EnqueueCase, n: int) -> EnqueueResult:
         if case.fn is None:
             return EnqueueResult(case.name, n, None, None, available=False, note=case.note)
+        n = min(n, case.max_n) if case.max_n else n
         self.clean()
         env = self.env(smtp_port=self.sink.port)
         t0 = time.perf_counter()

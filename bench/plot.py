@@ -35,12 +35,15 @@ def plot(results: Path = RESULTS_DIR / "latest.json", out: Path | None = None) -
     ax1.set_ylabel("messages / s (1 worker, incl. start-up)")
     ax1.set_yscale("log")
     ax1.set_title("Scenario 1: end-to-end throughput")
-    ax1.legend(fontsize=8)
+    ax1.legend(fontsize=7)
 
     scaling = doc["scenarios"].get("scaling", [])
     for name in dict.fromkeys(r["scenario"] for r in scaling):
         rows = sorted((r for r in scaling if r["scenario"] == name), key=lambda r: r["workers"])
-        ax2.plot([r["workers"] for r in rows], [r["msgs_per_s"] or 0 for r in rows], marker="o", label=name)
+        (line,) = ax2.plot([r["workers"] for r in rows], [r["msgs_per_s"] or 0 for r in rows], marker="o",
+                           label=name)
+        ax2.plot([r["workers"] for r in rows], [r.get("steady_msgs_per_s") or 0 for r in rows], marker=".",
+                 linestyle=":", color=line.get_color(), alpha=0.7, label=f"{name} (steady)")
     workers = sorted({r["workers"] for r in scaling})
     if workers:
         # one connection per worker at one round trip per message: 1000 / RTT msg/s each
@@ -54,7 +57,7 @@ def plot(results: Path = RESULTS_DIR / "latest.json", out: Path | None = None) -
     ax2.set_xlabel("worker processes / concurrency")
     ax2.set_ylabel("messages / s")
     ax2.set_title(f"Scenario 2: scaling at {scaling[0]['rtt_ms']:.0f} ms RTT" if scaling else "Scenario 2")
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=7)
     ax2.grid(alpha=0.3)
 
     meta = doc.get("meta", {})

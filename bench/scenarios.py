@@ -11,6 +11,9 @@ contender means writing two functions:
 - ``enqueue(n, env)`` — put n mails on the queue before the workers start (not timed).
 
 ``enqueue_cases`` feed scenario 4 (producer speed); they are timed by the harness.
+
+``sink`` picks the SMTP sink: ``"aiosmtpd"`` (PIPELINING) or ``"chunking"`` (PIPELINING + CHUNKING,
+:mod:`bench.chunking_sink`). :func:`on_chunking_sink` makes the CHUNKING copy of a scenario.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class EnqueueCase:
     name: str
     fn: Enqueue | None
     note: str = ""
+    max_n: int | None = None  # cap for slow one-by-one cases (keeps --short short); rate is per job
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,21 @@ class Scenario:
     throughput: bool = True  # scenario 1 (one unit of concurrency, 0 and 20 ms RTT)
     scaling: bool = False  # scenario 2 (1..16 units at 20 ms RTT)
     enqueue_cases: tuple[EnqueueCase, ...] = field(default=())
+    sink: str = "aiosmtpd"  # which sink of the Lab: "aiosmtpd" or "chunking"
+
+
+CHUNKING_SUFFIX = " (CHUNKING sink)"
+
+
+def on_chunking_sink(scenario: Scenario, *, scaling: bool = False) -> Scenario:
+    """The same workers against the CHUNKING sink (our client then sends MAIL+RCPT+BDAT LAST+data at once)."""
+    return replace(scenario, name=scenario.name + CHUNKING_SUFFIX, sink="chunking", scaling=scaling,
+                   description=scenario.description + "; sink offers CHUNKING", enqueue_cases=())
+
+
+def base_name(name: str) -> str:
+    """Scenario name without the sink suffix."""
+    return name.removesuffix(CHUNKING_SUFFIX)
 
 
 # --- baselines ------------------------------------------------------------------------------------
@@ -124,6 +143,11 @@ def _raw_cmds(env: BenchEnv, workers: int) -> list[list[str]]:
              "--count", str(env.messages), "--run-id", env.run_id]]
 
 
+def _raw_bdat_cmds(env: BenchEnv, workers: int) -> list[list[str]]:
+    return [[sys.executable, "-m", "bench.raw_bdat", "--host", env.smtp_host, "--port", str(env.smtp_port),
+             "--count", str(env.messages), "--run-id", env.run_id]]
+
+
 def _nothing(n: int, env: BenchEnv) -> None:
     return None
 
@@ -157,6 +181,15 @@ RAW_SMTPLIB = Scenario(
     queues=(),
 )
 
+RAW_BDAT = Scenario(
+    name="raw-BDAT (CHUNKING sink)",
+    description="ceiling at 1 round trip per message: raw socket, MAIL+RCPT+BDAT LAST+data, no queue",
+    worker_cmds=_raw_bdat_cmds,
+    enqueue=_nothing,
+    queues=(),
+    sink="chunking",
+)
+
 
 # --- ours -------------------------------------------------------------------------------------------
 
@@ -181,6 +214,18 @@ def dispatcher_scenario() -> Scenario | None:
     def enqueue(n: int, env: BenchEnv) -> None:
         enqueue_many([dispatcher_mail(i, env) for i in range(n)], connection=Redis.from_url(env.redis_url))
 
+    def enqueue_producer(n: int, env: BenchEnv) -> None:
+        from dispatcher import Producer
+
+        Producer(Redis.from_url(env.redis_url)).enqueue_many(dispatcher_mail(i, env) for i in range(n))
+
+    def enqueue_one_by_one(n: int, env: BenchEnv) -> None:
+        from dispatcher import enqueue as enqueue_one
+
+        redis = Redis.from_url(env.redis_url)
+        for i in range(n):
+            enqueue_one(dispatcher_mail(i, env), connection=redis)
+
     def cmds(env: BenchEnv, workers: int) -> list[list[str]]:
         return [[sys.executable, str(worker), "--burst", "--concurrency", str(workers)]]
 
@@ -191,7 +236,11 @@ def dispatcher_scenario() -> Scenario | None:
         enqueue=enqueue,
         queues=DISPATCHER_QUEUES,
         scaling=True,
-        enqueue_cases=(EnqueueCase("dispatcher.enqueue_many", enqueue),),
+        enqueue_cases=(
+            EnqueueCase("dispatcher.enqueue (one by one)", enqueue_one_by_one, max_n=1000),
+            EnqueueCase("dispatcher.enqueue_many", enqueue),
+            EnqueueCase("dispatcher.Producer.enqueue_many", enqueue_producer, "per-item results"),
+        ),
     )
 
 
@@ -200,4 +249,5 @@ DISPATCHER_PLACEHOLDER = EnqueueCase("dispatcher.enqueue_many", None, "not avail
 
 def all_scenarios() -> list[Scenario]:
     ours = dispatcher_scenario()
-    return [BASELINE_NEW, BASELINE_KEPT, RAW_SMTPLIB, *([ours] if ours is not None else [])]
+    with_ours = [ours, on_chunking_sink(ours, scaling=True)] if ours is not None else []
+    return [BASELINE_NEW, BASELINE_KEPT, RAW_SMTPLIB, on_chunking_sink(BASELINE_KEPT), RAW_BDAT, *with_ours]

@@ -12,9 +12,9 @@ EOF on stdin stops it. A subprocess keeps the sink's CPU off the measured worker
 aiosmtpd does not advertise PIPELINING; it does read pipelined commands correctly (one line at a
 time from a stream), so ``handle_EHLO`` adds the keyword to make pipelining clients use it.
 
-:class:`SinkProcess` is the harness-side handle. Postfix as a second sink (when ``postfix`` is
-installed) is not implemented yet: it would need a private instance with its own config dir and a
-``discard`` transport, and counting via its log.
+:class:`SinkProcess` is the harness-side handle (also for :mod:`bench.chunking_sink`, which adds
+CHUNKING/BDAT; it reuses :func:`control_loop`). Postfix as a further sink is not implemented: it would
+need a private instance with its own config dir and a ``discard`` transport, and counting via its log.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -82,26 +82,34 @@ class CountingSMTP(SMTP):
         super().connection_made(transport)
 
 
+class HasStats(Protocol):
+    stats: SinkStats
+
+
+async def control_loop(owner: HasStats, port: int) -> None:
+    """Announce ``port``, then answer ``stats`` / ``reset`` lines on stdin until EOF (shared by sinks)."""
+    loop = asyncio.get_running_loop()
+    _emit({"ready": True, "port": port})
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        command = line.decode().strip()
+        if command == "stats":
+            _emit(asdict(owner.stats))
+        elif command == "reset":
+            owner.stats = SinkStats()
+            _emit({"ok": True})
+        elif command:
+            _emit({"error": f"unknown command {command!r}"})
+
+
 async def _serve(host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     handler = CountingHandler()
     server = await loop.create_server(
         lambda: CountingSMTP(handler, hostname="sink.bench.invalid", loop=loop), host, port
     )
-    bound = server.sockets[0].getsockname()[1]
-    _emit({"ready": True, "port": bound})
-
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    while line := await reader.readline():
-        command = line.decode().strip()
-        if command == "stats":
-            _emit(asdict(handler.stats))
-        elif command == "reset":
-            handler.stats = SinkStats()
-            _emit({"ok": True})
-        elif command:
-            _emit({"error": f"unknown command {command!r}"})
+    await control_loop(handler, server.sockets[0].getsockname()[1])
     server.close()
 
 
@@ -111,17 +119,20 @@ def _emit(obj: dict[str, Any]) -> None:
 
 
 class SinkProcess:
-    """Start ``python -m bench.sink`` as a child and talk to it over its stdin/stdout."""
+    """Start ``python -m <module>`` (a sink) as a child and talk to it over its stdin/stdout."""
 
-    def __init__(self, host: str = "127.0.0.1", log: IO[bytes] | None = None) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", log: IO[bytes] | None = None, module: str = "bench.sink"
+    ) -> None:
         self.host = host
+        self.module = module
         self.port = 0
         self._log = log
         self._proc: subprocess.Popen[str] | None = None
 
     def start(self) -> SinkProcess:
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.sink", "--host", self.host, "--port", "0"],
+            [sys.executable, "-m", self.module, "--host", self.host, "--port", "0"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log if self._log is not None else subprocess.DEVNULL,
@@ -129,9 +140,13 @@ class SinkProcess:
         )
         ready = self._read()
         if not ready.get("ready"):
-            raise RuntimeError(f"sink did not start: {ready}")
+            raise RuntimeError(f"sink {self.module} did not start: {ready}")
         self.port = int(ready["port"])
         return self
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     def stats(self) -> SinkStats:
         return SinkStats(**self._ask("stats"))
