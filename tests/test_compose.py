@@ -76,7 +76,7 @@ def test_dashboard_command_is_accepted_and_published(compose: dict[str, Any]) ->
     assert f"{args.port}:{args.port}" in spec["ports"]
     environment = spec["environment"]
     for required in ("DISPATCH_DASHBOARD_USER", "DISPATCH_DASHBOARD_PASSWORD", "DISPATCH_API_TOKEN"):
-        assert resolve(environment[required]) == f"<{required}>", f"{required} must be required, not defaulted"
+        assert resolve(environment[required]) == f"<{required}>", f"{required} must be required, not default"
 
 
 def test_dockerfile_ships_the_entry_points_the_compose_file_runs() -> None:
