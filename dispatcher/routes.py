@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from dispatcher.errors import ConfigurationError
+from dispatcher.values import parse_number
 
 ROUTE_OPTIONS = frozenset({
     "rate", "burst", "daily", "max_connections", "max_wait", "slowdown_step",
@@ -69,14 +70,7 @@ def split_route_url(url: str) -> tuple[str, dict[str, str]]:
 
 
 def _positive(name: str, value: str, *, integer: bool = False, maximum: float = 1e9) -> float:
-    try:
-        number = int(value) if integer else float(value)
-    except ValueError:
-        kind = "a positive integer" if integer else "a positive number"
-        raise ConfigurationError(f"route option {name}={value!r}: expected {kind}") from None
-    if not 0 < number <= maximum:
-        raise ConfigurationError(f"route option {name}={value!r}: must be above 0 and at most {maximum:g}")
-    return number
+    return parse_number(f"route option {name}", value, integer=integer, above=0, maximum=maximum)
 
 
 def parse_policy(name: str, options: Mapping[str, str]) -> RoutePolicy:

@@ -7,12 +7,13 @@ the route ``<name>`` (lower-cased). A job names a route, never credentials.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from dispatcher.errors import ConfigurationError
 from dispatcher.routes import RoutePolicy, check_fallbacks, parse_policy, split_route_url
 from dispatcher.smtp.config import SmtpConfig, parse_smtp_url
+from dispatcher.values import parse_flag, parse_number
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 ROUTE_PREFIX = "SMTP_URL_"
@@ -21,7 +22,10 @@ ROUTE_PREFIX = "SMTP_URL_"
 #: table and docker-compose.yml are checked against it by the tests.
 ENVIRONMENT: dict[str, tuple[str, str]] = {
     "REDIS_URL": (DEFAULT_REDIS_URL, "Redis holding queues, send records and the ledger"),
-    "SMTP_URL": ("(none: workers refuse to start)", "the default route, e.g. smtp+starttls://user:pass@host:587"),
+    "SMTP_URL": (
+        "(none: workers refuse to start)",
+        "the default route, e.g. smtp+starttls://user:pass@host:587",
+    ),
     "SMTP_URL_<NAME>": ("", "an extra route <name> (lower-cased), chosen per mail by its route field"),
     "DISPATCH_CONCURRENCY": ("1", "worker processes per worker.py (same as --concurrency)"),
     "DISPATCH_RETRY_BASE": ("60", "first retry delay ceiling in seconds; doubles per attempt (full jitter)"),
@@ -82,38 +86,27 @@ class Settings:
 
 
 def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r}: expected a number") from None
-    if value < minimum:
-        raise ConfigurationError(f"{name}={raw!r}: must be at least {minimum:g}")
-    return value
+    raw = env.get(name, "")
+    return default if not raw.strip() else parse_number(name, raw, minimum=minimum)
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ConfigurationError(f"{name}={raw!r}: expected true or false")
+    raw = env.get(name, "")
+    return default if not raw.strip() else parse_flag(name, raw)
+
+
+def route_urls(env: Mapping[str, str]) -> Iterator[tuple[str, str, str]]:
+    """(variable, route name, URL) for ``SMTP_URL`` (route ``default``) and every ``SMTP_URL_<NAME>``."""
+    for name, value in env.items():
+        if name == "SMTP_URL":
+            yield name, "default", value
+        elif name.startswith(ROUTE_PREFIX) and len(name) > len(ROUTE_PREFIX):
+            yield name, name[len(ROUTE_PREFIX) :].lower(), value
 
 
 def read_routes(env: Mapping[str, str]) -> dict[str, SmtpConfig]:
     routes: dict[str, SmtpConfig] = {}
-    for name, value in env.items():
-        if name == "SMTP_URL":
-            route = "default"
-        elif name.startswith(ROUTE_PREFIX) and len(name) > len(ROUTE_PREFIX):
-            route = name[len(ROUTE_PREFIX) :].lower()
-        else:
-            continue
+    for name, route, value in route_urls(env):
         try:
             routes[route] = parse_smtp_url(split_route_url(value)[0])
         except ConfigurationError as exc:
@@ -124,13 +117,7 @@ def read_routes(env: Mapping[str, str]) -> dict[str, SmtpConfig]:
 def read_policies(env: Mapping[str, str]) -> dict[str, RoutePolicy]:
     """Each route's limits and fallbacks, from the route options of its URL (``dispatcher.routes``)."""
     policies: dict[str, RoutePolicy] = {}
-    for name, value in env.items():
-        if name == "SMTP_URL":
-            route = "default"
-        elif name.startswith(ROUTE_PREFIX) and len(name) > len(ROUTE_PREFIX):
-            route = name[len(ROUTE_PREFIX) :].lower()
-        else:
-            continue
+    for name, route, value in route_urls(env):
         try:
             policies[route] = parse_policy(route, split_route_url(value)[1])
         except ConfigurationError as exc:

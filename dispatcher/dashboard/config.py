@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from dispatcher.errors import ConfigurationError
 from dispatcher.message import DEFAULT_MAX_BYTES
 from dispatcher.settings import DEFAULT_REDIS_URL
+from dispatcher.values import parse_flag, parse_number
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8025
 DEFAULT_MAX_REQUEST_BYTES = 30 * 1024 * 1024
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("", "0", "false", "no", "off")
 
 
 def is_loopback(host: str) -> bool:
@@ -79,22 +78,13 @@ class DashboardConfig:
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise ConfigurationError(f"{name}={raw!r}: expected true or false")
+    raw = env.get(name, "")
+    return bool(raw.strip()) and parse_flag(name, raw)
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r}: expected a whole number of bytes") from None
+    raw = env.get(name, "")
+    return default if not raw.strip() else int(parse_number(name, raw, integer=True))
 
 
 def load_config(

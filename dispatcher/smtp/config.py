@@ -26,6 +26,7 @@ from dispatcher.errors import ConfigurationError, InvalidCommandArgument
 from dispatcher.smtp.auth import Credentials
 from dispatcher.smtp.commands import check_ehlo_name
 from dispatcher.smtp.stages import Stage
+from dispatcher.values import parse_flag, parse_number
 
 
 class TlsMode(enum.StrEnum):
@@ -126,22 +127,11 @@ class SmtpConfig:
 
 
 def _parse_bool(name: str, value: str) -> bool:
-    lowered = value.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ConfigurationError(f"SMTP URL option {name}={value!r}: expected true or false")
+    return parse_flag(f"SMTP URL option {name}", value)
 
 
 def _parse_seconds(name: str, value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ConfigurationError(f"SMTP URL option {name}={value!r}: expected seconds") from None
-    if not 0 < seconds < 86400:
-        raise ConfigurationError(f"SMTP URL option {name}={value!r}: must be between 0 and 86400 seconds")
-    return seconds
+    return parse_number(f"SMTP URL option {name} (seconds)", value, above=0, maximum=86400)
 
 
 def parse_smtp_url(url: str) -> SmtpConfig:
