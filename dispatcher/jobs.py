@@ -267,8 +267,9 @@ class Attempt:
         if rec.state == "deferred":
             hints = [h for v in failed if (h := retry_hint(v.reply)) is not None]
             delay = backoff_delay(policy, rec.attempts, max(hints) if hints else None, _rng)
-            # Unique even when a throttled attempt was given back (same attempt number as the running job).
-            job_id = attempt_job_id(rec.send_id, rec.generation, rec.attempts + 1, f"-{int(now * 1000)}")
+            job_id = attempt_job_id(rec.send_id, rec.generation, rec.attempts + 1)
+            if job_id == self.job_id:  # a throttled attempt was given back: never reuse the running job's id
+                job_id = attempt_job_id(rec.send_id, rec.generation, rec.attempts + 1, f"-{int(now * 1000)}")
             schedule_attempt(pipe, self.redis, rec, job_id, now + delay)
         else:
             rec.next_attempt_at = None
