@@ -178,6 +178,7 @@ class Operations:
             pipe.delete(send_key(send_id))
             for state in (rec.state, *RETRYABLE_STATES):
                 pipe.zrem(state_key(state), send_id)
+                pipe.zrem(state_key(state, rec.priority), send_id)
             pipe.zrem(INFLIGHT, send_id)
             pipe.delete(ledger_key(rec.message_id))
             pipe.execute()

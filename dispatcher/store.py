@@ -7,6 +7,7 @@ recipient's outcome, so retries, the CLI and the dashboard never depend on rq's 
     dispatch:key:<sha256(key)>  string the send id owning an idempotency key
     dispatch:ledger:<msgid>     set    recipients that accepted the message: never sent to again
     dispatch:state:<state>      zset   send ids by last update, one per state (dashboard, retry filters)
+    dispatch:state:<state>:<p>  zset   the same per priority (the dashboard's per-queue counts)
     dispatch:inflight           zset   send ids being sent, scored by lease expiry (crash recovery)
     dispatch:delivered:<minute> string messages delivered in that minute (overview chart)
     dispatch:worker:<name>      string JSON: a live worker's routes and SMTP connection states
@@ -46,8 +47,9 @@ def send_key(send_id: str) -> str:
     return f"{PREFIX}:send:{send_id}"
 
 
-def state_key(state: str) -> str:
-    return f"{PREFIX}:state:{state}"
+def state_key(state: str, priority: str | None = None) -> str:
+    """The index of sends in ``state``; with ``priority``, only those of that queue."""
+    return f"{PREFIX}:state:{state}" if priority is None else f"{PREFIX}:state:{state}:{priority}"
 
 
 def ledger_key(message_id: str) -> str:
@@ -106,6 +108,10 @@ class SendRecord:
     @property
     def message_id(self) -> str:
         return str(self.mail["message_id"])
+
+    @property
+    def priority(self) -> str:
+        return str(self.mail.get("priority", "default"))
 
     @property
     def route(self) -> str:
@@ -222,9 +228,12 @@ class SendStore:
             pipe.expire(send_key(rec.send_id), RECORD_TTL)
         elif rec.stored_state in FINAL_STATES:
             pipe.persist(send_key(rec.send_id))
+        priority = rec.priority
         if rec.stored_state is not None and rec.stored_state != rec.state:
             pipe.zrem(state_key(rec.stored_state), rec.send_id)
+            pipe.zrem(state_key(rec.stored_state, priority), rec.send_id)
         pipe.zadd(state_key(rec.state), {rec.send_id: rec.updated_at})
+        pipe.zadd(state_key(rec.state, priority), {rec.send_id: rec.updated_at})
         rec.stored_state = rec.state
 
     def save(self, rec: SendRecord) -> None:
@@ -238,10 +247,11 @@ class SendStore:
         ids = self.redis.zrevrangebyscore(state_key(state), "+inf", low, start=start, num=num)
         return [text(i) for i in ids]
 
-    def count_states(self) -> dict[str, int]:
+    def count_states(self, priority: str | None = None) -> dict[str, int]:
+        """Sends per state, over every queue or in one priority's."""
         pipe = self.redis.pipeline(transaction=False)
         for state in STATES:
-            pipe.zcard(state_key(state))
+            pipe.zcard(state_key(state, priority))
         return dict(zip(STATES, pipe.execute(), strict=True))
 
     def delivered_per_minute(self, minutes: int = 60, *, now: float | None = None) -> list[tuple[int, int]]:

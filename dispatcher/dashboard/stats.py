@@ -16,6 +16,7 @@ from rq import Queue, Worker
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from dispatcher.message import PRIORITIES
 from dispatcher.operations import FailureFilter, Operations, describe_group, group_key
 from dispatcher.producer import QUEUE_NAMES
 from dispatcher.store import SendRecord, SendStore, worker_key
@@ -24,13 +25,16 @@ CHART_MINUTES = 60
 
 
 def queue_numbers(connection: redis.Redis) -> list[dict[str, Any]]:
-    """Per rq queue: jobs waiting, scheduled for later, running now, and in rq's failed registry."""
+    """Per queue: sends in each state (from the records), and what rq holds — jobs waiting, scheduled for
+    later, running now, and in rq's failed registry (a job may carry up to 20 sends)."""
     rows = []
-    for name in QUEUE_NAMES:
+    store = SendStore(connection)
+    for priority, name in zip(PRIORITIES, QUEUE_NAMES, strict=True):
         queue = Queue(name, connection=connection, serializer=JSONSerializer)
         rows.append(
             {
                 "name": name,
+                "states": store.count_states(priority),
                 "waiting": queue.count,
                 "scheduled": ScheduledJobRegistry(queue=queue).get_job_count(cleanup=False),  # type: ignore[no-untyped-call]
                 "started": StartedJobRegistry(queue=queue).get_job_count(cleanup=False),

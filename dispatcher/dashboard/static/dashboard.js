@@ -59,6 +59,10 @@ function renderOverview(root, data) {
     for (const col of ["waiting", "scheduled", "started", "rq_failed"]) {
       row.querySelector('[data-col="' + col + '"]').textContent = q[col];
     }
+    for (const state of Object.keys(q.states)) {
+      const td = row.querySelector('[data-state-col="' + state + '"]');
+      if (td) td.textContent = q.states[state];
+    }
   }
   const body = document.querySelector("#workers tbody");
   body.replaceChildren();
