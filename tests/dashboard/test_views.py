@@ -112,7 +112,8 @@ def test_overview_shows_queue_and_state_counts(logged_in: FlaskClient, redis_cli
     queues = {q["name"]: q for q in data["queues"]}
     assert queues["mail-default"]["waiting"] == 1 and queues["mail-bulk"]["waiting"] == 1
     assert queues["mail-default"]["scheduled"] == 1
-    assert (queues["mail-default"]["states"]["queued"], queues["mail-default"]["states"]["scheduled"]) == (1, 1)
+    default_states = queues["mail-default"]["states"]
+    assert (default_states["queued"], default_states["scheduled"]) == (1, 1)
     assert (queues["mail-bulk"]["states"]["queued"], queues["mail-high"]["states"]["queued"]) == (1, 0)
     assert len(data["chart"]) == 60 and data["delivered_last_hour"] == 0
     assert data["workers"] == []
