@@ -103,6 +103,21 @@ class RouteGate:
             with client.lock:
                 client.yield_if_wanted()
 
+    def describe(self, route: str) -> dict[str, object]:
+        """The route's limits and their live state, for the dashboard (reads only; nothing for a plain
+        route)."""
+        policy = self.policy(route)
+        state: dict[str, object] = {}
+        if policy.limited:
+            state.update(rate=policy.rate, daily=policy.daily, sent_today=self.throttle.sent_today(policy))
+            if policy.rate is not None:
+                state["rate_factor"] = round(self.throttle.factor(policy), 3)
+        if policy.max_connections is not None:
+            state["max_connections"] = policy.max_connections
+        if self._guarded(route):
+            state.update(fallbacks=list(policy.fallbacks), breaker=self.breaker.state(route))
+        return state
+
     def _guarded(self, route: str) -> bool:
         """Breakers exist to fail over: a route without fallbacks (nor one serving as a fallback) has none."""
         return bool(self.policy(route).fallbacks) or any(route in p.fallbacks for p in self.policies.values())

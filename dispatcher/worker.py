@@ -35,6 +35,7 @@ from dispatcher.errors import ConfigurationError
 from dispatcher.logs import configure_logging
 from dispatcher.producer import BATCH_FUNCTION, QUEUE_NAMES, connect
 from dispatcher.recovery import reap_abandoned
+from dispatcher.routing import RouteGate
 from dispatcher.runtime import Runtime
 from dispatcher.settings import load_settings
 from dispatcher.store import worker_key
@@ -56,6 +57,7 @@ class MailWorker(SimpleWorker):
         self.runtime = Runtime.install(runtime)
         self.runtime.worker_name = self.name
         self.runtime.should_stop = lambda: bool(self._stop_requested)
+        self._limits: dict[str, dict[str, object]] = {}
 
     def perform_job(self, job: Job, queue: Queue) -> bool:
         sends = len(job.args[0]) if job.func_name == BATCH_FUNCTION and job.args else 1
@@ -65,16 +67,27 @@ class MailWorker(SimpleWorker):
         finally:
             self.publish_status()
 
-    def publish_status(self) -> None:
-        """Routes and connection states for the dashboard; expires if the worker stops refreshing it."""
-        status = {"routes": self.runtime.describe(), "updated_at": time.time()}
+    def publish_status(self, *, limits: bool = False) -> None:
+        """Routes and connection states for the dashboard; expires if the worker stops refreshing it.
+        ``limits`` (every maintenance round, not after every job) also reads the routes' limit states."""
+        routes = self.runtime.describe()
+        if limits:
+            settings = self.runtime.settings
+            gate = RouteGate.for_process(self.connection, settings.policies, settings.job_timeout_margin / 2)
+            self._limits = {name: gate.describe(name) for name in routes}
+        for name, route in routes.items():
+            route["limits"] = self._limits.get(name, {})
+        status = {"routes": routes, "updated_at": time.time()}
         try:
             self.connection.set(worker_key(self.name), json.dumps(status), ex=STATUS_TTL)
         except redis.RedisError as exc:
             logger.warning("worker_status_failed", error=str(exc))
 
     def run_maintenance_tasks(self) -> None:
-        self.publish_status()
+        try:
+            self.publish_status(limits=True)
+        except redis.RedisError as exc:
+            logger.warning("worker_status_failed", error=str(exc))
         super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
         try:
             reap_abandoned(self.connection)

@@ -51,6 +51,18 @@ def describe_route(name: str, route: dict[str, Any]) -> str:
         text += f" {route['tls']}"
     if route.get("conn_id"):
         text += f", {route.get('messages_on_connection', 0)} mails on conn {route['conn_id']}"
+    limits = route.get("limits") or {}
+    if limits.get("rate") is not None:
+        factor = limits.get("rate_factor", 1.0)
+        text += f"; rate {limits['rate']:g}/s" + (f" slowed down to x{factor:g}" if factor < 1 else "")
+    if limits.get("daily") is not None:
+        text += f"; {limits.get('sent_today', 0)}/{limits['daily']} today"
+    if limits.get("max_connections") is not None:
+        text += f"; max {limits['max_connections']} connections"
+    if limits.get("breaker"):
+        text += f"; breaker {limits['breaker']}"
+        if limits.get("fallbacks"):
+            text += f" (fallback {', '.join(limits['fallbacks'])})"
     return text
 
 
