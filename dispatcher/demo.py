@@ -221,7 +221,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
         stack.say(f"api        curl -H 'Authorization: Bearer {password}' "
                   f"http://127.0.0.1:{DASHBOARD_PORT}/api/v1/messages/{ids[0]}")  # fmt: skip
         stack.say(f"mail       {args.data_dir / 'mail'}   logs {args.data_dir / 'logs'}")
-        stack.say(f"status     REDIS_URL={stack.redis_url} python enqueue.py status {ids[0]}")
+        python = (
+            os.path.relpath(sys.executable)
+            if not os.path.relpath(sys.executable).startswith("..")
+            else sys.executable
+        )
+        stack.say(f"status     REDIS_URL={stack.redis_url} {python} enqueue.py status {ids[0]}")
         if args.exit_when_settled:
             return 0 if settled else 1
         stack.say("Ctrl-C stops everything.")
