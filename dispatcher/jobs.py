@@ -1,9 +1,11 @@
-"""The rq job: one delivery attempt of one send, recorded before the job returns.
+"""The rq jobs: delivery attempts, each recorded before the job returns.
 
-``deliver(send_id)`` loads the send, skips every recipient the ledger says accepted it, sends to the rest
-over the process's kept ``SmtpClient`` for the mail's route, turns the outcome into per-recipient
-verdicts (``policy``), and in ONE Redis transaction: adds the newly accepted recipients to the ledger,
-saves the record, and schedules the next attempt when one is due.
+``deliver(send_id)`` runs one attempt; ``deliver_batch(send_ids)`` runs one attempt for each send enqueued
+together, in order, under one lease. An ``Attempt`` loads the send, skips every recipient the ledger says
+accepted it, sends to the rest over the process's kept ``SmtpClient`` for the mail's route (through the
+route's limits and breaker, ``routing``), turns the outcome into per-recipient verdicts (``policy``), and in
+ONE Redis transaction: adds the newly accepted recipients to the ledger, saves the record, and schedules
+the next attempt when one is due.
 """
 
 from __future__ import annotations

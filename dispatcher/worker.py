@@ -42,8 +42,9 @@ from dispatcher.store import worker_key
 
 logger = structlog.get_logger("dispatcher.worker")
 MAINTENANCE_INTERVAL = 10
-STATUS_TTL = 3 * MAINTENANCE_INTERVAL
 WORKER_TTL = 35
+#: rq's own worker key lives worker_ttl + 60 s; an idle worker refreshes its status only between dequeues.
+STATUS_TTL = WORKER_TTL + 60
 
 
 class MailWorker(SimpleWorker):
