@@ -150,6 +150,11 @@ class Transaction:
         self._chunked = self.chunking and self.extensions.chunking
 
     @property
+    def chunked(self) -> bool:
+        """The whole message goes in one write (CHUNKING with PIPELINING)."""
+        return self._chunked and self._pipelined
+
+    @property
     def finished(self) -> bool:
         return self._done
 

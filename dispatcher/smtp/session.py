@@ -16,7 +16,7 @@ import itertools
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 
 from dispatcher.errors import (
@@ -35,6 +35,7 @@ from dispatcher.smtp.extensions import Extensions, parse_ehlo
 from dispatcher.smtp.protocol import SendResult, Transaction
 from dispatcher.smtp.replies import Reply
 from dispatcher.smtp.stages import Stage
+from dispatcher.smtp.stream import MessageStream, Outgoing
 from dispatcher.smtp.transcript import Transcript
 
 FREE_RECONNECTS = 1
@@ -64,6 +65,7 @@ class SmtpClient:
         self._opened_at = 0.0
         self._last_used = 0.0
         self._transcript = Transcript("")
+        self._stream: MessageStream | None = None
         self._host_tag = uuid.uuid4().hex[:6]
 
     @classmethod
@@ -102,17 +104,12 @@ class SmtpClient:
         AUTH, 421, drops, timeouts), a local policy refusal (SIZE, SMTPUTF8, 8BITMIME) before anything is
         sent, and ``UnknownOutcome`` when the data went out but no reply to it came back.
         """
-        commands.check_address(sender, "sender")
-        targets = tuple(commands.check_address(r, "recipient") for r in recipients)
-        if not targets:
-            raise PolicyError("no recipients given", stage=Stage.RCPT)
+        _check_envelope(sender, recipients)  # refuse bad arguments before connecting
         self._transcript.begin()
         reconnects = 0
         while True:
             self.connect()
-            tx = Transaction(
-                sender, targets, data, self.extensions, self.config.pipelining, self.config.chunking
-            )
+            tx = self._transaction(sender, recipients, data)
             try:
                 return self._run(tx)
             except (ConnectionLost, ServiceClosing) as exc:
@@ -120,6 +117,42 @@ class SmtpClient:
                     raise
                 reconnects += 1
                 self._transcript.event("smtp_reconnect", reason=str(exc), stage=_stage_name(exc))
+
+    def send_stream(self, source: Iterator[Outgoing]) -> Iterator[tuple[Outgoing, SendResult | SmtpError]]:
+        """Send what ``source`` yields back to back on one connection, one round trip per message where the
+        server allows it (``dispatcher.smtp.stream``); each message comes back with its result or error, in
+        order. It ends when ``source`` does, at the connection's message cap, or when the connection breaks:
+        call it again to go on with the rest of ``source``."""
+        self._transcript.begin()
+        self._stream = None
+        try:
+            self.connect()
+        except SmtpError as exc:
+            message = next(source, None)
+            if message is not None:
+                yield message, exc
+            return
+        if not (self.config.pipelining and self.extensions.pipelining):
+            for message in source:  # lock-step server: plain sends, one after the other
+                try:
+                    yield message, self.send(message.sender, message.recipients, message.data)
+                except SmtpError as exc:
+                    yield message, exc
+                if self.state is not SessionState.READY:
+                    return
+            return
+        self._stream = MessageStream(self, source)
+        self.state = SessionState.IN_TRANSACTION
+        try:
+            yield from self._stream.run()
+        finally:
+            if self._conn is not None and self.state is SessionState.IN_TRANSACTION:
+                self.state = SessionState.READY
+
+    def stream_in_flight(self) -> list[tuple[Outgoing, bool]]:
+        """After an interruption: the messages of the last stream that were on the wire, each with whether
+        all of its data had been written (those may have been accepted)."""
+        return self._stream.in_flight() if self._stream is not None else []
 
     def connect(self) -> None:
         """Make the connection READY: reuse the current one if it is healthy, else open a new one."""
@@ -264,15 +297,9 @@ class SmtpClient:
         round_trips = 0
         try:
             while (step := tx.next_step()) is not None:
-                for stage, line in step.lines:
-                    self._transcript.command(stage, line)
+                self._write(step.payload, step.lines, data_size=step.data_size if step.is_data else 0)
                 if step.is_data:
-                    self.data_in_flight = True
-                    self._transcript.data(Stage.DATA_BLOCK, step.data_size)
-                    self._conn.send_data(step.payload)
                     tx.data_written()
-                else:
-                    self._conn.send(step.payload, step.expect[0])
                 round_trips += 1
                 for stage in step.expect:
                     tx.receive(stage, self._read(stage))
@@ -296,6 +323,39 @@ class SmtpClient:
         return SendResult(
             tx.outcomes(), tx.deciding_reply(), self.conn_id, tuple(self._transcript.entries), round_trips
         )
+
+    # -- used by the stream ----------------------------------------------------------------------------
+
+    def _transaction(self, sender: str, recipients: Sequence[str], data: bytes) -> Transaction:
+        """A transaction for the current extensions; bad arguments and local refusals raise here."""
+        targets = _check_envelope(sender, recipients)
+        return Transaction(
+            sender, targets, data, self.extensions, self.config.pipelining, self.config.chunking
+        )
+
+    def _write(self, payload: bytes, lines: Sequence[tuple[Stage, str]], *, data_size: int) -> None:
+        assert self._conn is not None
+        for stage, line in lines:
+            self._transcript.command(stage, line)
+        if data_size:
+            self.data_in_flight = True
+            self._transcript.data(Stage.DATA_BLOCK, data_size)
+            self._conn.send_data(payload)
+        else:
+            self._conn.send(payload, lines[0][0] if lines else Stage.MAIL)
+        self._last_used = time.monotonic()
+
+    def _finish_transaction(self, tx: Transaction) -> SendResult:
+        self.data_in_flight = False
+        self.messages_on_connection += 1
+        self._last_used = time.monotonic()
+        return SendResult(
+            tx.outcomes(), tx.deciding_reply(), self.conn_id, tuple(self._transcript.entries), 1
+        )
+
+    def _discard_broken(self) -> None:
+        self.data_in_flight = False
+        self._discard(SessionState.CLOSED)
 
     def _rset(self) -> None:
         try:
@@ -327,6 +387,14 @@ class SmtpClient:
         self._conn.send(line, stage)
         self._last_used = time.monotonic()
         return self._expect_reply(stage, ok)
+
+
+def _check_envelope(sender: str, recipients: Sequence[str]) -> tuple[str, ...]:
+    commands.check_address(sender, "sender")
+    targets = tuple(commands.check_address(r, "recipient") for r in recipients)
+    if not targets:
+        raise PolicyError("no recipients given", stage=Stage.RCPT)
+    return targets
 
 
 def _stage_name(exc: SmtpError) -> str | None:

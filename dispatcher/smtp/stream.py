@@ -1,0 +1,182 @@
+"""Messages back to back on one connection, one round trip each (``SmtpClient.send_stream``).
+
+RFC 2920 §3.1 lets the end of one message's data open the next group, so with PIPELINING the data of
+message *n*, its final dot and message *n+1*'s ``MAIL``, ``RCPT``… and ``DATA`` leave in one write. With
+CHUNKING (RFC 3030) nothing has to wait: ``BDAT`` may stand anywhere in a group, so up to ``WINDOW`` whole
+messages are on the wire before the first one's replies are read. Replies come back in order and each
+message gets exactly the outcome ``send`` would give it.
+
+What cannot be known is never guessed: when the connection breaks, a message whose data was written
+completely and whose final reply is missing is an ``UnknownOutcome``; the others get the error itself
+(transient) — after a 421 too, since a server closing the channel processes nothing further. No RSET goes
+between messages once data went out (the reply to the final dot ends the transaction; an RSET there would
+reset the next message's envelope); a message refused before its data is followed by RSET in the next group.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dispatcher.errors import ServiceClosing, SmtpError, UnknownOutcome
+from dispatcher.smtp import commands
+from dispatcher.smtp.protocol import SendResult, Step, Transaction
+from dispatcher.smtp.stages import Stage
+
+if TYPE_CHECKING:
+    from dispatcher.smtp.session import SmtpClient
+
+WINDOW = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message for ``send_stream``; ``key`` is the caller's and comes back with the outcome."""
+
+    key: str
+    sender: str
+    recipients: tuple[str, ...]
+    data: bytes
+
+
+Outcome = tuple[Outgoing, SendResult | SmtpError]
+
+
+@dataclass
+class _InFlight:
+    message: Outgoing
+    tx: Transaction
+    expect: deque[Stage] = field(default_factory=deque)
+
+
+class MessageStream:
+    """One pass over ``source`` on the client's open connection; see the module docstring."""
+
+    def __init__(self, client: SmtpClient, source: Iterator[Outgoing]) -> None:
+        self.client = client
+        self.source = source
+        self.inflight: deque[_InFlight] = deque()
+        self.ready: deque[Outcome] = deque()
+        self.exhausted = False
+        self.rset_first = False
+
+    def in_flight(self) -> list[tuple[Outgoing, bool]]:
+        """The messages on the wire now, each with whether all of its data was written."""
+        return [(item.message, item.tx.data_complete) for item in self.inflight]
+
+    def run(self) -> Iterator[Outcome]:
+        try:
+            while True:
+                self._fill()
+                yield from self._hand_back()
+                if not self.inflight:
+                    return
+                self._advance(self.inflight[0])
+                yield from self._hand_back()
+        except SmtpError as exc:
+            self.client._discard_broken()
+            self._fail_inflight(exc)
+            yield from self._hand_back()
+        finally:
+            if self.inflight:  # the caller stopped early, or an interruption came mid-dialogue
+                self.client._discard_broken()
+
+    def _hand_back(self) -> Iterator[Outcome]:
+        while self.ready:
+            yield self.ready.popleft()
+
+    def _pull(self) -> _InFlight | None:
+        """The next message as a transaction; messages refused locally (SIZE, SMTPUTF8…) go to ``ready``."""
+        client = self.client
+        while not self.exhausted:
+            if client.messages_on_connection + len(self.inflight) >= client.config.max_messages:
+                self.exhausted = True
+                break
+            message = next(self.source, None)
+            if message is None:
+                self.exhausted = True
+                break
+            try:
+                return _InFlight(
+                    message, client._transaction(message.sender, message.recipients, message.data)
+                )
+            except SmtpError as exc:
+                self.ready.append((message, exc))
+        return None
+
+    def _fill(self) -> None:
+        """Put a message on the wire when none is, and more while the last one is a whole CHUNKING write."""
+        while len(self.inflight) < WINDOW and (not self.inflight or self.inflight[-1].tx.chunked):
+            item = self._pull()
+            if item is None:
+                return
+            step = item.tx.next_step()
+            assert step is not None
+            self.inflight.append(item)
+            self._write(item, step, None)
+
+    def _advance(self, head: _InFlight) -> None:
+        """Read the head's replies; when its data is due, write it with the next message's envelope; then
+        hand its outcome back."""
+        self._read_expected(head)
+        step = head.tx.next_step()
+        if step is not None:  # DATA path: 354 came back, the data goes now
+            nxt = self._pull()
+            self._write(head, step, nxt)
+            self._read_expected(head)
+        assert head.tx.finished, "a pipelined transaction ends with its data or before it"
+        self.inflight.popleft()
+        self.ready.append((head.message, self.client._finish_transaction(head.tx)))
+        if not head.tx.data_sent and head.tx.needs_rset:
+            self.rset_first = True
+
+    def _write(self, item: _InFlight, step: Step, follower: _InFlight | None) -> None:
+        """Write ``step`` of ``item`` — after an RSET if one is owed — and ``follower``'s first step."""
+        payload, lines, expect = step.payload, list(step.lines), list(step.expect)
+        if self.rset_first and not step.is_data:
+            payload, expect = commands.rset() + payload, [Stage.RSET, *expect]
+            lines.insert(0, (Stage.RSET, "RSET"))
+            self.rset_first = False
+        follow = follower.tx.next_step() if follower is not None else None
+        if follow is not None:
+            payload += follow.payload
+            lines += follow.lines
+        self.client._write(payload, lines, data_size=step.data_size if step.is_data else 0)
+        if step.is_data:
+            item.tx.data_written()
+        item.expect.extend(expect)
+        if follower is not None and follow is not None:
+            follower.expect.extend(follow.expect)
+            self.inflight.append(follower)
+
+    def _read_expected(self, item: _InFlight) -> None:
+        while item.expect:
+            stage = item.expect.popleft()
+            reply = self.client._read(stage)
+            if stage is not Stage.RSET:  # RSET's own failure is ignored, as after any failed transaction
+                item.tx.receive(stage, reply)
+
+    def _fail_inflight(self, exc: SmtpError) -> None:
+        """Every message still on the wire gets an outcome from the break, in order."""
+        closing = isinstance(exc, ServiceClosing)
+        for item in self.inflight:
+            error = exc
+            if item.tx.awaiting_final_reply and not closing:
+                error = UnknownOutcome(
+                    f"message data sent but no reply came back: {exc.message}", stage=exc.stage
+                )
+            elif item is not self.inflight[0]:
+                error = _clone(exc)  # each message carries its own outcomes
+            error.outcomes = item.tx.outcomes()
+            self.ready.append((item.message, error))
+        self.inflight.clear()
+
+
+def _clone(exc: SmtpError) -> SmtpError:
+    """The same error as a separate object (the subclasses' constructors differ, so no ``copy``)."""
+    clone = exc.__class__.__new__(exc.__class__)
+    clone.__dict__.update(exc.__dict__)
+    clone.args = exc.args
+    return clone
