@@ -103,6 +103,11 @@ class RouteGate:
             with client.lock:
                 client.yield_if_wanted()
 
+    def plain(self, route: str) -> bool:
+        """No limit, slot or breaker to consult per message: sends may stream back to back."""
+        policy = self.policy(route)
+        return not (policy.limited or policy.max_connections is not None or self._guarded(route))
+
     def describe(self, route: str) -> dict[str, object]:
         """The route's limits and their live state, for the dashboard (reads only; nothing for a plain
         route)."""

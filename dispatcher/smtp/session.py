@@ -334,15 +334,23 @@ class SmtpClient:
         )
 
     def _write(self, payload: bytes, lines: Sequence[tuple[Stage, str]], *, data_size: int) -> None:
-        assert self._conn is not None
+        self._log(lines, data_size=data_size)
+        self._send_raw(payload, data_size=data_size, stage=lines[0][0] if lines else Stage.MAIL)
+
+    def _log(self, lines: Sequence[tuple[Stage, str]], *, data_size: int = 0) -> None:
         for stage, line in lines:
             self._transcript.command(stage, line)
         if data_size:
-            self.data_in_flight = True
             self._transcript.data(Stage.DATA_BLOCK, data_size)
+
+    def _send_raw(self, payload: bytes, *, data_size: int, stage: Stage) -> None:
+        """Message data goes block by block under the data-block deadline; commands under ``stage``'s."""
+        assert self._conn is not None
+        if data_size:
+            self.data_in_flight = True
             self._conn.send_data(payload)
         else:
-            self._conn.send(payload, lines[0][0] if lines else Stage.MAIL)
+            self._conn.send(payload, stage)
         self._last_used = time.monotonic()
 
     def _finish_transaction(self, tx: Transaction) -> SendResult:

@@ -16,9 +16,11 @@ reset the next message's envelope); a message refused before its data is followe
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+import structlog
 
 from dispatcher.errors import ServiceClosing, SmtpError, UnknownOutcome
 from dispatcher.smtp import commands
@@ -39,6 +41,8 @@ class Outgoing:
     sender: str
     recipients: tuple[str, ...]
     data: bytes
+    log_context: Mapping[str, object] = field(default_factory=dict)
+    """Bound on the log events of this message's commands and replies (the stream interleaves them)."""
 
 
 Outcome = tuple[Outgoing, SendResult | SmtpError]
@@ -72,6 +76,8 @@ class MessageStream:
                 self._fill()
                 yield from self._hand_back()
                 if not self.inflight:
+                    if self.rset_first:  # the last message was refused before its data: leave no envelope
+                        self.client._rset()
                     return
                 self._advance(self.inflight[0])
                 yield from self._hand_back()
@@ -139,19 +145,24 @@ class MessageStream:
             payload, expect = commands.rset() + payload, [Stage.RSET, *expect]
             lines.insert(0, (Stage.RSET, "RSET"))
             self.rset_first = False
+        data_size = step.data_size if step.is_data else 0
+        _bind(item.message)
+        self.client._log(lines, data_size=data_size)
         follow = follower.tx.next_step() if follower is not None else None
-        if follow is not None:
+        if follower is not None and follow is not None:
             payload += follow.payload
-            lines += follow.lines
-        self.client._write(payload, lines, data_size=step.data_size if step.is_data else 0)
+            _bind(follower.message)
+            self.client._log(follow.lines)
+            self.inflight.append(follower)  # before the write: a break must give it an outcome too
+        self.client._send_raw(payload, data_size=data_size, stage=lines[0][0] if lines else Stage.DATA_BLOCK)
         if step.is_data:
             item.tx.data_written()
         item.expect.extend(expect)
         if follower is not None and follow is not None:
             follower.expect.extend(follow.expect)
-            self.inflight.append(follower)
 
     def _read_expected(self, item: _InFlight) -> None:
+        _bind(item.message)
         while item.expect:
             stage = item.expect.popleft()
             reply = self.client._read(stage)
@@ -172,6 +183,11 @@ class MessageStream:
             error.outcomes = item.tx.outcomes()
             self.ready.append((item.message, error))
         self.inflight.clear()
+
+
+def _bind(message: Outgoing) -> None:
+    if message.log_context:
+        structlog.contextvars.bind_contextvars(**message.log_context)
 
 
 def _clone(exc: SmtpError) -> SmtpError:

@@ -182,3 +182,14 @@ def test_stopping_early_mid_stream_closes_the_connection_instead_of_reusing_it(s
         assert client.state.value == "closed"
         assert accepted(client.send("from@x.org", ["a@y.org"], b"again\r\n"))
     assert sink.connections == 2
+
+
+def test_a_stream_ending_with_a_refused_message_leaves_the_connection_reusable(smtp_server: Sink) -> None:
+    sink = smtp_server(rules={"bad@y.org": Rule(550, "5.1.1 no such user")})
+    with SmtpClient.from_url(url(sink.port)) as client:
+        [(_, refused)] = drain(client, [Outgoing("x", "from@x.org", ("bad@y.org",), b"no\r\n")])
+        assert isinstance(refused, SendResult) and refused.permanent == ("bad@y.org",)
+        again = client.send("from@x.org", ["a@y.org"], b"yes\r\n")
+        assert again.accepted == ("a@y.org",)
+    assert sink.connections == 1
+    assert [m.data for m in sink.wait_for_messages(1, 5)] == [b"yes\r\n"]

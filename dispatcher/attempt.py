@@ -1,0 +1,290 @@
+"""One delivery attempt of one send, recorded before it returns (``Attempt``).
+
+An attempt loads the send, skips every recipient the ledger says accepted it, sends to the rest over the
+process's kept ``SmtpClient`` for the mail's route (through the route's limits and breaker, ``routing``),
+turns the outcome into per-recipient verdicts (``policy``), and in ONE Redis transaction: adds the newly
+accepted recipients to the ledger, saves the record, and schedules the next attempt when one is due.
+``prepare`` / ``complete`` split it around the SMTP exchange so a batch can stream several sends over one
+connection (``jobs``).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import redis
+import structlog
+
+from dispatcher.errors import ConfigurationError, SmtpError
+from dispatcher.policy import (
+    Verdict,
+    backoff_delay,
+    final_state,
+    retry_hint,
+    verdict_for_error,
+    verdict_for_reply,
+    verdicts_after_error,
+)
+from dispatcher.producer import attempt_job_id, schedule_attempt
+from dispatcher.routing import RouteGate
+from dispatcher.runtime import Runtime
+from dispatcher.smtp.protocol import RecipientStatus, SendResult
+from dispatcher.smtp.stream import Outgoing
+from dispatcher.store import (
+    FINAL_STATES,
+    INFLIGHT,
+    LEDGER_TTL,
+    SendRecord,
+    SendStore,
+    delivered_key,
+    ledger_key,
+    text,
+)
+
+logger = structlog.get_logger("dispatcher.attempt")
+_rng = random.SystemRandom()
+_RETRYABLE = {"pending", RecipientStatus.TRANSIENT.value}
+
+
+class Attempt:
+    def __init__(self, runtime: Runtime, connection: redis.Redis, job_id: str, send_id: str) -> None:
+        self.runtime = runtime
+        self.redis = connection
+        self.store = SendStore(connection)
+        self.job_id = job_id
+        self.send_id = send_id
+        self.started = time.time()
+
+    def run(self) -> dict[str, Any]:
+        """The whole attempt: prepare, send through the route gate, record."""
+        done = self.prepare()
+        return done if done is not None else self.send_prepared()
+
+    def send_prepared(self) -> dict[str, Any]:
+        """Send a prepared attempt on its own (through the route gate) and record it."""
+        verdicts, conn_id = self._send(self.rec, self.pending)
+        return self._finish(self.rec, verdicts, conn_id, self.started)
+
+    def outgoing(self) -> Outgoing:
+        """A prepared attempt's message for ``SmtpClient.send_stream``."""
+        assert self.rec.raw is not None
+        return Outgoing(self.send_id, self.rec.sender, tuple(self.pending), self.rec.raw, self.context)
+
+    def prepare(self) -> dict[str, Any] | None:
+        """Load the send and begin the attempt (in flight, ledger read). Returns the attempt's summary when
+        there is nothing to send (missing, stale job, every recipient already accepted); otherwise None,
+        and ``rec`` / ``pending`` / ``context`` say what to send."""
+        rec = self.store.load(self.send_id)
+        if rec is None:
+            logger.warning("mail_missing", send_id=self.send_id, job_id=self.job_id)
+            return {"id": self.send_id, "state": "missing"}
+        if rec.state in FINAL_STATES or (rec.rq_job and rec.rq_job != self.job_id):
+            logger.info("mail_stale_job", send_id=self.send_id, job_id=self.job_id, state=rec.state)
+            return {"id": self.send_id, "state": rec.state, "stale_job": True}
+        self.rec = rec
+        self.context: dict[str, object] = {
+            "job_id": self.job_id, "send_id": self.send_id, "message_id": rec.message_id,
+            "attempt": rec.attempts + 1, "route": rec.route, "worker": self.runtime.worker_name,
+        }  # fmt: skip
+        self.bind()
+        self.started = time.time()
+        ledger = self._begin(rec, self.started)
+        for recipient in rec.recipients:
+            if recipient.casefold() in ledger:
+                rec.outcomes.setdefault(recipient, {})["status"] = RecipientStatus.ACCEPTED.value
+        self.pending = [
+            r for r in rec.recipients if rec.outcomes.get(r, {}).get("status", "pending") in _RETRYABLE
+        ]
+        if not self.pending:
+            return self._finish(rec, {}, "", self.started)
+        if rec.raw is None:
+            raise RuntimeError(f"send {rec.send_id} has no message bytes")
+        return None
+
+    def bind(self) -> None:
+        """This attempt's fields on every log event from here on."""
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(**self.context)
+
+    def complete(
+        self, outcome: SendResult | SmtpError, conn_id: str, transcript: tuple[dict[str, object], ...]
+    ) -> dict[str, Any]:
+        """Record a prepared attempt whose message went out in a stream (``SmtpClient.send_stream``)."""
+        self.bind()
+        if isinstance(outcome, SmtpError):
+            verdicts = verdicts_after_error(outcome, self.pending, self.runtime.settings.retry)
+        else:
+            verdicts = _verdicts(outcome)
+        if not all(v.status is RecipientStatus.ACCEPTED for v in verdicts.values()):
+            self.rec.record["transcript"] = list(transcript)
+        return self._finish(self.rec, verdicts, conn_id, self.started)
+
+    def interrupted(self, data_written: bool, conn_id: str, exc: BaseException) -> dict[str, Any]:
+        """Record an attempt cut off by a job timeout or a cold shutdown: unknown once its data was out."""
+        status = RecipientStatus.UNKNOWN if data_written else RecipientStatus.TRANSIENT
+        detail = f"attempt interrupted: {type(exc).__name__}"
+        verdict = Verdict(status, None, None, "interrupted", detail)
+        return self._finish(self.rec, dict.fromkeys(self.pending, verdict), conn_id, self.started)
+
+    def _begin(self, rec: SendRecord, now: float) -> set[str]:
+        """Mark the send in flight under a lease and read its ledger, in one transaction."""
+        rec.state = "sending"
+        rec.attempts += 1
+        rec.record.setdefault("first_attempt_at", now)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.multi()  # explicit before rq sees the pipeline: its enqueue calls multi() when it is not
+        pipe.smembers(ledger_key(rec.message_id))
+        self.store.stage_save(pipe, rec, now=now)
+        pipe.zadd(INFLIGHT, {rec.send_id: now + self.runtime.settings.lease_seconds})
+        members = pipe.execute()[0]
+        return {text(m).casefold() for m in members}
+
+    def _send(self, rec: SendRecord, pending: list[str]) -> tuple[dict[str, Verdict], str]:
+        settings = self.runtime.settings
+        # The route's shared limits and breaker (dispatcher.routing): waits stay well inside the job timeout.
+        gate = RouteGate.for_process(self.redis, settings.policies, settings.job_timeout_margin / 2)
+        refused: SmtpError | None = None
+        for route in gate.candidates(rec.route):
+            try:
+                client = self.runtime.client(route, self.redis)
+            except ConfigurationError as exc:
+                return dict.fromkeys(pending, verdict_for_error(exc, settings.retry)), ""
+            assert rec.raw is not None
+            deferred = gate.admit(route, client)
+            if deferred is not None:
+                # Waiting for the route's limits is not an attempt: give it back; _finish defers the send.
+                rec.attempts -= 1
+                logger.info("mail_throttled", route=route, reason=deferred)
+                verdict = Verdict(RecipientStatus.TRANSIENT, None, None, "throttled", deferred)
+                return dict.fromkeys(pending, verdict), ""
+            if route != rec.route:
+                rec.record["delivered_via"] = route
+                logger.info("mail_failover", primary=rec.route, fallback=route)
+            try:
+                with gate.using(client):
+                    result = client.send(rec.sender, pending, rec.raw)
+            except SmtpError as exc:
+                # Only a connection-level failure (before MAIL FROM: nothing offered) may move the send on.
+                if gate.failed(route, exc):
+                    refused = exc
+                    rec.record["transcript"] = list(client.last_transcript)
+                    continue
+                rec.record["transcript"] = list(client.last_transcript)
+                return verdicts_after_error(exc, pending, settings.retry), client.conn_id
+            except BaseException as exc:
+                # A job timeout or a cold shutdown interrupted us mid-dialogue: never reuse that connection.
+                in_flight = client.data_in_flight
+                client.abort()
+                rec.record["transcript"] = list(client.last_transcript)
+                self.interrupted(in_flight, client.conn_id, exc)
+                raise
+            gate.answered(route, client, [o.reply for o in result.outcomes])
+            verdicts = _verdicts(result)
+            if not all(o.status is RecipientStatus.ACCEPTED for o in result.outcomes):
+                rec.record["transcript"] = list(result.transcript)
+            return verdicts, result.conn_id
+        # Every candidate failed at the connection level (nothing was offered to any of them).
+        assert refused is not None
+        return dict.fromkeys(pending, verdict_for_error(refused, settings.retry)), ""
+
+    def _finish(
+        self, rec: SendRecord, verdicts: dict[str, Verdict], conn_id: str, started: float
+    ) -> dict[str, Any]:
+        now = time.time()
+        policy = self.runtime.settings.retry
+        for recipient, verdict in verdicts.items():
+            rec.outcomes[recipient] = verdict.to_dict(now)
+        statuses = [rec.outcomes.get(r, {}).get("status", "pending") for r in rec.recipients]
+        first = float(rec.record.get("first_attempt_at", now))
+        can_retry = rec.attempts < policy.max_attempts and now - first < policy.max_age
+        rec.state = final_state(statuses, can_retry)
+        failed = [v for v in verdicts.values() if v.status is not RecipientStatus.ACCEPTED]
+        deciding = failed[-1] if failed else next(iter(verdicts.values()), None)
+        if deciding is not None and deciding.reply is not None:
+            rec.record["last_reply"] = deciding.reply.to_dict()
+        rec.record["reason"] = self._reason(rec) if rec.state != "delivered" else None
+        ms = round((now - started) * 1000, 1)
+        history = rec.record.setdefault("history", [])
+        history.append({
+            "attempt": rec.attempts, "generation": rec.generation, "at": now, "ms": ms, "conn_id": conn_id,
+            "worker": self.runtime.worker_name, "job_id": self.job_id,
+            "outcomes": {r: v.status.value for r, v in verdicts.items()},
+            "reply": _describe(deciding),
+        })  # fmt: skip
+        del history[:-50]
+        accepted = [r.casefold() for r, v in verdicts.items() if v.status is RecipientStatus.ACCEPTED]
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.multi()  # explicit before rq sees the pipeline: its enqueue calls multi() when it is not
+        if accepted:
+            pipe.sadd(ledger_key(rec.message_id), *accepted)
+            pipe.expire(ledger_key(rec.message_id), LEDGER_TTL)
+        if rec.state == "deferred":
+            hints = [h for v in failed if (h := retry_hint(v.reply)) is not None]
+            delay = backoff_delay(policy, rec.attempts, max(hints) if hints else None, _rng)
+            job_id = attempt_job_id(rec.send_id, rec.generation, rec.attempts + 1)
+            if job_id == self.job_id:  # a throttled attempt was given back: never reuse the running job's id
+                job_id = attempt_job_id(rec.send_id, rec.generation, rec.attempts + 1, f"-{int(now * 1000)}")
+            schedule_attempt(pipe, self.redis, rec, job_id, now + delay)
+        else:
+            rec.next_attempt_at = None
+        if rec.state == "delivered":
+            minute = int(now // 60)
+            pipe.incr(delivered_key(minute))
+            pipe.expire(delivered_key(minute), 3 * 3600)
+        self.store.stage_save(pipe, rec, now=now)
+        pipe.zrem(INFLIGHT, rec.send_id)
+        pipe.execute()
+        summary = {
+            "id": rec.send_id,
+            "state": rec.state,
+            "attempts": rec.attempts,
+            "ms": ms,
+            "conn_id": conn_id,
+            "recipients": {r: rec.outcomes.get(r, {}).get("status") for r in rec.recipients},
+        }
+        event = {"delivered": "mail_delivered", "deferred": "mail_deferred"}.get(
+            rec.state, f"mail_{rec.state}"
+        )
+        log = logger.info if rec.state in ("delivered", "deferred") else logger.warning
+        log(
+            event,
+            recipients=summary["recipients"],
+            total_ms=ms,
+            conn_id=conn_id,
+            next_attempt_at=rec.next_attempt_at,
+            reason=rec.record.get("reason"),
+        )
+        return summary
+
+    @staticmethod
+    def _reason(rec: SendRecord) -> dict[str, Any] | None:
+        """Why the send is not delivered, in the shape the dashboard groups by: a permanent refusal first,
+        then an unknown outcome, then a transient one (kind "exhausted" once retrying has stopped)."""
+        rank = {"permanent": 0, "unknown": 1, "transient": 2}
+        open_outcomes = [o for o in rec.outcomes.values() if o.get("status") in rank]
+        if not open_outcomes:
+            return None
+        worst = min(open_outcomes, key=lambda o: rank[o["status"]])
+        kind = worst.get("kind") or "message"
+        if rec.state == "failed" and worst["status"] == "transient":
+            kind = "exhausted"
+        code, text = worst.get("code"), str(worst.get("text") or "").split("\n")[0]
+        return {
+            "kind": kind,
+            "stage": worst.get("stage"),
+            "code": code,
+            "enhanced": worst.get("enhanced"),
+            "text": f"{code} {text}" if code else text,
+        }
+
+
+def _describe(verdict: Verdict | None) -> str | None:
+    if verdict is None:
+        return None
+    return verdict.reply.summary() if verdict.reply else verdict.detail
+
+
+def _verdicts(result: SendResult) -> dict[str, Verdict]:
+    return {o.recipient: verdict_for_reply(o.status, o.stage.value, o.reply) for o in result.outcomes}
