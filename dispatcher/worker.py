@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -130,20 +129,47 @@ def run_one(queue_names: Sequence[str], *, burst: bool) -> int:
     return 0
 
 
+class Child:
+    """A forked worker process (forked, not spawned: the imports are done once, in the supervisor)."""
+
+    def __init__(self, queue_names: Sequence[str], burst: bool) -> None:
+        self.returncode: int | None = None
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into the supervisor
+            code = 1
+            try:
+                os.setsid()  # own session: a terminal's Ctrl-C reaches only the supervisor (it passes it on)
+                code = run_one(queue_names, burst=burst)
+            except BaseException:
+                logger.exception("worker_process_crashed")
+            finally:
+                os._exit(code)
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signum)
+
+
 class Supervisor:
     """Starts N worker processes, forwards stop signals, restarts the ones that die."""
 
     def __init__(self, concurrency: int, queue_names: Sequence[str], *, burst: bool) -> None:
         self.concurrency = concurrency
-        self.command = [sys.executable, "-m", "dispatcher.worker", "--concurrency", "1",
-                        "--queues", *queue_names, *(["--burst"] if burst else [])]  # fmt: skip
+        self.queue_names = list(queue_names)
         self.burst = burst
-        self.children: list[subprocess.Popen[bytes]] = []
+        self.children: list[Child] = []
         self.stopping = 0
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        # Own session: a terminal's Ctrl-C reaches only us, and we pass it on exactly once.
-        return subprocess.Popen(self.command, start_new_session=True)
+    def _spawn(self) -> Child:
+        return Child(self.queue_names, self.burst)
 
     def _signal(self, signum: int, frame: FrameType | None) -> None:
         self.stopping += 1

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
-from retrykit import WorkerProcess
-
-StartWorker = Callable[..., WorkerProcess]
+from retrykit import StartWorker, WorkerProcess
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any
@@ -253,3 +253,6 @@ def unanswered(messages: Iterable[Any]) -> Counter[tuple[str, str]]:
         for rcpt in message.rcpt_tos if mid else ():
             counts[(mid, rcpt.lower())] += 1
     return counts
+
+
+StartWorker = Callable[..., WorkerProcess]

@@ -13,9 +13,8 @@ from collections import Counter
 from collections.abc import Callable
 
 import redis
-from conftest import StartWorker
 from helpers import wait_until
-from retrykit import deliveries, env_for, mail, message_id_of, smtp_url, unanswered
+from retrykit import StartWorker, deliveries, env_for, mail, message_id_of, smtp_url, unanswered
 from rq import Queue
 from rq.serializers import JSONSerializer
 from servers import Fault, ScriptedSmtpServer

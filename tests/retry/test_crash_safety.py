@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import pytest
 import redis
-from conftest import StartWorker
 from helpers import wait_until
 from retrykit import (
+    StartWorker,
     deliveries,
     env_for,
     load,

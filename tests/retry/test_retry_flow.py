@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import redis
-from conftest import StartWorker
 from helpers import wait_until
 from retrykit import (
     InProcess,
+    StartWorker,
     attempts_made,
     deliveries,
     env_for,

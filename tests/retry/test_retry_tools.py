@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import StartWorker
 from helpers import wait_until
 from retrykit import (
     PYTHON,
     ROOT,
+    StartWorker,
     cli_json,
     deliveries,
     env_for,
