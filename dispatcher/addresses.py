@@ -29,6 +29,10 @@ _ATEXT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567
 _SPECIALS = frozenset('()<>[]:;@\\,."')
 _LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _LINE_BREAKS = frozenset("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+# ASCII dot-atom local part at an LDH domain, and a display name of plain words: read back unchanged.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_ADDR_SPEC = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+_PLAIN_NAME = re.compile(r"(?:[A-Za-z0-9]+(?: [A-Za-z0-9]+)*)?")
 
 
 def control_character_problem(value: str) -> str | None:
@@ -107,7 +111,10 @@ def parse_address(value: str) -> Address:
         if _find_unquoted(addr_spec, "<") is not None or _find_unquoted(addr_spec, ">") is not None:
             raise ValueError("not an email address: stray '<' or '>'")
     addr_spec = _check_addr_spec(addr_spec)
-    return _stdlib_reading(Address(display_name=display_name, addr_spec=addr_spec))
+    address = Address(display_name=display_name, addr_spec=addr_spec)
+    if _PLAIN_ADDR_SPEC.fullmatch(addr_spec) and _PLAIN_NAME.fullmatch(display_name):
+        return address  # the common shape: the stdlib reads it back unchanged (tested), skip that cost
+    return _stdlib_reading(address)
 
 
 def _quote(text: str) -> str:

@@ -10,6 +10,7 @@ connection (``jobs``).
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from typing import Any
@@ -17,7 +18,9 @@ from typing import Any
 import redis
 import structlog
 
-from dispatcher.errors import ConfigurationError, SmtpError
+from dispatcher.errors import ConfigurationError, SmtpError, ValidationError
+from dispatcher.message import Mail
+from dispatcher.mime import build_message
 from dispatcher.policy import (
     Verdict,
     backoff_delay,
@@ -40,12 +43,14 @@ from dispatcher.store import (
     SendStore,
     delivered_key,
     ledger_key,
+    source_key,
     text,
 )
 
 logger = structlog.get_logger("dispatcher.attempt")
 _rng = random.SystemRandom()
 _RETRYABLE = {"pending", RecipientStatus.TRANSIENT.value}
+_ANY_SIZE = 1 << 62  # the size was checked at enqueue
 
 
 class Attempt:
@@ -90,7 +95,7 @@ class Attempt:
         }  # fmt: skip
         self.bind()
         self.started = time.time()
-        ledger = self._begin(rec, self.started)
+        ledger, source = self._begin(rec, self.started)
         for recipient in rec.recipients:
             if recipient.casefold() in ledger:
                 rec.outcomes.setdefault(recipient, {})["status"] = RecipientStatus.ACCEPTED.value
@@ -100,7 +105,14 @@ class Attempt:
         if not self.pending:
             return self._finish(rec, {}, "", self.started)
         if rec.raw is None:
-            raise RuntimeError(f"send {rec.send_id} has no message bytes")
+            try:
+                rec.raw = build_message(
+                    Mail.from_dict(json.loads(source or "null"), max_bytes=_ANY_SIZE, build=False)
+                )
+            except (ValidationError, ValueError, TypeError, IndexError) as exc:
+                detail = f"cannot be written as MIME: {exc}"
+                verdict = Verdict(RecipientStatus.PERMANENT, None, None, "message", detail)
+                return self._finish(rec, dict.fromkeys(self.pending, verdict), "", self.started)
         return None
 
     def bind(self) -> None:
@@ -128,18 +140,20 @@ class Attempt:
         verdict = Verdict(status, None, None, "interrupted", detail)
         return self._finish(self.rec, dict.fromkeys(self.pending, verdict), conn_id, self.started)
 
-    def _begin(self, rec: SendRecord, now: float) -> set[str]:
-        """Mark the send in flight under a lease and read its ledger, in one transaction."""
+    def _begin(self, rec: SendRecord, now: float) -> tuple[set[str], str | None]:
+        """Mark the send in flight under a lease; read its ledger and (unless the MIME bytes are stored)
+        the mail to build them from — in one transaction."""
         rec.state = "sending"
         rec.attempts += 1
         rec.record.setdefault("first_attempt_at", now)
         pipe = self.redis.pipeline(transaction=True)
         pipe.multi()  # explicit before rq sees the pipeline: its enqueue calls multi() when it is not
         pipe.smembers(ledger_key(rec.message_id))
+        pipe.get(source_key(rec.send_id))
         self.store.stage_save(pipe, rec, now=now)
         pipe.zadd(INFLIGHT, {rec.send_id: now + self.runtime.settings.lease_seconds})
-        members = pipe.execute()[0]
-        return {text(m).casefold() for m in members}
+        members, source = pipe.execute()[:2]
+        return {text(m).casefold() for m in members}, text(source) if source is not None else None
 
     def _send(self, rec: SendRecord, pending: list[str]) -> tuple[dict[str, Verdict], str]:
         settings = self.runtime.settings

@@ -18,7 +18,7 @@ import structlog
 
 from dispatcher.errors import ConfigurationError
 from dispatcher.producer import attempt_job_id, schedule_attempt
-from dispatcher.store import INFLIGHT, SendRecord, SendStore, ledger_key, send_key, state_key
+from dispatcher.store import INFLIGHT, SendRecord, SendStore, ledger_key, send_key, source_key, state_key
 
 logger = structlog.get_logger("dispatcher.operations")
 RETRYABLE_STATES = ("failed", "unknown", "deferred")
@@ -175,7 +175,7 @@ class Operations:
                 done[send_id] = "skipped: sending"
                 continue
             pipe = self.redis.pipeline(transaction=True)
-            pipe.delete(send_key(send_id))
+            pipe.delete(send_key(send_id), source_key(send_id))
             for state in (rec.state, *RETRYABLE_STATES):
                 pipe.zrem(state_key(state), send_id)
                 pipe.zrem(state_key(state, rec.priority), send_id)

@@ -7,6 +7,7 @@ first send and creates nothing — rq alone would run a reused job id twice.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -112,7 +113,7 @@ class Producer:
         if isinstance(data, Mail) and data.raw:
             return data
         mapping = data.to_dict() if isinstance(data, Mail) else data
-        return Mail.from_dict(mapping, max_bytes=self.max_bytes)
+        return Mail.from_dict(mapping, max_bytes=self.max_bytes, build=False)
 
     def enqueue(self, data: Mapping[str, Any] | Mail) -> Enqueued:
         """Validate and enqueue one mail; ``ValidationError`` names every bad field and stores nothing."""
@@ -180,7 +181,8 @@ class Producer:
             rec = SendRecord(
                 send_id=send_id,
                 mail=mail_summary(mail),
-                raw=mail.raw,
+                raw=mail.raw or None,
+                source=None if mail.raw else json.dumps(mail.to_dict(), separators=(",", ":")),
                 state="scheduled" if scheduled else "queued",
                 created_at=now,
                 record={"outcomes": {r: {"status": "pending"} for r in mail.envelope_recipients}},

@@ -3,7 +3,8 @@
 rq jobs only carry a send id; the record below is the source of truth for state, attempts and every
 recipient's outcome, so retries, the CLI and the dashboard never depend on rq's registries or pickles.
 
-    dispatch:send:<id>          hash   mail (JSON), state, attempts, generation, timestamps, record (JSON)
+    dispatch:send:<id>          hash   mail summary (JSON), state, attempts, generation, timestamps, record
+    dispatch:source:<id>        string the whole mail (JSON) the worker builds the MIME message from
     dispatch:key:<sha256(key)>  string the send id owning an idempotency key
     dispatch:ledger:<msgid>     set    recipients that accepted the message: never sent to again
     dispatch:state:<state>      zset   send ids by last update, one per state (dashboard, retry filters)
@@ -60,6 +61,10 @@ def idempotency_key(key: str) -> str:
     return f"{PREFIX}:key:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
+def source_key(send_id: str) -> str:
+    return f"{PREFIX}:source:{send_id}"
+
+
 def worker_key(name: str) -> str:
     return f"{PREFIX}:worker:{name}"
 
@@ -103,6 +108,7 @@ class SendRecord:
     rq_job: str | None = None
     record: dict[str, Any] = field(default_factory=dict)
     raw: bytes | None = field(default=None, repr=False)
+    source: str | None = field(default=None, repr=False)
     stored_state: str | None = None
 
     @property
@@ -224,10 +230,14 @@ class SendStore:
         """Queue the writes that persist ``rec`` and its state index on ``pipe`` (a MULTI pipeline)."""
         rec.updated_at = now or time.time()
         pipe.hset(send_key(rec.send_id), mapping=rec.to_hash_new() if new else rec.to_hash())
+        if new and rec.source is not None:
+            pipe.set(source_key(rec.send_id), rec.source)
         if rec.state in FINAL_STATES:
             pipe.expire(send_key(rec.send_id), RECORD_TTL)
+            pipe.expire(source_key(rec.send_id), RECORD_TTL)
         elif rec.stored_state in FINAL_STATES:
             pipe.persist(send_key(rec.send_id))
+            pipe.persist(source_key(rec.send_id))
         priority = rec.priority
         if rec.stored_state is not None and rec.stored_state != rec.state:
             pipe.zrem(state_key(rec.stored_state), rec.send_id)

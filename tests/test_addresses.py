@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dispatcher import addresses
 from dispatcher.addresses import Address, control_character_problem, parse_address
 
 
@@ -142,3 +143,22 @@ def test_any_clean_display_name_round_trips(name: str, local: str) -> None:
     if "=?" in address.display_name:
         return  # encoded-words are decoded on purpose, covered above
     assert parse_address(address.formatted()) == address
+
+
+_ATOM_CHARS = st.sampled_from("abcXYZ019!#$%&'*+/=?^_`{|}~-")
+_plain_local = st.lists(st.text(_ATOM_CHARS, min_size=1, max_size=8), min_size=1, max_size=3).map(".".join)
+_plain_domain = st.tuples(
+    st.lists(st.from_regex(r"[a-z0-9](?:[a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True), max_size=2),
+    st.from_regex(r"[a-z]{2,6}", fullmatch=True),
+).map(lambda parts: ".".join([*parts[0], parts[1]]))
+_plain_name = st.lists(st.from_regex(r"[A-Za-z0-9]{1,6}", fullmatch=True), max_size=3).map(" ".join)
+
+
+@given(local=_plain_local, domain=_plain_domain, name=_plain_name)
+def test_the_fast_path_for_plain_addresses_agrees_with_the_stdlib_reading(
+    local: str, domain: str, name: str
+) -> None:
+    text = f"{name} <{local}@{domain}>" if name else f"{local}@{domain}"
+    parsed = parse_address(text)
+    assert addresses._stdlib_reading(parsed) == parsed
+    assert parsed == Address(display_name=name, addr_spec=f"{local}@{domain}")

@@ -10,8 +10,11 @@ from email.parser import BytesParser, Parser
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from dispatcher.message import Mail
+from dispatcher.errors import ValidationError
+from dispatcher.message import Mail, size_upper_bound
 from dispatcher.mime import MAX_LINE_OCTETS, build_message, custom_header_problem
 
 PDF = b"%PDF-1.4\n\x00\xff binary \r\n bytes"
@@ -229,3 +232,28 @@ def test_identical_bytes_in_another_process() -> None:
 )
 def test_custom_header_problem(name: str, value: str, problem: str | None) -> None:
     assert custom_header_problem(name, value, {"x-ok"} if name == "x-ok" else set()) == problem
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    text=st.text(max_size=3000),
+    html=st.one_of(st.none(), st.text(max_size=2000)),
+    subject=st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), max_size=200),
+    blob=st.binary(max_size=5000),
+)
+def test_the_size_bound_the_producer_trusts_is_never_below_the_real_size(
+    text: str, html: str | None, subject: str, blob: bytes
+) -> None:
+    data: dict[str, object] = {"from": "Zoë <app@example.com>", "to": "ann@example.org", "subject": subject,
+                               "text": text or "x", "attachments": [
+                                   {"filename": "dätä.bin", "content_type": "application/octet-stream",
+                                    "content": base64.b64encode(blob).decode()}]}  # fmt: skip
+    if html:
+        data["html"] = html
+    try:
+        mail = Mail.from_dict(data)
+    except ValidationError:
+        return  # not a mail (e.g. a NUL in the body): nothing to bound
+    assert size_upper_bound(mail) >= len(build_message(mail))
+    pinned = {**data, "message_id": mail.message_id, "date": mail.date}  # the same bytes again
+    assert Mail.from_dict(pinned, build=False, max_bytes=len(mail.raw)).raw in (b"", mail.raw)
