@@ -41,6 +41,8 @@ def control_character_problem(value: str) -> str | None:
     CR and LF would let the value start a new header (header injection); NUL and other controls
     (including TAB and the Unicode line/paragraph separators) have no business in a header either.
     """
+    if value.isascii() and value.isprintable():
+        return None
     for char in value:
         if char in "\r\n":
             return "contains a line break (CR/LF) — header injection"

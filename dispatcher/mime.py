@@ -122,6 +122,8 @@ def custom_header_problem(name: object, value: object, seen: set[str]) -> str | 
     problem = control_character_problem(value)
     if problem is not None:
         return problem
+    if _plain_unstructured(lowered, value) and len(name) + 2 + len(value) <= MAX_LINE_OCTETS:
+        return None  # printable ASCII in an unstructured header, short enough never to need folding
     for policy in (email_policy.SMTP, email_policy.SMTPUTF8):  # mime picks one of the two
         try:
             header = policy.header_factory(name, value)
@@ -133,3 +135,9 @@ def custom_header_problem(name: object, value: object, seen: set[str]) -> str | 
         if max(len(line.encode("utf-8")) for line in folded.splitlines()) > MAX_LINE_OCTETS:
             return f"too long: a line would exceed {MAX_LINE_OCTETS} octets"
     return None
+
+
+def _plain_unstructured(lowered_name: str, value: str) -> bool:
+    """A header the email package treats as unstructured text, with nothing in it to encode or parse."""
+    registry = email_policy.SMTP.header_factory.registry  # type: ignore[attr-defined]
+    return lowered_name not in registry and value.isascii() and value.isprintable() and "=?" not in value

@@ -169,6 +169,7 @@ class Producer:
         results: list[Enqueued] = []
         claimed: dict[str, Enqueued] = {}
         batches: dict[str, list[SendRecord]] = {}
+        created: list[SendRecord] = []
         for mail, key in zip(mails, keys, strict=True):
             if key is not None and key in existing:
                 results.append(Enqueued(existing[key], True, ""))
@@ -187,17 +188,16 @@ class Producer:
                 created_at=now,
                 record={"outcomes": {r: {"status": "pending"} for r in mail.envelope_recipients}},
             )
+            created.append(rec)
             if scheduled and mail.send_at is not None:
                 schedule_attempt(pipe, self.redis, rec, send_id, mail.send_at.timestamp())
-                self.store.stage_save(pipe, rec, now=now, new=True)
             elif len(mails) == 1:
                 schedule_attempt(pipe, self.redis, rec, send_id, None)
-                self.store.stage_save(pipe, rec, now=now, new=True)
             else:
                 batch = batches.setdefault(mail.priority, [])
                 batch.append(rec)
                 if len(batch) == JOB_BATCH_SIZE:
-                    self._stage_batch(pipe, batches.pop(mail.priority), now)
+                    enqueue_batch(pipe, self.redis, batches.pop(mail.priority))
             if key is not None:
                 pipe.set(key, send_id, ex=KEY_TTL)
             done = Enqueued(send_id, False, mail.message_id)
@@ -205,13 +205,9 @@ class Producer:
                 claimed[key] = done
             results.append(done)
         for batch in batches.values():
-            self._stage_batch(pipe, batch, now)
+            enqueue_batch(pipe, self.redis, batch)
+        self.store.stage_new(pipe, created, now=now)
         return results
-
-    def _stage_batch(self, pipe: Any, recs: list[SendRecord], now: float) -> None:
-        enqueue_batch(pipe, self.redis, recs)
-        for rec in recs:
-            self.store.stage_save(pipe, rec, now=now, new=True)
 
 
 def connect(url: str) -> redis.Redis:

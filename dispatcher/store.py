@@ -155,8 +155,8 @@ class SendRecord:
             stored_state=fields["state"],
         )
 
-    def to_hash(self, *, include_mail: bool = False) -> dict[str, str]:
-        """The hash fields; the mail itself is written once, when the send is created."""
+    def to_hash(self) -> dict[str, str]:
+        """The fields an update writes; the mail itself is written once, when the send is created."""
         fields = {
             "state": self.state,
             "attempts": str(self.attempts),
@@ -167,13 +167,20 @@ class SendRecord:
             "rq_job": self.rq_job or "",
             "record": json.dumps(self.record, separators=(",", ":")),
         }
-        if include_mail:
-            fields["mail"] = json.dumps(self.mail, separators=(",", ":"))
         return fields
 
     def to_hash_new(self) -> dict[str, str | bytes]:
-        """Every field of a send being created, the MIME bytes included."""
-        fields: dict[str, str | bytes] = {**self.to_hash(include_mail=True)}
+        """The fields of a send being created (the others start at their defaults), MIME bytes included."""
+        fields: dict[str, str | bytes] = {
+            "mail": json.dumps(self.mail, separators=(",", ":")),
+            "state": self.state,
+            "created_at": repr(self.created_at),
+            "updated_at": repr(self.updated_at),
+            "rq_job": self.rq_job or "",
+            "record": json.dumps(self.record, separators=(",", ":")),
+        }
+        if self.next_attempt_at is not None:
+            fields["next_attempt_at"] = repr(self.next_attempt_at)
         if self.raw is not None:
             fields["raw"] = self.raw
         return fields
@@ -226,12 +233,10 @@ class SendStore:
     def ledger(self, message_id: str) -> set[str]:
         return {text(m) for m in self.redis.smembers(ledger_key(message_id))}
 
-    def stage_save(self, pipe: Any, rec: SendRecord, *, now: float | None = None, new: bool = False) -> None:
+    def stage_save(self, pipe: Any, rec: SendRecord, *, now: float | None = None) -> None:
         """Queue the writes that persist ``rec`` and its state index on ``pipe`` (a MULTI pipeline)."""
         rec.updated_at = now or time.time()
-        pipe.hset(send_key(rec.send_id), mapping=rec.to_hash_new() if new else rec.to_hash())
-        if new and rec.source is not None:
-            pipe.set(source_key(rec.send_id), rec.source)
+        pipe.hset(send_key(rec.send_id), mapping=rec.to_hash())
         if rec.state in FINAL_STATES:
             pipe.expire(send_key(rec.send_id), RECORD_TTL)
             pipe.expire(source_key(rec.send_id), RECORD_TTL)
@@ -245,6 +250,26 @@ class SendStore:
         pipe.zadd(state_key(rec.state), {rec.send_id: rec.updated_at})
         pipe.zadd(state_key(rec.state, priority), {rec.send_id: rec.updated_at})
         rec.stored_state = rec.state
+
+    def stage_new(self, pipe: Any, recs: list[SendRecord], *, now: float) -> None:
+        """Queue the writes creating ``recs`` on ``pipe``: a hash each, and their sources and state-index
+        entries in as few commands as possible (bulk enqueue is bounded by Redis commands)."""
+        if not recs:
+            return
+        sources: dict[str, str] = {}
+        indexes: dict[str, dict[str, float]] = {}
+        for rec in recs:
+            rec.updated_at = now
+            rec.stored_state = rec.state
+            pipe.hset(send_key(rec.send_id), mapping=rec.to_hash_new())
+            if rec.source is not None:
+                sources[source_key(rec.send_id)] = rec.source
+            for key in (state_key(rec.state), state_key(rec.state, rec.priority)):
+                indexes.setdefault(key, {})[rec.send_id] = now
+        if sources:
+            pipe.mset(sources)
+        for key, members in indexes.items():
+            pipe.zadd(key, members)
 
     def save(self, rec: SendRecord) -> None:
         pipe = self.redis.pipeline(transaction=True)
