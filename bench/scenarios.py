@@ -247,7 +247,25 @@ def dispatcher_scenario() -> Scenario | None:
 DISPATCHER_PLACEHOLDER = EnqueueCase("dispatcher.enqueue_many", None, "not available yet")
 
 
+RATE_NOT_REACHED = 100_000
+
+
+def with_unreached_rate_limit(scenario: Scenario) -> Scenario:
+    """Ours with a route rate limit far above what one worker can do: what the throttle itself costs."""
+    inner = scenario.worker_cmds
+
+    def cmds(env: BenchEnv, workers: int) -> list[list[str]]:
+        route = f"SMTP_URL={env.smtp_url}?rate={RATE_NOT_REACHED}"
+        return [["env", route, *command] for command in inner(env, workers)]
+
+    return replace(scenario, name=scenario.name + " (rate limit not reached)", worker_cmds=cmds,
+                   description=scenario.description + f"; route rate={RATE_NOT_REACHED}/s",
+                   scaling=False, enqueue_cases=())  # fmt: skip
+
+
 def all_scenarios() -> list[Scenario]:
     ours = dispatcher_scenario()
-    with_ours = [ours, on_chunking_sink(ours, scaling=True)] if ours is not None else []
+    if ours is None:
+        return [BASELINE_NEW, BASELINE_KEPT, RAW_SMTPLIB, on_chunking_sink(BASELINE_KEPT), RAW_BDAT]
+    with_ours = [ours, with_unreached_rate_limit(ours), on_chunking_sink(ours, scaling=True)]
     return [BASELINE_NEW, BASELINE_KEPT, RAW_SMTPLIB, on_chunking_sink(BASELINE_KEPT), RAW_BDAT, *with_ours]

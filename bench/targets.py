@@ -1,4 +1,5 @@
-"""The targets of issue 7, checked against one results document (ratios from the same run).
+"""The targets of issue 7 (and issue 8's "throttling costs nothing while the limit is not reached"),
+checked against one results document (ratios from the same run).
 
 Each check names the rows it used, so a reader can find them in the tables; a missing row (scenario
 skipped, contender unavailable) gives ``met=None`` rather than a guess.
@@ -12,6 +13,7 @@ from typing import Any
 
 OURS = "dispatcher"
 OURS_CHUNKING = "dispatcher (CHUNKING sink)"
+OURS_RATE = "dispatcher (rate limit not reached)"
 BASE_A = "rq-Worker+smtplib-new"
 BASE_B = "rq-SimpleWorker+smtplib-kept"
 BULK = ("dispatcher.enqueue_many", "dispatcher.Producer.enqueue_many")
@@ -71,6 +73,10 @@ def checks(doc: dict[str, Any]) -> list[Check]:
     best = max(bulk, key=lambda r: r["jobs_per_s"]) if bulk else None
     out.append(_check("bulk enqueue >= 8,000 mails/s", best["jobs_per_s"] if best else None, 8000.0,
                       lambda v, b=best: f"{v:,.0f}/s ({b['case'] if b else ''})"))
+    for rtt in (0.0, 20.0):  # issue 8: throttling costs nothing measurable while the limit is not reached
+        kept = _ratio(_find(s1, OURS_RATE, rtt), _find(s1, OURS, rtt), "steady_msgs_per_s")
+        target = f"{rtt:.0f} ms: unreached route rate limit keeps >= 90% of the rate (issue 8)"
+        out.append(_check(target, kept, 0.9, lambda v: f"{v * 100:.0f}% (steady)"))
     rss = [r["peak_rss_mb"] for r in s1 + s2 if r["scenario"].startswith(OURS) and r.get("peak_rss_mb")]
     worst = max(rss) if rss else None
     out.append(Check("worker peak RSS <= 60 MB", f"{worst:.1f} MB (max over dispatcher rows)" if worst

@@ -133,6 +133,18 @@ class Attempt:
             self.rec.record["transcript"] = list(transcript)
         return self._finish(self.rec, verdicts, conn_id, self.started)
 
+    def throttled(self, route: str, reason: str) -> dict[str, Any]:
+        """Record a prepared attempt the route's limits kept from going out (streams ask per message)."""
+        return self._finish(self.rec, self._throttled(route, reason), "", self.started)
+
+    def _throttled(self, route: str, reason: str) -> dict[str, Verdict]:
+        # Waiting for the route's limits is not an attempt: give it back; _finish defers the send.
+        self.rec.attempts -= 1
+        logger.info("mail_throttled", route=route, reason=reason)
+        return dict.fromkeys(
+            self.pending, Verdict(RecipientStatus.TRANSIENT, None, None, "throttled", reason)
+        )
+
     def interrupted(self, data_written: bool, conn_id: str, exc: BaseException) -> dict[str, Any]:
         """Record an attempt cut off by a job timeout or a cold shutdown: unknown once its data was out."""
         status = RecipientStatus.UNKNOWN if data_written else RecipientStatus.TRANSIENT
@@ -168,11 +180,7 @@ class Attempt:
             assert rec.raw is not None
             deferred = gate.admit(route, client)
             if deferred is not None:
-                # Waiting for the route's limits is not an attempt: give it back; _finish defers the send.
-                rec.attempts -= 1
-                logger.info("mail_throttled", route=route, reason=deferred)
-                verdict = Verdict(RecipientStatus.TRANSIENT, None, None, "throttled", deferred)
-                return dict.fromkeys(pending, verdict), ""
+                return self._throttled(route, deferred), ""
             if route != rec.route:
                 rec.record["delivered_via"] = route
                 logger.info("mail_failover", primary=rec.route, fallback=route)

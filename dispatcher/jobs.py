@@ -21,7 +21,8 @@ from dispatcher.attempt import Attempt
 from dispatcher.recovery import requeue_unstarted
 from dispatcher.routing import RouteGate
 from dispatcher.runtime import Runtime
-from dispatcher.smtp.protocol import RecipientStatus
+from dispatcher.smtp.protocol import RecipientStatus, SendResult
+from dispatcher.smtp.session import SmtpClient
 from dispatcher.smtp.stream import Outgoing
 from dispatcher.store import (
     INFLIGHT,
@@ -63,9 +64,10 @@ def deliver_batch(send_ids: list[str]) -> dict[str, Any]:
 
 
 class Batch:
-    """The attempts of one job, in order. Consecutive sends on a plain route (no limits, slots or breaker
-    to consult per message) stream over the kept connection, one round trip each; the others go one by
-    one through the route gate. A warm shutdown stops before the next send; the job hands the rest back."""
+    """The attempts of one job, in order. Consecutive sends on a route without connection slots or a
+    breaker stream over the kept connection, one round trip each, each admitted by the route's rate and
+    daily limits as it is about to go out; the others go one by one through the route gate. A warm
+    shutdown stops before the next send; the job hands the rest back."""
 
     def __init__(self, runtime: Runtime, connection: redis.Redis, job_id: str, send_ids: list[str]) -> None:
         self.runtime = runtime
@@ -98,21 +100,29 @@ class Batch:
             self.results[send_id] = done
         return None
 
-    def _streamable(self, attempt: Attempt) -> bool:
+    @property
+    def gate(self) -> RouteGate:
         settings = self.runtime.settings
-        gate = RouteGate.for_process(self.redis, settings.policies, settings.job_timeout_margin / 2)
-        return attempt.rec.route in settings.routes and gate.plain(attempt.rec.route)
+        return RouteGate.for_process(self.redis, settings.policies, settings.job_timeout_margin / 2)
+
+    def _streamable(self, attempt: Attempt) -> bool:
+        route = attempt.rec.route
+        return route in self.runtime.settings.routes and self.gate.streamable(route)
 
     def _stream(self, first: Attempt) -> None:
         route = first.rec.route
         client = self.runtime.client(route)
         prepared = {first.send_id: first}
-        source = _StreamSource(self, first, route, prepared)
+        source = _StreamSource(self, first, route, prepared, client)
         try:
             while not source.finished or prepared:
                 progressed = False
-                for message, outcome in client.send_stream(iter(source)):
+                for message, outcome in client.send_stream(iter(source), source.ready):
                     attempt = prepared.pop(message.key)
+                    if isinstance(outcome, SendResult):
+                        self.gate.answered(route, client, [o.reply for o in outcome.outcomes])
+                    else:
+                        self.gate.failed(route, outcome)
                     self.results[message.key] = attempt.complete(
                         outcome, client.conn_id, client.last_transcript
                     )
@@ -131,28 +141,52 @@ class Batch:
 
 
 class _StreamSource:
-    """Feeds a stream the batch's next prepared sends while they stay on the stream's plain route."""
+    """Feeds a stream the batch's next prepared sends while they stay on the stream's route, each one
+    admitted by the route's limits right before it goes on the wire."""
 
-    def __init__(self, batch: Batch, first: Attempt, route: str, prepared: dict[str, Attempt]) -> None:
-        self.batch, self.route, self.prepared = batch, route, prepared
+    def __init__(
+        self, batch: Batch, first: Attempt, route: str, prepared: dict[str, Attempt], client: SmtpClient
+    ) -> None:
+        self.batch, self.route, self.prepared, self.client = batch, route, prepared, client
         self.first: Attempt | None = first
+        self.admitted = False
         self.finished = False
 
     def __iter__(self) -> Iterator[Outgoing]:
-        if self.first is not None:
-            first, self.first = self.first, None
-            yield first.outgoing()
-        while not self.finished:
-            attempt = self.batch._next_prepared()
+        while not self.finished or self.first is not None:
+            attempt = self._next()
             if attempt is None:
-                self.finished = True
                 return
-            if attempt.rec.route != self.route or not self.batch._streamable(attempt):
-                self.batch.held = attempt
-                self.finished = True
-                return
+            refused = None if self.admitted else self.batch.gate.admit(self.route, self.client)
+            self.admitted = False
+            if refused is not None:
+                self.batch.results[attempt.send_id] = attempt.throttled(self.route, refused)
+                continue
             self.prepared[attempt.send_id] = attempt
             yield attempt.outgoing()
+
+    def ready(self) -> bool:
+        """Asked when a message's data is due: may the next one go with it, its token taken right now?"""
+        if self.first is None:
+            self.first = self._next()
+        if self.first is None:
+            return False
+        if not self.admitted:
+            self.admitted = self.batch.gate.admit_now(self.route)
+        return self.admitted
+
+    def _next(self) -> Attempt | None:
+        if self.first is not None:
+            first, self.first = self.first, None
+            return first
+        if self.finished:
+            return None
+        attempt = self.batch._next_prepared()
+        if attempt is None or attempt.rec.route != self.route or not self.batch._streamable(attempt):
+            self.batch.held = attempt
+            self.finished = True
+            return None
+        return attempt
 
 
 class LeaseKeeper:

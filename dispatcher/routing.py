@@ -78,6 +78,10 @@ class RouteGate:
             return f"route {route}: daily cap of {policy.daily} reached; resumes in {reservation.wait:.0f}s"
         return f"route {route}: rate limit, next token in {reservation.wait:.1f}s (over {max_wait:g}s)"
 
+    def admit_now(self, route: str) -> bool:
+        """Take ``route``'s next token only if it is there now (never waits, never defers)."""
+        return self.throttle.reserve(self.policy(route), 0).granted
+
     @staticmethod
     def using(client: SmtpClient) -> contextlib.AbstractContextManager[object]:
         """Hold the client against the slot keeper thread while a job uses it."""
@@ -103,10 +107,10 @@ class RouteGate:
             with client.lock:
                 client.yield_if_wanted()
 
-    def plain(self, route: str) -> bool:
-        """No limit, slot or breaker to consult per message: sends may stream back to back."""
-        policy = self.policy(route)
-        return not (policy.limited or policy.max_connections is not None or self._guarded(route))
+    def streamable(self, route: str) -> bool:
+        """No connection slot or breaker to consult around each send, so sends may stream back to back
+        (a rate or daily limit is asked per message, as each one is about to go on the wire)."""
+        return self.policy(route).max_connections is None and not self._guarded(route)
 
     def describe(self, route: str) -> dict[str, object]:
         """The route's limits and their live state, for the dashboard (reads only; nothing for a plain

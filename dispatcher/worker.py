@@ -27,6 +27,7 @@ from typing import Any
 import redis
 import structlog
 from rq import Queue, SimpleWorker
+from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -58,6 +59,13 @@ class MailWorker(SimpleWorker):
         self.runtime.worker_name = self.name
         self.runtime.should_stop = lambda: bool(self._stop_requested)
         self._limits: dict[str, dict[str, object]] = {}
+
+    def _install_signal_handlers(self) -> None:
+        super()._install_signal_handlers()  # type: ignore[no-untyped-call]
+        if _stop_before_start:  # a stop asked for while we were starting: honour it now that rq listens
+            self._stop_requested = True  # the work loop checks this before it dequeues
+            for signum in STOP_SIGNALS:  # and a second signal is a cold stop, as in rq's request_stop
+                signal.signal(signum, self.request_force_stop)
 
     def perform_job(self, job: Job, queue: Queue) -> bool:
         sends = len(job.args[0]) if job.func_name == BATCH_FUNCTION and job.args else 1
@@ -91,6 +99,8 @@ class MailWorker(SimpleWorker):
         super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
         try:
             reap_abandoned(self.connection)
+        except StopRequested:  # rq's warm stop, raised from its signal handler while idle: let it through
+            raise
         except Exception as exc:  # recovery must never take the worker down with it
             logger.exception("recovery_failed", error=str(exc))
 
@@ -101,11 +111,18 @@ class MailWorker(SimpleWorker):
         super().teardown()  # type: ignore[no-untyped-call]
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_stop_before_start: list[int] = []
+
+
+def _note_early_stop(signum: int, frame: FrameType | None) -> None:
+    _stop_before_start.append(signum)
+
+
 def run_one(queue_names: Sequence[str], *, burst: bool) -> int:
     """Run one worker in this process until it stops; 0 on a clean stop."""
-    stop_before_start: list[int] = []
-    for signum in (signal.SIGTERM, signal.SIGINT):  # until rq installs its own handlers in work()
-        signal.signal(signum, lambda received, frame: stop_before_start.append(received))
+    for signum in STOP_SIGNALS:  # until rq installs its own handlers in work()
+        signal.signal(signum, _note_early_stop)
     settings = load_settings(need_routes=True)
     connection = connect(settings.redis_url)
     queues = [Queue(name, connection=connection, serializer=JSONSerializer) for name in queue_names]
@@ -117,7 +134,7 @@ def run_one(queue_names: Sequence[str], *, burst: bool) -> int:
         burst=burst,
         routes={name: cfg.redacted_url() for name, cfg in settings.routes.items()},
     )
-    if stop_before_start:
+    if _stop_before_start:
         logger.info("worker_stopped_before_start", worker=worker.name)
         return 0
     worker.work(
@@ -134,8 +151,13 @@ class Child:
 
     def __init__(self, queue_names: Sequence[str], burst: bool) -> None:
         self.returncode: int | None = None
+        # Signals wait until the child has its own handler: the supervisor's must never run in a child.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:  # the child: never returns into the supervisor
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, _note_early_stop)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             code = 1
             try:
                 os.setsid()  # own session: a terminal's Ctrl-C reaches only the supervisor (it passes it on)
@@ -144,6 +166,7 @@ class Child:
                 logger.exception("worker_process_crashed")
             finally:
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.pid = pid
 
     def poll(self) -> int | None:

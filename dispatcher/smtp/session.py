@@ -16,7 +16,7 @@ import itertools
 import os
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 
 from dispatcher.errors import (
@@ -118,7 +118,9 @@ class SmtpClient:
                 reconnects += 1
                 self._transcript.event("smtp_reconnect", reason=str(exc), stage=_stage_name(exc))
 
-    def send_stream(self, source: Iterator[Outgoing]) -> Iterator[tuple[Outgoing, SendResult | SmtpError]]:
+    def send_stream(
+        self, source: Iterator[Outgoing], ready: Callable[[], bool] | None = None
+    ) -> Iterator[tuple[Outgoing, SendResult | SmtpError]]:
         """Send what ``source`` yields back to back on one connection, one round trip per message where the
         server allows it (``dispatcher.smtp.stream``); each message comes back with its result or error, in
         order. It ends when ``source`` does, at the connection's message cap, or when the connection breaks:
@@ -141,7 +143,7 @@ class SmtpClient:
                 if self.state is not SessionState.READY:
                     return
             return
-        self._stream = MessageStream(self, source)
+        self._stream = MessageStream(self, source, ready)
         self.state = SessionState.IN_TRANSACTION
         try:
             yield from self._stream.run()

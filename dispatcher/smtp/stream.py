@@ -4,7 +4,8 @@ RFC 2920 §3.1 lets the end of one message's data open the next group, so with P
 message *n*, its final dot and message *n+1*'s ``MAIL``, ``RCPT``… and ``DATA`` leave in one write. With
 CHUNKING (RFC 3030) nothing has to wait: ``BDAT`` may stand anywhere in a group, so up to ``WINDOW`` whole
 messages are on the wire before the first one's replies are read. Replies come back in order and each
-message gets exactly the outcome ``send`` would give it.
+message gets exactly the outcome ``send`` would give it. ``ready`` (optional) says whether the next message
+may go at once; when it may not (a rate limit), a message's data goes alone rather than wait for it.
 
 What cannot be known is never guessed: when the connection breaks, a message whose data was written
 completely and whose final reply is missing is an ``UnknownOutcome``; the others get the error itself
@@ -16,7 +17,7 @@ reset the next message's envelope); a message refused before its data is followe
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -58,9 +59,12 @@ class _InFlight:
 class MessageStream:
     """One pass over ``source`` on the client's open connection; see the module docstring."""
 
-    def __init__(self, client: SmtpClient, source: Iterator[Outgoing]) -> None:
+    def __init__(
+        self, client: SmtpClient, source: Iterator[Outgoing], ready: Callable[[], bool] | None = None
+    ) -> None:
         self.client = client
         self.source = source
+        self.may_follow = ready
         self.inflight: deque[_InFlight] = deque()
         self.ready: deque[Outcome] = deque()
         self.exhausted = False
@@ -128,8 +132,9 @@ class MessageStream:
         hand its outcome back."""
         self._read_expected(head)
         step = head.tx.next_step()
-        if step is not None:  # DATA path: 354 came back, the data goes now
-            nxt = self._pull()
+        if step is not None:  # DATA path: 354 came back, the data goes now — with the next envelope only
+            # if that one may go at once: the data must not wait for the next message's turn
+            nxt = self._pull() if self.may_follow is None or self.may_follow() else None
             self._write(head, step, nxt)
             self._read_expected(head)
         assert head.tx.finished, "a pipelined transaction ends with its data or before it"

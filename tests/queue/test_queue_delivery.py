@@ -314,8 +314,7 @@ def test_sigterm_right_after_the_pool_started_exits_0(
     sink = smtp_server()
     pool = start_workers(smtp_url(sink.port), "--concurrency", "2")
     pool.wait_for_event(lambda e: e.get("event") == "pool_started", timeout=15, what="pool_started")
-    assert ready_workers(redis_client) == 0  # the children are still starting
-    pool.terminate()
+    pool.terminate()  # the children are forked a moment ago: some may not have their rq handlers yet
     code = pool.wait(timeout=20)
     stopped = [e for e in pool.events() if e.get("event") == "pool_stopped"]
     assert code == 0, stopped
