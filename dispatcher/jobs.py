@@ -117,7 +117,7 @@ class Batch:
         try:
             while not source.finished or prepared:
                 progressed = False
-                for message, outcome in client.send_stream(iter(source), source.ready):
+                for message, outcome in client.send_stream(iter(source), source.may_follow):
                     attempt = prepared.pop(message.key)
                     if isinstance(outcome, SendResult):
                         self.gate.answered(route, client, [o.reply for o in outcome.outcomes])
@@ -165,7 +165,7 @@ class _StreamSource:
             self.prepared[attempt.send_id] = attempt
             yield attempt.outgoing()
 
-    def ready(self) -> bool:
+    def may_follow(self) -> bool:
         """Asked when a message's data is due: may the next one go with it, its token taken right now?"""
         if self.first is None:
             self.first = self._next()

@@ -119,7 +119,7 @@ class SmtpClient:
                 self._transcript.event("smtp_reconnect", reason=str(exc), stage=_stage_name(exc))
 
     def send_stream(
-        self, source: Iterator[Outgoing], ready: Callable[[], bool] | None = None
+        self, source: Iterator[Outgoing], may_follow: Callable[[], bool] | None = None
     ) -> Iterator[tuple[Outgoing, SendResult | SmtpError]]:
         """Send what ``source`` yields back to back on one connection, one round trip per message where the
         server allows it (``dispatcher.smtp.stream``); each message comes back with its result or error, in
@@ -143,7 +143,7 @@ class SmtpClient:
                 if self.state is not SessionState.READY:
                     return
             return
-        self._stream = MessageStream(self, source, ready)
+        self._stream = MessageStream(self, source, may_follow)
         self.state = SessionState.IN_TRANSACTION
         try:
             yield from self._stream.run()

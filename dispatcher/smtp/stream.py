@@ -4,8 +4,8 @@ RFC 2920 §3.1 lets the end of one message's data open the next group, so with P
 message *n*, its final dot and message *n+1*'s ``MAIL``, ``RCPT``… and ``DATA`` leave in one write. With
 CHUNKING (RFC 3030) nothing has to wait: ``BDAT`` may stand anywhere in a group, so up to ``WINDOW`` whole
 messages are on the wire before the first one's replies are read. Replies come back in order and each
-message gets exactly the outcome ``send`` would give it. ``ready`` (optional) says whether the next message
-may go at once; when it may not (a rate limit), a message's data goes alone rather than wait for it.
+message gets exactly the outcome ``send`` would give it. ``may_follow`` (optional) says whether the next
+message may go at once; when it may not (a rate limit), a message's data goes alone rather than wait for it.
 
 What cannot be known is never guessed: when the connection breaks, a message whose data was written
 completely and whose final reply is missing is an ``UnknownOutcome``; the others get the error itself
@@ -60,13 +60,13 @@ class MessageStream:
     """One pass over ``source`` on the client's open connection; see the module docstring."""
 
     def __init__(
-        self, client: SmtpClient, source: Iterator[Outgoing], ready: Callable[[], bool] | None = None
+        self, client: SmtpClient, source: Iterator[Outgoing], may_follow: Callable[[], bool] | None = None
     ) -> None:
         self.client = client
         self.source = source
-        self.may_follow = ready
+        self.may_follow = may_follow
         self.inflight: deque[_InFlight] = deque()
-        self.ready: deque[Outcome] = deque()
+        self.done: deque[Outcome] = deque()
         self.exhausted = False
         self.rset_first = False
 
@@ -94,11 +94,11 @@ class MessageStream:
                 self.client._discard_broken()
 
     def _hand_back(self) -> Iterator[Outcome]:
-        while self.ready:
-            yield self.ready.popleft()
+        while self.done:
+            yield self.done.popleft()
 
     def _pull(self) -> _InFlight | None:
-        """The next message as a transaction; messages refused locally (SIZE, SMTPUTF8…) go to ``ready``."""
+        """The next message as a transaction; messages refused locally (SIZE, SMTPUTF8…) go to ``done``."""
         client = self.client
         while not self.exhausted:
             if client.messages_on_connection + len(self.inflight) >= client.config.max_messages:
@@ -113,7 +113,7 @@ class MessageStream:
                     message, client._transaction(message.sender, message.recipients, message.data)
                 )
             except SmtpError as exc:
-                self.ready.append((message, exc))
+                self.done.append((message, exc))
         return None
 
     def _fill(self) -> None:
@@ -139,7 +139,7 @@ class MessageStream:
             self._read_expected(head)
         assert head.tx.finished, "a pipelined transaction ends with its data or before it"
         self.inflight.popleft()
-        self.ready.append((head.message, self.client._finish_transaction(head.tx)))
+        self.done.append((head.message, self.client._finish_transaction(head.tx)))
         if not head.tx.data_sent and head.tx.needs_rset:
             self.rset_first = True
 
@@ -186,7 +186,7 @@ class MessageStream:
             elif item is not self.inflight[0]:
                 error = _clone(exc)  # each message carries its own outcomes
             error.outcomes = item.tx.outcomes()
-            self.ready.append((item.message, error))
+            self.done.append((item.message, error))
         self.inflight.clear()
 
 
