@@ -39,6 +39,7 @@ from dispatcher.store import (
     FINAL_STATES,
     INFLIGHT,
     LEDGER_TTL,
+    STATS_TTL,
     SendRecord,
     SendStore,
     delivered_key,
@@ -254,7 +255,7 @@ class Attempt:
         if rec.state == "delivered":
             minute = int(now // 60)
             pipe.incr(delivered_key(minute))
-            pipe.expire(delivered_key(minute), 3 * 3600)
+            pipe.expire(delivered_key(minute), STATS_TTL)
         self.store.stage_save(pipe, rec, now=now)
         pipe.zrem(INFLIGHT, rec.send_id)
         pipe.execute()

@@ -271,11 +271,6 @@ class SendStore:
         for key, members in indexes.items():
             pipe.zadd(key, members)
 
-    def save(self, rec: SendRecord) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        self.stage_save(pipe, rec)
-        pipe.execute()
-
     def ids_in_state(self, state: str, *, since: float | None = None, limit: int | None = None) -> list[str]:
         low: float | str = since if since is not None else "-inf"
         start, num = (0, limit) if limit is not None else (None, None)
