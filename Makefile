@@ -7,8 +7,16 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: test lint typecheck pytest demo bench bench-full system-deps clean
 
+# Debian/Ubuntu ship venv separately (python3-venv); install it when the first try fails.
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  rm -rf $(VENV); \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing python3-venv"; \
+	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq python3-venv; \
+	  fi; \
+	  $(PYTHON) -m venv $(VENV); \
+	}
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
