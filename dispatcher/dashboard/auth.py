@@ -106,6 +106,10 @@ def check_bearer() -> ResponseReturnValue | None:
     return None
 
 
+MAX_LOGIN_FAILURES = 10
+LOGIN_LOCK_SECONDS = 600  # failures are counted per address for this long after the last one
+
+
 @blueprint.route("/login", methods=["GET", "POST"])
 def login() -> ResponseReturnValue:
     config = context.state().config
@@ -114,9 +118,23 @@ def login() -> ResponseReturnValue:
         return redirect(target)
     error = None
     if request.method == "POST":
+        failures_key = f"dispatch:login-failures:{request.remote_addr}"
+        redis = context.state().redis
+        if int(redis.get(failures_key) or 0) >= MAX_LOGIN_FAILURES:
+            logger.warning("dashboard_login_locked", remote=request.remote_addr)
+            error = (
+                f"Too many failed logins from your address: try again in {LOGIN_LOCK_SECONDS // 60} minutes."
+            )
+            return render_template("login.html", error=error, next=target), 429
         user_ok = _same(request.form.get("username", ""), config.user)
         password_ok = _same(request.form.get("password", ""), config.password)
+        if not (user_ok and password_ok):
+            pipe = redis.pipeline(transaction=True)
+            pipe.incr(failures_key)
+            pipe.expire(failures_key, LOGIN_LOCK_SECONDS)
+            pipe.execute()
         if user_ok and password_ok:
+            redis.delete(failures_key)
             session.clear()  # a fresh session (and CSRF token) after login: no fixation
             session["user"] = config.user
             csrf_token()

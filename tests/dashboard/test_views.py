@@ -7,11 +7,13 @@ from collections.abc import Callable
 import pytest
 import redis
 from dashboard_support import PASSWORD, USER, csrf_of, deliver_queued, log_in, mail, make_config, state_of
+from flask import Flask
 from flask.testing import FlaskClient
 from servers.recording import RecordingSmtpServer, Rule
 
 from dispatcher.dashboard import create_app
 from dispatcher.dashboard.__main__ import main
+from dispatcher.dashboard.auth import MAX_LOGIN_FAILURES
 from dispatcher.errors import ConfigurationError
 from dispatcher.producer import Producer
 
@@ -44,6 +46,21 @@ def test_wrong_password_does_not_log_in(client: FlaskClient) -> None:
     assert response.status_code == 401
     assert "Wrong user name or password" in response.get_data(as_text=True)
     assert client.get("/").status_code == 302
+
+
+def test_repeated_failed_logins_lock_that_address_only(client: FlaskClient, app: Flask) -> None:
+    client.get("/login")
+    for _ in range(MAX_LOGIN_FAILURES):
+        wrong = {"username": USER, "password": "wrong", "csrf_token": csrf_of(client)}
+        assert client.post("/login", data=wrong).status_code == 401
+    right = {"username": USER, "password": PASSWORD, "csrf_token": csrf_of(client)}
+    locked = client.post("/login", data=right)
+    assert locked.status_code == 429 and "Too many failed logins" in locked.get_data(as_text=True)
+    assert client.get("/").status_code == 302  # still not logged in
+    other = app.test_client()
+    other.environ_base["REMOTE_ADDR"] = "127.0.0.2"
+    log_in(other)
+    assert other.get("/").status_code == 200
 
 
 def test_login_needs_its_csrf_token(client: FlaskClient) -> None:
