@@ -19,6 +19,7 @@ The connection cap (``max_connections``) is ``slots.ConnectionSlots``.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -33,6 +34,8 @@ MIN_FACTOR = 1 / 16
 RECOVERY_STEP = 0.25
 CUT_GUARD_MS = 1000
 DAY_TTL = 2 * 86400
+BATCH_WINDOW = 0.05  # seconds of a fast route's rate taken per Redis call
+MAX_BATCH = 16
 
 # Shared by both scripts: the slow-down factor in force at `now` (ms), recovering step by step.
 _FACTOR = """
@@ -47,35 +50,38 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """.replace("RECOVERY_STEP", repr(RECOVERY_STEP))
 
-# KEYS: bucket, day counter. ARGV: rate/s, burst, max_wait ms, daily cap (0 = none), day ttl s, step ms.
-# Returns {code, wait ms, factor}: code 1 = reserved (send after `wait`), 0 = wait too long, 2 = daily cap.
+# KEYS: bucket, day counter. ARGV: rate/s, burst, max_wait ms, daily cap (0 = none), day ttl s, step ms,
+# count (tokens to take at once; the last one's wait is the one checked and returned).
+# Returns {code, wait ms, factor, tokens before, tokens per ms}: code 1 = reserved (send after `wait`),
+# 0 = wait too long, 2 = daily cap.
 _RESERVE = (
     _FACTOR
     + """
 local rate, burst, max_wait = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local daily, step_ms = tonumber(ARGV[4]), tonumber(ARGV[6])
+local daily, step_ms, count = tonumber(ARGV[4]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local factor = current_factor(KEYS[1], now, step_ms)
 if factor >= 1.0 then redis.call('HDEL', KEYS[1], 'factor', 'cut_at') end
 if daily > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') >= daily then
-  return {2, '0', tostring(factor)}
+  return {2, '0', tostring(factor), '0', '0'}
 end
-local wait = 0
+local wait, before, per_ms = 0, 0, 0
 if rate > 0 then
-  local per_ms = rate * factor / 1000
+  per_ms = rate * factor / 1000
   local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
   local tokens, ts = tonumber(b[1]), tonumber(b[2])
   if not tokens then tokens, ts = burst, now end
   if now > ts then tokens = math.min(burst, tokens + (now - ts) * per_ms); ts = now end
-  if tokens < 1 then wait = (1 - tokens) / per_ms end
-  if wait > max_wait then return {0, tostring(wait), tostring(factor)} end
-  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - 1), 'ts', tostring(ts))
+  before = tokens
+  if tokens < count then wait = (count - tokens) / per_ms end
+  if wait > max_wait then return {0, tostring(wait), tostring(factor), '0', '0'} end
+  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - count), 'ts', tostring(ts))
   redis.call('PEXPIRE', KEYS[1], math.ceil(wait + burst / per_ms + step_ms * 8 + 60000))
 end
 if daily > 0 then
   redis.call('INCR', KEYS[2])
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
 end
-return {1, tostring(wait), tostring(factor)}
+return {1, tostring(wait), tostring(factor), tostring(before), tostring(per_ms)}
 """
 )
 
@@ -126,22 +132,47 @@ class Throttle:
         self._reserve = connection.register_script(_RESERVE)
         self._slow_down = connection.register_script(_SLOW_DOWN)
         self._factors: dict[str, float] = {}
+        self._held: dict[str, deque[float]] = {}
+
+    def batch_size(self, policy: RoutePolicy) -> int:
+        """Tokens to take per Redis call: as many as ``BATCH_WINDOW`` seconds of the rate (one for slow
+        rates, so their spacing stays exact; one with a daily cap, which counts messages)."""
+        if policy.rate is None or policy.daily is not None:
+            return 1
+        rate = policy.rate * self._factors.get(policy.name, 1.0)
+        return max(1, min(MAX_BATCH, int(rate * BATCH_WINDOW)))
 
     def reserve(self, policy: RoutePolicy, max_wait: float | None = None) -> Reservation:
-        """Take the route's next token if it comes within ``max_wait`` (default: the route's) seconds."""
+        """Take the route's next token if it comes within ``max_wait`` (default: the route's) seconds.
+
+        A fast route hands out several tokens per Redis call; this process keeps the rest, each usable at
+        its own time, so an unreached limit costs one round trip per ``batch_size`` messages."""
         if not policy.limited:
             return Reservation(True, 0.0, 1.0)
         limit = policy.max_wait if max_wait is None else max_wait
-        code, wait_ms, factor_text = self._reserve(
+        held = self._held.get(policy.name)
+        if held:
+            wait = max(0.0, held[0] - time.monotonic())
+            if wait > limit:
+                return Reservation(False, wait, self._factors.get(policy.name, 1.0))
+            held.popleft()
+            return Reservation(True, wait, self._factors.get(policy.name, 1.0))
+        count = self.batch_size(policy)
+        code, wait_ms, factor_text, before_text, per_ms_text = self._reserve(
             keys=[bucket_key(policy.name), day_key(policy.name)],
             args=[policy.rate or 0, policy.burst, limit * 1000, policy.daily or 0, DAY_TTL,
-                  policy.slowdown_step * 1000],
+                  policy.slowdown_step * 1000, count],
         )  # fmt: skip
         factor = float(factor_text)
         self._note_factor(policy, factor)
         wait = float(wait_ms) / 1000
         if int(code) == 2:
             return Reservation(False, seconds_to_midnight(), factor, "daily")
+        if int(code) == 1 and count > 1:
+            start, before, per_ms = time.monotonic(), float(before_text), float(per_ms_text)
+            usable = [start + max(0.0, (i - before) / per_ms) / 1000 for i in range(1, count + 1)]
+            self._held[policy.name] = deque(usable[1:])
+            wait = usable[0] - start
         return Reservation(int(code) == 1, wait, factor)
 
     def acquire(self, policy: RoutePolicy, max_wait: float | None = None) -> Reservation:
@@ -160,6 +191,7 @@ class Throttle:
         if result < 0:
             return None
         self._factors[policy.name] = result
+        self._held.pop(policy.name, None)  # tokens taken at the old rate are not spent after a cut
         logger.warning(
             "route_slowed_down", route=policy.name, code=code, enhanced=enhanced, factor=result,
             rate=_effective(policy, result), recovers_every_s=policy.slowdown_step,

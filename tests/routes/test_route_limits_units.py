@@ -176,3 +176,25 @@ def test_route_options_are_split_from_the_smtp_url() -> None:
         load_settings({"SMTP_URL": "smtp://relay?rate=fast"})
     with pytest.raises(ConfigurationError, match="unknown"):
         load_settings({"SMTP_URL": "smtp://relay?rate=1&rat=2"})
+
+
+def test_a_fast_route_takes_tokens_in_batches_and_keeps_their_spacing(redis_client: redis.Redis) -> None:
+    policy = RoutePolicy("fast", rate=200)
+    throttle = Throttle(redis_client)
+    assert throttle.batch_size(policy) == 10  # 50 ms of the rate per Redis call
+    redis_client.config_resetstat()
+    usable = []
+    for _ in range(30):
+        reservation = throttle.reserve(policy, max_wait=5)
+        assert reservation.granted
+        usable.append(time.monotonic() + reservation.wait)
+    calls = redis_client.info("commandstats")
+    assert sum(v["calls"] for k, v in calls.items() if k.startswith("cmdstat_eval")) == 3
+    gaps = [b - a for a, b in itertools.pairwise(usable)]
+    assert min(gaps) >= 1 / 200 - 0.002, "tokens handed out locally must keep the route's spacing"
+    assert usable[-1] - usable[0] >= 29 / 200 - 0.01
+
+
+def test_a_slow_route_still_asks_redis_for_every_token(redis_client: redis.Redis) -> None:
+    assert Throttle(redis_client).batch_size(RoutePolicy("slow", rate=20)) == 1
+    assert Throttle(redis_client).batch_size(RoutePolicy("capped", rate=1000, daily=10)) == 1
