@@ -21,8 +21,8 @@ from typing import Any, TextIO
 import redis
 
 from dispatcher.errors import ConfigurationError, QueueUnavailable, ValidationError
+from dispatcher.fields import PRIORITIES
 from dispatcher.logs import configure_logging
-from dispatcher.message import PRIORITIES
 from dispatcher.operations import FAILURE_STATES, RETRYABLE_STATES, FailureFilter, Operations
 from dispatcher.producer import BATCH, Enqueued, Producer, connect
 from dispatcher.settings import load_settings

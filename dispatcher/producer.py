@@ -21,7 +21,8 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from dispatcher.errors import QueueUnavailable, ValidationError
-from dispatcher.message import DEFAULT_MAX_BYTES, PRIORITIES, Mail
+from dispatcher.fields import PRIORITIES
+from dispatcher.message import DEFAULT_MAX_BYTES, Mail
 from dispatcher.store import KEY_TTL, SendRecord, SendStore, idempotency_key, mail_summary, new_send_id, text
 
 JOB_FUNCTION = "dispatcher.jobs.deliver"

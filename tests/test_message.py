@@ -10,7 +10,8 @@ import pytest
 
 from dispatcher.addresses import Address
 from dispatcher.errors import ValidationError
-from dispatcher.message import DEFAULT_MAX_BYTES, PRIORITIES, Attachment, Mail
+from dispatcher.fields import PRIORITIES, Attachment
+from dispatcher.message import DEFAULT_MAX_BYTES, Mail
 
 
 def minimal(**extra: Any) -> dict[str, Any]:

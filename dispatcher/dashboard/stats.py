@@ -16,7 +16,7 @@ from rq import Queue, Worker
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from dispatcher.message import PRIORITIES
+from dispatcher.fields import PRIORITIES
 from dispatcher.operations import FailureFilter, Operations, describe_group, group_key
 from dispatcher.producer import QUEUE_NAMES
 from dispatcher.store import SendRecord, SendStore, worker_key

@@ -15,24 +15,21 @@ from a buffered stream); the EHLO hook adds the keyword.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
-import signal
 import ssl
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
 import structlog
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from dispatcher.errors import ConfigurationError
-from dispatcher.logs import configure_logging
 
 log = structlog.get_logger(__name__)
 
@@ -441,36 +438,3 @@ class DevSink:
         partial.write_bytes(envelope_headers.encode("utf-8", "surrogateescape") + data)
         os.replace(partial, final)
         return final
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dispatcher.devsink", description="Development SMTP sink: accept, record, store."
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=2525)
-    parser.add_argument("--dir", type=Path, default=None, help="store each accepted message as an .eml here")
-    parser.add_argument(
-        "--rule", action="append", default=[], metavar="ADDR=CODE[:TIMES]", help="e.g. soft@x.org=450:once"
-    )
-    args = parser.parse_args(argv)
-    configure_logging()
-    try:
-        rules = dict(parse_rule(spec) for spec in args.rule)
-    except ConfigurationError as error:
-        parser.error(str(error))
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_signal)
-    with DevSink(args.host, args.port, maildir=args.dir, rules=rules):
-        stop.wait()
-    log.info("devsink_stopped")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

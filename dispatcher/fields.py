@@ -1,0 +1,287 @@
+"""The checks behind ``Mail.from_dict``, one per field of the JSON schema.
+
+Each check takes the field's path, its value and the problems found so far; it records what is wrong under
+the path ("to[2]", "attachments[0].content", "headers.X-Foo") and returns the value in its model form.
+``Checker`` runs them and collects every problem, so one ``ValidationError`` names them all.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal, TypeVar, cast
+
+from dispatcher.addresses import Address, control_character_problem, parse_address
+from dispatcher.mime import custom_header_problem
+
+MAX_METADATA_BYTES = 4096
+MAX_KEY_LENGTH = 200
+MAX_FILENAME_LENGTH = 255
+
+Priority = Literal["high", "default", "bulk"]
+PRIORITIES: tuple[Priority, ...] = ("high", "default", "bulk")
+DEFAULT_ROUTE = "default"
+
+MetadataValue = str | int | float | bool | None
+
+ATTACHMENT_FIELDS = frozenset({"filename", "content_type", "content"})
+_ROUTE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_MIME_TOKEN = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+_CONTENT_TYPE = re.compile(rf"({_MIME_TOKEN})/({_MIME_TOKEN})")
+_MESSAGE_ID = re.compile(r"<[\x21-\x3b\x3d\x3f\x41-\x7e]+@[\x21-\x3b\x3d\x3f-\x7e]+>")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    filename: str
+    content_type: str
+    content: bytes
+
+    @property
+    def maintype(self) -> str:
+        return self.content_type.partition("/")[0]
+
+    @property
+    def subtype(self) -> str:
+        return self.content_type.partition("/")[2]
+
+
+class Checker:
+    """Runs one field's check, recording its problems under their field paths."""
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self.data = data
+        self.problems: dict[str, str] = {}
+
+    def run(self, name: str, check: Callable[[str, Any, dict[str, str]], T], default: Any = None) -> Any:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        found: dict[str, str] = {}
+        result = check(name, value, found)
+        self.problems.update(found)
+        return default if found else result
+
+    def has_problem(self, *names: str) -> bool:
+        return any(path.split("[")[0].split(".")[0] in names for path in self.problems)
+
+
+def one_address(path: str, value: Any, problems: dict[str, str]) -> Address | None:
+    if not isinstance(value, str):
+        problems[path] = "must be a string"
+        return None
+    try:
+        return parse_address(value)
+    except ValueError as exc:
+        problems[path] = str(exc)
+        return None
+
+
+def address_list(path: str, value: Any, problems: dict[str, str]) -> tuple[Address, ...]:
+    if isinstance(value, str):
+        address = one_address(path, value, problems)
+        return () if address is None else (address,)
+    if not isinstance(value, list):
+        problems[path] = "must be a string or a list of strings"
+        return ()
+    found = [one_address(f"{path}[{index}]", item, problems) for index, item in enumerate(value)]
+    return tuple(address for address in found if address is not None)
+
+
+def header_text(path: str, value: Any, problems: dict[str, str]) -> str | None:
+    if not isinstance(value, str):
+        problems[path] = "must be a string"
+        return None
+    problem = control_character_problem(value)
+    if problem is not None:
+        problems[path] = problem
+    return value
+
+
+def body(path: str, value: Any, problems: dict[str, str]) -> str | None:
+    if not isinstance(value, str):
+        problems[path] = "must be a string"
+    elif "\x00" in value:
+        problems[path] = "contains a NUL character"
+    return value or None
+
+
+def attachments(path: str, value: Any, problems: dict[str, str]) -> tuple[Attachment, ...]:
+    if not isinstance(value, list):
+        problems[path] = "must be a list of objects"
+        return ()
+    out: list[Attachment] = []
+    for index, item in enumerate(value):
+        item_path = f"{path}[{index}]"
+        if not isinstance(item, Mapping):
+            problems[item_path] = "must be an object with filename, content_type and content"
+            continue
+        before = len(problems)
+        for name in item:
+            if name not in ATTACHMENT_FIELDS:
+                problems[f"{item_path}.{name}"] = "unknown field"
+        for name in sorted(ATTACHMENT_FIELDS - set(item)):
+            problems[f"{item_path}.{name}"] = "missing"
+        filename = _filename(f"{item_path}.filename", item.get("filename"), problems)
+        content_type = _content_type(f"{item_path}.content_type", item.get("content_type"), problems)
+        content = _base64(f"{item_path}.content", item.get("content"), problems)
+        if len(problems) == before and filename and content_type and content is not None:
+            out.append(Attachment(filename=filename, content_type=content_type, content=content))
+    return tuple(out)
+
+
+def _filename(path: str, value: Any, problems: dict[str, str]) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        problems[path] = "must be a non-empty string"
+        return None
+    problem = control_character_problem(value)
+    if problem is None and ("/" in value or "\\" in value):
+        problem = "must be a bare file name (no '/' or '\\')"
+    if problem is None and len(value) > MAX_FILENAME_LENGTH:
+        problem = f"too long: more than {MAX_FILENAME_LENGTH} characters"
+    if problem is not None:
+        problems[path] = problem
+    return value
+
+
+def _content_type(path: str, value: Any, problems: dict[str, str]) -> str | None:
+    if value is None:
+        return None
+    match = _CONTENT_TYPE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        problems[path] = "must be 'type/subtype', e.g. application/pdf (no parameters)"
+        return None
+    if match.group(1).lower() in ("multipart", "message"):
+        problems[path] = f"{match.group(1).lower()}/* is not allowed for an attachment"
+        return None
+    return match.group(0).lower()
+
+
+def _base64(path: str, value: Any, problems: dict[str, str]) -> bytes | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        problems[path] = "must be a base64 string"
+        return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        problems[path] = f"not valid base64: {exc}"
+        return None
+
+
+def headers(path: str, value: Any, problems: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, Mapping):
+        problems[path] = "must be an object of header name to value"
+        return ()
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for name, header_value in value.items():
+        item_path = f"{path}.{name}"
+        problem = custom_header_problem(name, header_value, seen)
+        if problem is not None:
+            problems[item_path] = problem
+            continue
+        seen.add(name.lower())
+        out.append((name, header_value))
+    return tuple(out)
+
+
+def metadata(path: str, value: Any, problems: dict[str, str]) -> dict[str, MetadataValue]:
+    if not isinstance(value, Mapping):
+        problems[path] = "must be an object"
+        return {}
+    for name, item in value.items():
+        if not isinstance(name, str):
+            problems[f"{path}.{name}"] = "name must be a string"
+        elif item is not None and not isinstance(item, str | int | float | bool):
+            problems[f"{path}.{name}"] = "must be a string, number, boolean or null"
+        elif isinstance(item, float) and not math.isfinite(item):
+            problems[f"{path}.{name}"] = "must be a finite number"
+    if not problems:
+        size = len(json.dumps(dict(value), separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+        if size > MAX_METADATA_BYTES:
+            problems[path] = f"too large: {size} bytes > limit {MAX_METADATA_BYTES}"
+    return dict(value)
+
+
+def key(path: str, value: Any, problems: dict[str, str]) -> str | None:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_KEY_LENGTH or not value.isprintable():
+        problems[path] = f"must be 1 to {MAX_KEY_LENGTH} printable characters"
+        return None
+    return value
+
+
+def send_at(path: str, value: Any, problems: dict[str, str]) -> datetime | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return datetime.fromtimestamp(value, UTC)
+        except (ValueError, OverflowError, OSError):
+            problems[path] = "not a valid Unix time"
+            return None
+    if not isinstance(value, str):
+        problems[path] = "must be an ISO 8601 datetime with timezone or Unix seconds"
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        problems[path] = "not an ISO 8601 datetime, e.g. 2026-11-27T16:00:00Z"
+        return None
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        problems[path] = "must include a timezone, e.g. 2026-11-27T16:00:00Z"
+        return None
+    return moment.astimezone(UTC)
+
+
+def priority(path: str, value: Any, problems: dict[str, str]) -> Priority | None:
+    if value not in PRIORITIES:
+        problems[path] = f"must be one of {', '.join(PRIORITIES)}"
+        return None
+    return cast(Priority, value)
+
+
+def route(path: str, value: Any, problems: dict[str, str]) -> str | None:
+    if not isinstance(value, str) or not _ROUTE.fullmatch(value):
+        problems[path] = "must be 1 to 64 characters from A-Z a-z 0-9 _ -"
+        return None
+    return value
+
+
+def message_id(path: str, value: Any, problems: dict[str, str]) -> str | None:
+    if not isinstance(value, str) or len(value) > 250 or not _MESSAGE_ID.fullmatch(value):
+        problems[path] = "must look like <unique@domain> (printable ASCII)"
+        return None
+    return value
+
+
+def date(path: str, value: Any, problems: dict[str, str]) -> str | None:
+    if not isinstance(value, str) or control_character_problem(value) is not None:
+        problems[path] = "must be an RFC 5322 date string"
+        return None
+    try:
+        moment = parsedate_to_datetime(value)
+    except (ValueError, TypeError):
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        problems[path] = "must be an RFC 5322 date with zone, e.g. Fri, 27 Nov 2026 16:00:00 +0000"
+        return None
+    return value
+
+
+def ascii_domain(domain: str) -> str:
+    return domain.encode("idna").decode("ascii")
+
+
+def iso_utc(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
