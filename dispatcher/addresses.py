@@ -125,6 +125,9 @@ def _quote(text: str) -> str:
 
 def _find_unquoted(text: str, target: str) -> int | None:
     """Index of the first ``target`` outside a quoted string (backslash escapes honoured)."""
+    if '"' not in text:
+        found = text.find(target)
+        return None if found < 0 else found
     in_quotes = False
     escaped = False
     for index, char in enumerate(text):

@@ -179,12 +179,13 @@ class Producer:
                 results.append(Enqueued(claimed[key].id, True, claimed[key].message_id))
                 continue
             send_id = new_send_id(mail.key)
+            as_dict = mail.to_dict()
             scheduled = mail.send_at is not None and mail.send_at.timestamp() > now
             rec = SendRecord(
                 send_id=send_id,
-                mail=mail_summary(mail),
+                mail=mail_summary(mail, as_dict),
                 raw=mail.raw or None,
-                source=None if mail.raw else json.dumps(mail.to_dict(), separators=(",", ":")),
+                source=None if mail.raw else json.dumps(as_dict, separators=(",", ":")),
                 state="scheduled" if scheduled else "queued",
                 created_at=now,
                 record={"outcomes": {r: {"status": "pending"} for r in mail.envelope_recipients}},

@@ -73,9 +73,10 @@ def delivered_key(minute: int) -> str:
     return f"{PREFIX}:delivered:{minute}"
 
 
-def mail_summary(mail: Mail) -> dict[str, Any]:
-    """What a record keeps of a mail besides its MIME bytes: headers, envelope, attachment names."""
-    summary = mail.to_dict()
+def mail_summary(mail: Mail, as_dict: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a record keeps of a mail for people and the worker's bookkeeping: headers, envelope,
+    attachment names (``as_dict``: ``mail.to_dict()`` when the caller has it already)."""
+    summary = dict(mail.to_dict() if as_dict is None else as_dict)
     summary.pop("text", None)
     summary.pop("html", None)
     summary["attachments"] = [
