@@ -31,7 +31,6 @@ from dispatcher.policy import (
     verdicts_after_error,
 )
 from dispatcher.producer import attempt_job_id, schedule_attempt
-from dispatcher.routing import RouteGate
 from dispatcher.runtime import Runtime
 from dispatcher.smtp.protocol import RecipientStatus, SendResult
 from dispatcher.smtp.stream import Outgoing
@@ -171,7 +170,7 @@ class Attempt:
     def _send(self, rec: SendRecord, pending: list[str]) -> tuple[dict[str, Verdict], str]:
         settings = self.runtime.settings
         # The route's shared limits and breaker (dispatcher.routing): waits stay well inside the job timeout.
-        gate = RouteGate.for_process(self.redis, settings.policies, settings.job_timeout_margin / 2)
+        gate = self.runtime.gate(self.redis)
         refused: SmtpError | None = None
         for route in gate.candidates(rec.route):
             try:

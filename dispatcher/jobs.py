@@ -102,8 +102,7 @@ class Batch:
 
     @property
     def gate(self) -> RouteGate:
-        settings = self.runtime.settings
-        return RouteGate.for_process(self.redis, settings.policies, settings.job_timeout_margin / 2)
+        return self.runtime.gate(self.redis)
 
     def _streamable(self, attempt: Attempt) -> bool:
         route = attempt.rec.route

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import redis
 
+from dispatcher.routing import RouteGate
 from dispatcher.settings import Settings, load_settings
 from dispatcher.slots import ConnectionSlots, SlottedClient
 from dispatcher.smtp.session import SmtpClient
@@ -42,6 +43,10 @@ class Runtime:
         if cls._current is None:
             cls._current = Runtime(load_settings(need_routes=True))
         return cls._current
+
+    def gate(self, connection: redis.Redis) -> RouteGate:
+        """The process's route gate on ``connection``: waits end well inside a job's timeout margin."""
+        return RouteGate.for_process(connection, self.settings.policies, self.settings.job_timeout_margin / 2)
 
     def client(self, route: str, connection: redis.Redis | None = None) -> SmtpClient:
         """The kept client of ``route``; ``ConfigurationError`` if this worker has no such route. With

@@ -35,7 +35,6 @@ from dispatcher.errors import ConfigurationError
 from dispatcher.logs import configure_logging
 from dispatcher.producer import BATCH_FUNCTION, QUEUE_NAMES, connect
 from dispatcher.recovery import reap_abandoned
-from dispatcher.routing import RouteGate
 from dispatcher.runtime import Runtime
 from dispatcher.settings import load_settings
 from dispatcher.store import worker_key
@@ -80,8 +79,7 @@ class MailWorker(SimpleWorker):
         ``limits`` (every maintenance round, not after every job) also reads the routes' limit states."""
         routes = self.runtime.describe()
         if limits:
-            settings = self.runtime.settings
-            gate = RouteGate.for_process(self.connection, settings.policies, settings.job_timeout_margin / 2)
+            gate = self.runtime.gate(self.connection)
             self._limits = {name: gate.describe(name) for name in routes}
         for name, route in routes.items():
             route["limits"] = self._limits.get(name, {})
