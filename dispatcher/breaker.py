@@ -20,7 +20,7 @@ import redis
 import structlog
 
 from dispatcher.errors import ConnectError, ConnectionLost, ReplyError, SmtpError, StageTimeout, TlsError
-from dispatcher.routes import RoutePolicy
+from dispatcher.routes import RoutePolicy, route_key
 from dispatcher.smtp.stages import Stage
 
 logger = structlog.get_logger("dispatcher.breaker")
@@ -63,11 +63,11 @@ return {failures, 0}
 
 
 def breaker_key(route: str) -> str:
-    return f"dispatch:route:{route}:breaker"
+    return route_key(route, "breaker")
 
 
 def probe_key(route: str) -> str:
-    return f"dispatch:route:{route}:probe"
+    return route_key(route, "probe")
 
 
 def is_connection_failure(exc: BaseException) -> bool:

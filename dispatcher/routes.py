@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from dispatcher.errors import ConfigurationError
+from dispatcher.store import PREFIX
 from dispatcher.values import parse_number
 
 ROUTE_OPTIONS = frozenset({
@@ -54,6 +55,11 @@ class RoutePolicy:
     def limited(self) -> bool:
         """True when sends on this route must ask Redis for a token first."""
         return self.rate is not None or self.daily is not None
+
+
+def route_key(route: str, part: str) -> str:
+    """The Redis key of one piece of a route's shared state (bucket, day counter, slots, breaker…)."""
+    return f"{PREFIX}:route:{route}:{part}"
 
 
 def split_route_url(url: str) -> tuple[str, dict[str, str]]:

@@ -26,7 +26,7 @@ import redis
 import structlog
 
 from dispatcher.errors import ThrottleTimeout
-from dispatcher.routes import RoutePolicy
+from dispatcher.routes import RoutePolicy, route_key
 from dispatcher.smtp.config import SmtpConfig
 from dispatcher.smtp.session import SessionState, SmtpClient
 from dispatcher.smtp.stages import Stage
@@ -70,15 +70,15 @@ return redis.call('ZCARD', KEYS[1])
 
 
 def conns_key(route: str) -> str:
-    return f"dispatch:route:{route}:conns"
+    return route_key(route, "conns")
 
 
 def waiting_key(route: str) -> str:
-    return f"dispatch:route:{route}:waiting"
+    return route_key(route, "waiting")
 
 
 def freed_key(route: str) -> str:
-    return f"dispatch:route:{route}:freed"
+    return route_key(route, "freed")
 
 
 class ConnectionSlots:

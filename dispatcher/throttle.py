@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 import redis
 import structlog
 
-from dispatcher.routes import RoutePolicy
+from dispatcher.routes import RoutePolicy, route_key
 
 logger = structlog.get_logger("dispatcher.throttle")
 
@@ -100,12 +100,12 @@ return tostring(factor)
 
 
 def bucket_key(route: str) -> str:
-    return f"dispatch:route:{route}:bucket"
+    return route_key(route, "bucket")
 
 
 def day_key(route: str, when: float | None = None) -> str:
     day = datetime.fromtimestamp(time.time() if when is None else when, UTC).strftime("%Y%m%d")
-    return f"dispatch:route:{route}:day:{day}"
+    return route_key(route, f"day:{day}")
 
 
 def seconds_to_midnight(now: float | None = None) -> float:

@@ -34,6 +34,7 @@ from flask import (
 from flask.typing import ResponseReturnValue
 
 from dispatcher.dashboard import context
+from dispatcher.store import PREFIX
 
 logger = structlog.get_logger("dispatcher.dashboard.auth")
 blueprint = Blueprint("auth", __name__)
@@ -118,7 +119,7 @@ def login() -> ResponseReturnValue:
         return redirect(target)
     error = None
     if request.method == "POST":
-        failures_key = f"dispatch:login-failures:{request.remote_addr}"
+        failures_key = f"{PREFIX}:login-failures:{request.remote_addr}"
         redis = context.state().redis
         if int(redis.get(failures_key) or 0) >= MAX_LOGIN_FAILURES:
             logger.warning("dashboard_login_locked", remote=request.remote_addr)
