@@ -4,6 +4,8 @@
     MAIL, RCPT, DATA, data end 2xx                            accepted          ledger; never again
     MAIL, RCPT, DATA, data end 4xx                            transient         retry with backoff
     MAIL, RCPT, DATA, data end 5xx                            permanent         failed now
+    MAIL, RCPT, DATA, data end 503 (bad sequence)             transient         retry: not executed
+    MAIL refused, data end     2xx (a stale envelope)         unknown           not resent
     any, before the final dot  network error, timeout, 421    transient         retry with backoff
     after the final dot        no reply (timeout, drop)       unknown           not resent (configurable)
     route: TLS policy, AUTH    any                            transient (route) retry; blamed on the route
@@ -92,18 +94,22 @@ def verdict_for_error(exc: DispatcherError, policy: RetryPolicy) -> Verdict:
 
 
 def verdicts_after_error(exc: DispatcherError, pending: list[str], policy: RetryPolicy) -> dict[str, Verdict]:
-    """The error's verdict for every pending recipient, except those a RCPT reply already settled."""
+    """The error's verdict for every pending recipient, except those a MAIL or RCPT refusal already
+    settled (the server said so before the break)."""
     verdict = verdict_for_error(exc, policy)
     verdicts = dict.fromkeys(pending, verdict)
     for outcome in getattr(exc, "outcomes", ()):
         reply = outcome.reply
-        if outcome.stage is Stage.RCPT and reply is not None and not reply.is_positive:
-            verdicts[outcome.recipient] = verdict_for_reply(outcome.status, Stage.RCPT.value, reply)
+        if outcome.stage in _SETTLING_STAGES and reply is not None and not reply.is_positive:
+            verdicts[outcome.recipient] = verdict_for_reply(outcome.status, outcome.stage.value, reply)
     return verdicts
 
 
+_SETTLING_STAGES = (Stage.MAIL, Stage.RCPT)
+
+
 def verdict_for_reply(status: RecipientStatus, stage: str, reply: Reply | None) -> Verdict:
-    kind = "recipient" if stage == "rcpt" else "message"
+    kind = {RecipientStatus.UNKNOWN: "unknown"}.get(status, "recipient" if stage == "rcpt" else "message")
     detail = reply.summary() if reply else "no reply"
     return Verdict(status, stage, reply, kind, detail)
 

@@ -10,9 +10,11 @@ from collections.abc import Callable
 from email import message_from_bytes
 from pathlib import Path
 
+import pytest
 import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
+from servers import ScriptedSmtpServer
 
 from dispatcher.devsink import DevSink
 from dispatcher.jobs import Attempt
@@ -97,3 +99,58 @@ def test_the_reaper_requeues_the_unfinished_sends_of_a_dead_batch(redis_url: str
     store = SendStore(connection)
     assert {store.load(s).rq_job for s in ids}.isdisjoint({job.id})  # type: ignore[union-attr]
     assert reap_abandoned(connection) == []
+
+
+def _mails_from_distinct_senders(n: int, refused_at: int | None = None) -> list[dict[str, str]]:
+    return [
+        {
+            "from": f"app{i}@example.com",
+            "to": "nobody@example.org" if i == refused_at else f"user{i}@example.org",
+            "subject": f"strict {i}",
+            "text": "hi",
+        }
+        for i in range(n)
+    ]
+
+
+def _accepted_at(server: ScriptedSmtpServer) -> list[tuple[str, str]]:
+    """(envelope sender, Subject) of every message the server accepted."""
+    return [
+        (m.mail_from, str(message_from_bytes(m.data)["Subject"]))
+        for m in server.messages
+        if m.final_reply is not None and m.final_reply.startswith(b"2")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("strictness", "keywords"),
+    [("haraka", ["PIPELINING", "8BITMIME", "SIZE 10000000"]),
+     ("exim", ["PIPELINING", "CHUNKING", "8BITMIME", "SIZE 10000000"]),
+     ("exim", ["PIPELINING", "8BITMIME", "SIZE 10000000"])],
+    ids=["haraka", "exim-chunking", "exim-data"],
+)  # fmt: skip
+def test_batches_on_strict_servers_deliver_each_mail_once_under_its_own_sender(
+    redis_url: str, scripted_server: Callable[..., ScriptedSmtpServer], strictness: str, keywords: list[str]
+) -> None:
+    """Through the queue and a real worker: every batch is a stream (issue 11's two observed failures)."""
+    refused_at = 7 if strictness == "exim" else None
+    server = scripted_server(
+        ehlo_keywords=keywords,
+        strictness=strictness,
+        per_recipient={"nobody@example.org": b"550 5.1.1 no such user\r\n"},
+    )
+    connection = redis.Redis.from_url(redis_url)
+    results = Producer(connection).enqueue_many(_mails_from_distinct_senders(45, refused_at))
+    run_worker_burst(redis_url, server.port)
+    expected = [(f"app{i}@example.com", f"strict {i}") for i in range(45) if i != refused_at]
+    assert sorted(_accepted_at(server)) == sorted(expected)
+    store = SendStore(connection)
+    states = {}
+    for index, result in enumerate(results):
+        assert not isinstance(result, Exception)
+        record = store.load(result.id)
+        assert record is not None
+        states[index] = record.state
+    assert {i: s for i, s in states.items() if s != "delivered"} == (
+        {refused_at: "failed"} if refused_at is not None else {}
+    )

@@ -9,6 +9,36 @@ the same in every mode.
 
 The driver (``session``) calls ``next_step()``, writes the step's payload, reads one reply per expected
 stage, feeds each to ``receive()``, and repeats until ``next_step()`` returns ``None``.
+
+What each recipient's outcome is, decided per reply (``outcomes()``). A pipelined group is executed by the
+server command by command, so a later 2xx is a fact about what the server did and is never overridden by
+an earlier refusal. A 503 ("bad sequence of commands") says the command was *not executed*: it is never a
+verdict on the message (transient), and a stream resends a follower refused that way (``stream``).
+
+    MAIL        RCPT (this recipient)  DATA / BDAT … final reply     outcome      because
+    2xx         2xx                    2xx                           accepted     delivered
+    2xx         2xx                    4xx / 5xx                     as final     the data was refused
+    2xx         2xx                    503                           transient    not executed
+    2xx         2xx                    none, data not all written    transient    nothing can be delivered
+    2xx         2xx                    none, data all written        unknown      may be delivered (driver)
+    2xx         4xx / 5xx              any                           as RCPT      this recipient refused
+    2xx         503                    any                           transient    not executed
+    2xx         none                   any                           transient    no reply for it
+    refused     2xx                    2xx                           unknown      the server delivered it
+                                                                                  under an envelope not ours
+                                                                                  (a stale sender, Exim)
+    refused     2xx                    354 (DATA path)               as MAIL      the server holds an
+                                                                                  envelope not ours: the
+                                                                                  connection is dropped
+                                                                                  before any data
+                                                                                  (``StaleEnvelope``)
+    refused     2xx                    none, data all written        unknown      may be delivered (driver)
+    4xx / 5xx   anything else          anything else                 as MAIL      the sender was refused
+    503         anything else          anything else                 transient    not executed
+
+"refused" is any non-2xx MAIL reply. With CHUNKING the data goes before any reply is read, so "data all
+written" holds as soon as the write is done; without it the data goes only after 354, and only when MAIL
+and at least one RCPT were accepted (else an empty message ends a 354 that nobody can receive).
 """
 
 from __future__ import annotations
@@ -18,7 +48,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dispatcher.errors import PolicyError
+from dispatcher.errors import PolicyError, ProtocolError
 from dispatcher.smtp import commands
 from dispatcher.smtp.extensions import Extensions
 from dispatcher.smtp.replies import Reply
@@ -53,10 +83,32 @@ class RecipientOutcome:
         return cls(data["recipient"], RecipientStatus(data["status"]), Stage(data["stage"]), reply)
 
 
+BAD_SEQUENCE = 503
+
+
 def status_of(reply: Reply) -> RecipientStatus:
+    """2xx accepted, 4xx transient, 5xx permanent — except 503: not executed, never a verdict."""
     if reply.is_positive:
         return RecipientStatus.ACCEPTED
-    return RecipientStatus.TRANSIENT if reply.is_transient else RecipientStatus.PERMANENT
+    if reply.is_transient or reply.code == BAD_SEQUENCE:
+        return RecipientStatus.TRANSIENT
+    return RecipientStatus.PERMANENT
+
+
+class StaleEnvelope(ProtocolError):
+    """The server opened DATA (354) for a transaction whose MAIL it had refused: it holds an envelope
+    that is not ours. No data is sent; the driver drops the connection (a server discards a message whose
+    final dot never came). ``outcomes`` carry MAIL's verdict for every recipient."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(
+            "the server opened DATA for a transaction whose MAIL FROM it refused (a stale envelope); "
+            "the connection was dropped before any data",
+            stage=Stage.DATA,
+            reply=reply,
+            transient=True,
+            route_level=False,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,14 +233,22 @@ class Transaction:
         """
         if not self.data_complete or self._done:
             return False
-        mail = self._mail_reply
-        if mail is not None and not mail.is_positive:
-            return False
         return self.accepted_count > 0 or len(self._rcpt_replies) < len(self.recipients)
 
     def data_written(self) -> None:
         """The driver wrote the whole data step: only now can the server have the end of the message."""
         self.data_complete = self.data_sent
+
+    @property
+    def refused_out_of_sequence(self) -> bool:
+        """MAIL got 503 and nothing after it was accepted: the server executed none of it."""
+        mail, final = self._mail_reply, self._final_reply
+        return (
+            mail is not None
+            and mail.code == BAD_SEQUENCE
+            and self.accepted_count == 0
+            and not (final is not None and final.is_positive)
+        )
 
     @property
     def envelope_accepted(self) -> bool:
@@ -255,6 +315,10 @@ class Transaction:
                 self._finish(None, stage)
         elif stage is Stage.DATA:
             if reply.code == 354:
+                mail = self._mail_reply
+                if mail is not None and not mail.is_positive and self.accepted_count > 0:
+                    self._finish(None, stage)
+                    raise StaleEnvelope(reply)
                 self._go_ahead = True
             else:
                 self._finish(reply, stage)
@@ -267,13 +331,19 @@ class Transaction:
         self._done = True
 
     def outcomes(self) -> tuple[RecipientOutcome, ...]:
-        """Each recipient's outcome: MAIL's refusal covers all, then RCPT's, then the final reply's."""
+        """Each recipient's outcome, by the table in the module docstring."""
         result = []
         mail, final = self._mail_reply, self._final_reply
+        delivered = final is not None and final.is_positive
         for index, recipient in enumerate(self.recipients):
             rcpt = self._rcpt_replies[index] if index < len(self._rcpt_replies) else None
             if mail is not None and not mail.is_positive:
-                result.append(RecipientOutcome(recipient, status_of(mail), Stage.MAIL, mail))
+                if rcpt is not None and rcpt.is_positive and delivered:
+                    result.append(
+                        RecipientOutcome(recipient, RecipientStatus.UNKNOWN, self._final_stage, final)
+                    )
+                else:
+                    result.append(RecipientOutcome(recipient, status_of(mail), Stage.MAIL, mail))
             elif rcpt is None:
                 result.append(RecipientOutcome(recipient, RecipientStatus.TRANSIENT, Stage.RCPT))
             elif not rcpt.is_positive:
@@ -288,7 +358,9 @@ class Transaction:
         """The reply that ended the transaction, the same in every mode: MAIL's refusal, else the last
         RCPT refusal when nobody was accepted, else the final reply."""
         if self._mail_reply is not None and not self._mail_reply.is_positive:
-            return self._mail_reply
+            final = self._final_reply
+            stale_delivery = self.accepted_count > 0 and final is not None and final.is_positive
+            return final if stale_delivery else self._mail_reply
         refused = [r for r in self._rcpt_replies if not r.is_positive]
         if self.accepted_count == 0 and refused:
             return refused[-1]

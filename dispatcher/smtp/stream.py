@@ -1,17 +1,28 @@
 """Messages back to back on one connection, one round trip each (``SmtpClient.send_stream``).
 
 RFC 2920 §3.1 lets the end of one message's data open the next group, so with PIPELINING the data of
-message *n*, its final dot and message *n+1*'s ``MAIL``, ``RCPT``… and ``DATA`` leave in one write. With
-CHUNKING (RFC 3030) nothing has to wait: ``BDAT`` may stand anywhere in a group, so up to ``WINDOW`` whole
-messages are on the wire before the first one's replies are read. Replies come back in order and each
-message gets exactly the outcome ``send`` would give it. ``may_follow`` (optional) says whether the next
-message may go at once; when it may not (a rate limit), a message's data goes alone rather than wait for it.
+message *n*, its final dot and message *n+1*'s ``RSET``, ``MAIL``, ``RCPT``… and ``DATA`` leave in one
+write. With CHUNKING (RFC 3030) nothing has to wait: ``BDAT`` may stand anywhere in a group, so up to
+``WINDOW`` whole messages are on the wire before the first one's replies are read. Replies come back in
+order and each message gets exactly the outcome ``send`` would give it (the decision table in
+``protocol``). ``may_follow`` (optional) says whether the next message may go at once; when it may not (a
+rate limit), a message's data goes alone rather than wait for it.
 
-What cannot be known is never guessed: when the connection breaks, a message whose data was written
-completely and whose final reply is missing is an ``UnknownOutcome``; the others get the error itself
-(transient) — after a 421 too, since a server closing the channel processes nothing further. No RSET goes
-between messages once data went out (the reply to the final dot ends the transaction; an RSET there would
-reset the next message's envelope); a message refused before its data is followed by RSET in the next group.
+Invariants:
+- **A follow-on transaction never inherits state.** Every transaction written while another is open on
+  the wire (after its data in the same write, or beside it in the CHUNKING window) starts with ``RSET``:
+  pipelinable, no extra round trip, a no-op after an accepted end of data, and the end of a refused one's
+  envelope (Exim keeps the envelope of a refused ``BDAT … LAST``: without the RSET the next ``MAIL`` gets
+  "503 sender already given" and the message is delivered under the refused one's sender). A message
+  refused before its data is followed by RSET in the next group too.
+- **A follower refused out of sequence is ours to fix.** When a follower's ``MAIL`` gets 503 and nothing
+  of it was accepted (Haraka refuses every command pipelined after the final dot), the server executed
+  none of it: it goes again, once, alone, on the same connection, and from then on no envelope crosses a
+  final dot or sits beside a whole BDAT message on that server (``quirks.SERVER_QUIRKS``, per host and port
+  for the life of the process, logged once as ``smtp_stream_stops_pipelining_after_data``).
+- **What cannot be known is never guessed**: when the connection breaks, a message whose data was written
+  completely and whose final reply is missing is an ``UnknownOutcome``; the others get the error itself
+  (transient) — after a 421 too, since a server closing the channel processes nothing further.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import structlog
 from dispatcher.errors import ServiceClosing, SmtpError, UnknownOutcome
 from dispatcher.smtp import commands
 from dispatcher.smtp.protocol import SendResult, Step, Transaction
+from dispatcher.smtp.quirks import SERVER_QUIRKS
 from dispatcher.smtp.stages import Stage
 
 if TYPE_CHECKING:
@@ -53,6 +65,9 @@ Outcome = tuple[Outgoing, SendResult | SmtpError]
 class _InFlight:
     message: Outgoing
     tx: Transaction
+    follows: bool = False
+    """Written while another transaction was open on the wire: it opens with RSET."""
+    opened: bool = False
     expect: deque[Stage] = field(default_factory=deque)
 
 
@@ -69,10 +84,17 @@ class MessageStream:
         self.done: deque[Outcome] = deque()
         self.exhausted = False
         self.rset_first = False
+        self.again: deque[Outgoing] = deque()
+        """Followers refused out of sequence, to go again alone before anything new is pulled."""
+        self.resent: set[int] = set()
+        config = client.config
+        self.crosses_end_of_data = SERVER_QUIRKS.pipelines_after_data(config.host, config.port)
 
     def in_flight(self) -> list[tuple[Outgoing, bool]]:
-        """The messages on the wire now, each with whether all of its data was written."""
-        return [(item.message, item.tx.data_complete) for item in self.inflight]
+        """The messages on the wire now, each with whether all of its data was written (and any waiting to
+        go again, whose data was not)."""
+        on_wire = [(item.message, item.tx.data_complete) for item in self.inflight]
+        return on_wire + [(message, False) for message in self.again]
 
     def run(self) -> Iterator[Outcome]:
         try:
@@ -97,9 +119,15 @@ class MessageStream:
         while self.done:
             yield self.done.popleft()
 
-    def _pull(self) -> _InFlight | None:
-        """The next message as a transaction; messages refused locally (SIZE, SMTPUTF8…) go to ``done``."""
+    def _pull(self, follows: bool) -> _InFlight | None:
+        """The next message as a transaction — one to go again first; messages refused locally (SIZE,
+        SMTPUTF8…) go to ``done``."""
         client = self.client
+        if self.again:  # already counted against the connection's cap when it was first pulled
+            again = self.again.popleft()
+            return _InFlight(
+                again, client._transaction(again.sender, again.recipients, again.data), follows
+            )
         while not self.exhausted:
             if client.messages_on_connection + len(self.inflight) >= client.config.max_messages:
                 self.exhausted = True
@@ -110,7 +138,7 @@ class MessageStream:
                 break
             try:
                 return _InFlight(
-                    message, client._transaction(message.sender, message.recipients, message.data)
+                    message, client._transaction(message.sender, message.recipients, message.data), follows
                 )
             except SmtpError as exc:
                 self.done.append((message, exc))
@@ -118,8 +146,10 @@ class MessageStream:
 
     def _fill(self) -> None:
         """Put a message on the wire when none is, and more while the last one is a whole CHUNKING write."""
-        while len(self.inflight) < WINDOW and (not self.inflight or self.inflight[-1].tx.chunked):
-            item = self._pull()
+        while not self.inflight or (
+            len(self.inflight) < WINDOW and self.inflight[-1].tx.chunked and self.crosses_end_of_data
+        ):
+            item = self._pull(follows=bool(self.inflight))
             if item is None:
                 return
             step = item.tx.next_step()
@@ -134,37 +164,72 @@ class MessageStream:
         step = head.tx.next_step()
         if step is not None:  # DATA path: 354 came back, the data goes now — with the next envelope only
             # if that one may go at once: the data must not wait for the next message's turn
-            nxt = self._pull() if self.may_follow is None or self.may_follow() else None
+            nxt = None
+            if self.crosses_end_of_data and (self.may_follow is None or self.may_follow()):
+                nxt = self._pull(follows=True)
             self._write(head, step, nxt)
             self._read_expected(head)
         assert head.tx.finished, "a pipelined transaction ends with its data or before it"
         self.inflight.popleft()
+        if head.follows and head.tx.refused_out_of_sequence and id(head.message) not in self.resent:
+            self._go_again(head)
+            return
         self.done.append((head.message, self.client._finish_transaction(head.tx)))
         if not head.tx.data_sent and head.tx.needs_rset:
             self.rset_first = True
 
+    def _go_again(self, item: _InFlight) -> None:
+        """``item`` was refused for following another transaction: send it alone, and stop following."""
+        self.resent.add(id(item.message))
+        self.again.append(item.message)
+        self.rset_first = True
+        reply = item.tx.deciding_reply()
+        self.client._transcript.event(
+            "smtp_stream_resend_unpipelined", reason=reply.summary() if reply else "503"
+        )
+        if self.crosses_end_of_data:
+            self.crosses_end_of_data = False
+            config = self.client.config
+            if SERVER_QUIRKS.stop_pipelining_after_data(config.host, config.port):
+                self.client._transcript.event(
+                    "smtp_stream_stops_pipelining_after_data",
+                    host=config.host,
+                    port=config.port,
+                    reason=reply.summary() if reply else "503",
+                )
+
     def _write(self, item: _InFlight, step: Step, follower: _InFlight | None) -> None:
         """Write ``step`` of ``item`` — after an RSET if one is owed — and ``follower``'s first step."""
-        payload, lines, expect = step.payload, list(step.lines), list(step.expect)
-        if self.rset_first and not step.is_data:
-            payload, expect = commands.rset() + payload, [Stage.RSET, *expect]
-            lines.insert(0, (Stage.RSET, "RSET"))
-            self.rset_first = False
+        payload, lines, expect = self._opening(item, step)
         data_size = step.data_size if step.is_data else 0
         _bind(item.message)
         self.client._log(lines, data_size=data_size)
         follow = follower.tx.next_step() if follower is not None else None
+        follow_expect: list[Stage] = []
         if follower is not None and follow is not None:
-            payload += follow.payload
+            follow_payload, follow_lines, follow_expect = self._opening(follower, follow)
+            payload += follow_payload
             _bind(follower.message)
-            self.client._log(follow.lines)
+            self.client._log(follow_lines)
             self.inflight.append(follower)  # before the write: a break must give it an outcome too
         self.client._send_raw(payload, data_size=data_size, stage=lines[0][0] if lines else Stage.DATA_BLOCK)
         if step.is_data:
             item.tx.data_written()
         item.expect.extend(expect)
-        if follower is not None and follow is not None:
-            follower.expect.extend(follow.expect)
+        if follower is not None:
+            follower.expect.extend(follow_expect)
+
+    def _opening(self, item: _InFlight, step: Step) -> tuple[bytes, list[tuple[Stage, str]], list[Stage]]:
+        """``step`` as written: a transaction's first step opens with RSET when it follows another or
+        when the last one was refused before its data."""
+        payload, lines, expect = step.payload, list(step.lines), list(step.expect)
+        if not item.opened:
+            item.opened = True
+            if item.follows or self.rset_first:
+                payload, expect = commands.rset() + payload, [Stage.RSET, *expect]
+                lines.insert(0, (Stage.RSET, "RSET"))
+                self.rset_first = False
+        return payload, lines, expect
 
     def _read_expected(self, item: _InFlight) -> None:
         _bind(item.message)
@@ -188,6 +253,10 @@ class MessageStream:
             error.outcomes = item.tx.outcomes()
             self.done.append((item.message, error))
         self.inflight.clear()
+        while self.again:  # refused out of sequence and not yet sent again: nothing of it was executed
+            error = _clone(exc)
+            error.outcomes = ()
+            self.done.append((self.again.popleft(), error))
 
 
 def _bind(message: Outgoing) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import pytest
 from client_support import url
 from servers import Fault, RecordingSmtpServer, Rule, ScriptedSmtpServer
 
@@ -193,3 +194,20 @@ def test_a_stream_ending_with_a_refused_message_leaves_the_connection_reusable(s
         assert again.accepted == ("a@y.org",)
     assert sink.connections == 1
     assert [m.data for m in sink.wait_for_messages(1, 5)] == [b"yes\r\n"]
+
+
+@pytest.mark.parametrize("keywords", [PIPELINED, CHUNKED], ids=["pipelining", "chunking"])
+def test_every_follower_opens_with_rset_in_the_same_write(
+    scripted_server: Scripted, keywords: list[str]
+) -> None:
+    """A follow-on transaction never inherits state (Exim keeps a refused BDAT's envelope), at no cost in
+    round trips."""
+    server = scripted_server(ehlo_keywords=keywords)
+    with SmtpClient.from_url(url(server.port)) as client:
+        outcomes = drain(client, messages(3))
+    assert all(accepted(o) for _, o in outcomes)
+    server.wait_closed(1)
+    verbs = server.commands(1)
+    transaction = ["MAIL", "RCPT"] + (["BDAT"] if "CHUNKING" in keywords else ["DATA"])
+    assert verbs == ["EHLO", *transaction, "RSET", *transaction, "RSET", *transaction, "QUIT"]
+    assert server.round_trips == (3 if "CHUNKING" in keywords else 4)

@@ -18,6 +18,12 @@ connection after it), ``drop`` (close without answering), ``hang`` (answer nothi
 open and keep reading until the client or ``stop()`` closes it), ``split`` (send the normal reply one byte per
 ``send()`` with TCP_NODELAY).
 
+Two strictness modes copy real servers that are within the RFCs but less forgiving than most:
+``strictness="exim"`` (Exim 4.96): a refused ``DATA``/``BDAT`` (no valid recipient) keeps the envelope, so a
+later ``MAIL`` without ``RSET`` gets ``503 sender already given`` while the following ``RCPT`` and data are
+taken under the *old* sender. ``strictness="haraka"`` (Haraka 3.3): every command that arrived before the
+reply to the final dot was sent (pipelined after end of DATA) is refused with a 503 and not executed.
+
 Replies are written like a real server does: buffered while more complete commands are waiting in the
 input (a pipelined group gets its replies in one write), flushed before the server waits for input.
 
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import select
 import socket
 import ssl
 import threading
@@ -45,6 +52,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 FaultAction = Literal["reply", "drop", "hang", "split"]
+Strictness = Literal["exim", "haraka"]
+HARAKA_PIPELINED_AFTER_DATA = b"503 5.5.0 Bad sequence of commands - pipelined after end of DATA\r\n"
+EXIM_SENDER_GIVEN = b"503 sender already given\r\n"
+EXIM_NO_VALID_RCPT = b"503 valid RCPT command must precede DATA\r\n"
 
 
 @dataclass(frozen=True)
@@ -128,6 +139,7 @@ class ScriptedSmtpServer:
         after_raw_script: Literal["hang", "close", "dialogue"] = "hang",
         starttls_context: ssl.SSLContext | None = None,
         auth_reply: bytes | None = None,
+        strictness: Strictness | None = None,
     ) -> None:
         """``replies``: per-stage reply overrides on every connection. ``faults`` and ``raw_script`` apply
         on connection number ``faults_on_connection`` (1-based) or on all when None. ``raw_script`` is sent
@@ -143,6 +155,7 @@ class ScriptedSmtpServer:
         self.after_raw_script = after_raw_script
         self.starttls_context = starttls_context
         self.auth_reply = auth_reply
+        self.strictness = strictness
         self.records: list[ConnectionRecord] = []
         self._messages: list[ScriptedMessage] = []
         self._cond = threading.Condition()
@@ -301,6 +314,7 @@ class _Session:
         self.mail_params: list[str] = []
         self.rcpts: list[str] = []
         self.chunks: list[bytes] = []
+        self.pipelined_after_data = 0  # bytes that arrived before the reply to the final dot (haraka)
 
     def run(self) -> None:
         ended = "error"
@@ -346,6 +360,17 @@ class _Session:
             self._recv()
         line, _, self.buffer = self.buffer.partition(b"\n")
         return line + b"\n"
+
+    def _drain_readable(self) -> None:
+        """Take in every byte the client has already sent, without waiting for more."""
+        while True:
+            pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
+            if not pending and not select.select([self.sock], [], [], 0)[0]:
+                return
+            data = self.sock.recv(65536)
+            if not data:
+                return
+            self.buffer += data
 
     def _read_exactly(self, size: int) -> bytes:
         while len(self.buffer) < size:
@@ -409,6 +434,10 @@ class _Session:
         while True:
             line = self._read_line()
             self.record.lines.append(line)
+            if self.pipelined_after_data > 0:
+                self.pipelined_after_data -= len(line)
+                self.out.append(HARAKA_PIPELINED_AFTER_DATA)
+                continue
             verb, _, arg = line.rstrip(b"\r\n").partition(b" ")
             handler = getattr(self, f"_do_{verb.upper().decode('ascii', 'replace')}", None)
             if handler is None:
@@ -502,6 +531,9 @@ class _Session:
 
     def _do_MAIL(self, arg: bytes) -> None:
         self.in_mail_phase = True
+        if self.server.strictness == "exim" and self.mail_from is not None:
+            self._answer("mail", EXIM_SENDER_GIVEN)
+            return
         match = _ADDRESS.match(arg)
         if match is None:
             self._answer("mail", b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n")
@@ -526,6 +558,8 @@ class _Session:
         if self.mail_from is None:
             return b"503 5.5.1 Error: need MAIL command\r\n"
         if not self.rcpts:
+            if self.server.strictness == "exim":
+                return EXIM_NO_VALID_RCPT
             return b"554 5.5.1 Error: no valid recipients\r\n"
         return None
 
@@ -540,6 +574,9 @@ class _Session:
         while (end := (b"\r\n" + self.buffer).find(b"\r\n.\r\n")) < 0:
             self._recv()
         raw, self.buffer = self.buffer[: end + 3], self.buffer[end + 3 :]
+        if self.server.strictness == "haraka":
+            self._drain_readable()
+            self.pipelined_after_data = len(self.buffer)
         self._finish("DATA", raw, _undot(raw[:end]), [])
 
     def _do_BDAT(self, arg: bytes) -> None:
