@@ -32,10 +32,10 @@ from dispatcher.policy import (
 )
 from dispatcher.producer import attempt_job_id, schedule_attempt
 from dispatcher.runtime import Runtime
-from dispatcher.smtp.protocol import RecipientStatus, SendResult
+from dispatcher.smtp.outcomes import RecipientStatus, SendResult
 from dispatcher.smtp.stream import Outgoing
+from dispatcher.states import FINAL_STATES, SendState
 from dispatcher.store import (
-    FINAL_STATES,
     INFLIGHT,
     LEDGER_TTL,
     STATS_TTL,
@@ -155,7 +155,7 @@ class Attempt:
     def _begin(self, rec: SendRecord, now: float) -> tuple[set[str], str | None]:
         """Mark the send in flight under a lease; read its ledger and (unless the MIME bytes are stored)
         the mail to build them from — in one transaction."""
-        rec.state = "sending"
+        rec.move(SendState.SENDING)
         rec.attempts += 1
         rec.record.setdefault("first_attempt_at", now)
         pipe = self.redis.pipeline(transaction=True)
@@ -221,7 +221,7 @@ class Attempt:
         statuses = [rec.outcomes.get(r, {}).get("status", "pending") for r in rec.recipients]
         first = float(rec.record.get("first_attempt_at", now))
         can_retry = rec.attempts < policy.max_attempts and now - first < policy.max_age
-        rec.state = final_state(statuses, can_retry)
+        rec.move(final_state(statuses, can_retry))
         failed = [v for v in verdicts.values() if v.status is not RecipientStatus.ACCEPTED]
         deciding = failed[-1] if failed else next(iter(verdicts.values()), None)
         if deciding is not None and deciding.reply is not None:

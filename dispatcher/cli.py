@@ -23,9 +23,10 @@ import redis
 from dispatcher.errors import ConfigurationError, QueueUnavailable, ValidationError
 from dispatcher.fields import PRIORITIES
 from dispatcher.logs import configure_logging
-from dispatcher.operations import FAILURE_STATES, RETRYABLE_STATES, FailureFilter, Operations
+from dispatcher.operations import FailureFilter, Operations
 from dispatcher.producer import BATCH, Enqueued, Producer, connect
 from dispatcher.settings import load_settings
+from dispatcher.states import FAILURE_STATES, RETRYABLE_STATES
 from dispatcher.store import SendStore
 
 EXIT_INVALID_LINES, EXIT_USAGE, EXIT_UNAVAILABLE = 1, 2, 3

@@ -27,7 +27,8 @@ import redis
 from dispatcher.devsink import DevSink, Rule
 from dispatcher.logs import configure_logging
 from dispatcher.producer import Producer
-from dispatcher.store import FINAL_STATES, SendStore
+from dispatcher.states import FINAL_STATES
+from dispatcher.store import SendStore
 
 SOFT = "soft-bounce@example.net"
 HARD = "no-such-user@example.net"

@@ -9,6 +9,7 @@ matching built-in (``ValueError``, ``ConnectionError``, ``TimeoutError``) so cal
     ├── ValidationError (ValueError)             a mail that may not be enqueued; names field + problem
     ├── QueueError                               Redis/rq trouble seen by producers and workers
     │   └── QueueUnavailable (ConnectionError)   Redis did not answer
+    ├── IllegalTransition (RuntimeError)         a send state change the state table does not allow
     └── SmtpError                                .stage .reply .transient .route_level
         ├── InvalidCommandArgument (ValueError)  control characters etc., refused before sending
         ├── PolicyError                          local refusal: TLS required but not offered, AUTH over
@@ -27,10 +28,10 @@ matching built-in (``ValueError``, ``ConnectionError``, ``TimeoutError``) so cal
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 if TYPE_CHECKING:
-    from dispatcher.smtp.protocol import RecipientOutcome
+    from dispatcher.smtp.outcomes import RecipientOutcome
     from dispatcher.smtp.replies import Reply
     from dispatcher.smtp.stages import Stage
 
@@ -63,13 +64,18 @@ class QueueUnavailable(QueueError, ConnectionError):
     """Redis could not be reached; nothing was enqueued."""
 
 
+class IllegalTransition(DispatcherError, RuntimeError):
+    """Code tried to move a send between states that ``dispatcher.states.TRANSITIONS`` does not link."""
+
+
 class SmtpError(DispatcherError):
     """A failure while talking SMTP.
 
     ``transient`` says whether trying again later may succeed; ``route_level`` marks failures that belong
     to the route (TLS policy, authentication, connection trouble) rather than to one message.
     ``outcomes`` holds what the transaction had already settled per recipient when it broke off (a RCPT
-    refusal stays that recipient's outcome whatever happens to the others).
+    refusal stays that recipient's outcome whatever happens to the others): given to the constructor, or
+    by ``with_outcomes`` to a copy as the error leaves the transaction it broke.
     """
 
     default_transient = True
@@ -83,10 +89,11 @@ class SmtpError(DispatcherError):
         reply: Reply | None = None,
         transient: bool | None = None,
         route_level: bool | None = None,
+        outcomes: tuple[RecipientOutcome, ...] = (),
     ) -> None:
         self.message = message
         self._route_level = self.default_route_level if route_level is None else route_level
-        self.outcomes: tuple[RecipientOutcome, ...] = ()
+        self.outcomes = outcomes
         self.stage = stage
         self.reply = reply
         if transient is None:
@@ -97,6 +104,15 @@ class SmtpError(DispatcherError):
     @property
     def permanent(self) -> bool:
         return not self.transient
+
+    def with_outcomes(self, outcomes: tuple[RecipientOutcome, ...]) -> Self:
+        """The same error as a separate object carrying ``outcomes`` (each message of a broken stream
+        gets its own; the subclasses' constructors differ, so the copy is made field by field)."""
+        copy = self.__class__.__new__(self.__class__)
+        copy.__dict__.update(self.__dict__)
+        copy.args = self.args
+        copy.outcomes = outcomes
+        return copy
 
     @property
     def route_level(self) -> bool:
@@ -161,8 +177,15 @@ class UnknownOutcome(SmtpError):
     Never resend blindly: that risks a duplicate delivery.
     """
 
-    def __init__(self, message: str, *, stage: Stage | None, reply: Reply | None = None) -> None:
-        super().__init__(message, stage=stage, reply=reply, transient=False)
+    def __init__(
+        self,
+        message: str,
+        *,
+        stage: Stage | None,
+        reply: Reply | None = None,
+        outcomes: tuple[RecipientOutcome, ...] = (),
+    ) -> None:
+        super().__init__(message, stage=stage, reply=reply, transient=False, outcomes=outcomes)
 
 
 class ReplyError(SmtpError):

@@ -21,7 +21,7 @@ from dispatcher.attempt import Attempt
 from dispatcher.recovery import requeue_unstarted
 from dispatcher.routing import RouteGate
 from dispatcher.runtime import Runtime
-from dispatcher.smtp.protocol import RecipientStatus, SendResult
+from dispatcher.smtp.outcomes import RecipientStatus, SendResult
 from dispatcher.smtp.session import SmtpClient
 from dispatcher.smtp.stream import Outgoing
 from dispatcher.store import (

@@ -18,11 +18,10 @@ import structlog
 
 from dispatcher.errors import ConfigurationError
 from dispatcher.producer import attempt_job_id, schedule_attempt
+from dispatcher.states import FAILURE_STATES, RETRYABLE_STATES, SendState
 from dispatcher.store import INFLIGHT, SendRecord, SendStore, ledger_key, send_key, source_key, state_key
 
 logger = structlog.get_logger("dispatcher.operations")
-RETRYABLE_STATES = ("failed", "unknown", "deferred")
-FAILURE_STATES = ("failed", "unknown")
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _CLASS = re.compile(r"[245]xx")
 _CODE = re.compile(r"[245]\d\d")
@@ -153,7 +152,7 @@ class Operations:
         now = time.time()
         rec.generation += 1
         rec.attempts = 0
-        rec.state = "queued"
+        rec.move(SendState.QUEUED)
         rec.record.pop("first_attempt_at", None)
         for recipient in pending:
             rec.outcomes[recipient] = {**rec.outcomes[recipient], "status": "pending"}
@@ -171,7 +170,7 @@ class Operations:
             if rec is None:
                 done[send_id] = "not found"
                 continue
-            if rec.state == "sending":
+            if rec.state is SendState.SENDING:
                 done[send_id] = "skipped: sending"
                 continue
             pipe = self.redis.pipeline(transaction=True)

@@ -25,9 +25,10 @@ from typing import Any
 
 from dispatcher.errors import ConfigurationError, DispatcherError, SmtpError, UnknownOutcome
 from dispatcher.settings import RetryPolicy
-from dispatcher.smtp.protocol import RecipientStatus
+from dispatcher.smtp.outcomes import RecipientStatus
 from dispatcher.smtp.replies import Reply
 from dispatcher.smtp.stages import Stage
+from dispatcher.states import SendState
 
 _HINT = re.compile(
     r"(?:try|retry)(?:\s+again)?\s+(?:in|after)\s+(\d+(?:\.\d+)?)\s*"
@@ -98,7 +99,7 @@ def verdicts_after_error(exc: DispatcherError, pending: list[str], policy: Retry
     settled (the server said so before the break)."""
     verdict = verdict_for_error(exc, policy)
     verdicts = dict.fromkeys(pending, verdict)
-    for outcome in getattr(exc, "outcomes", ()):
+    for outcome in exc.outcomes if isinstance(exc, SmtpError) else ():
         reply = outcome.reply
         if outcome.stage in _SETTLING_STAGES and reply is not None and not reply.is_positive:
             verdicts[outcome.recipient] = verdict_for_reply(outcome.status, outcome.stage.value, reply)
@@ -114,12 +115,12 @@ def verdict_for_reply(status: RecipientStatus, stage: str, reply: Reply | None) 
     return Verdict(status, stage, reply, kind, detail)
 
 
-def final_state(statuses: list[str], can_retry: bool) -> str:
+def final_state(statuses: list[str], can_retry: bool) -> SendState:
     """The send's state from its recipients' statuses after an attempt."""
     if all(s == RecipientStatus.ACCEPTED for s in statuses):
-        return "delivered"
+        return SendState.DELIVERED
     if can_retry and any(s == RecipientStatus.TRANSIENT for s in statuses):
-        return "deferred"
+        return SendState.DEFERRED
     if any(s == RecipientStatus.UNKNOWN for s in statuses):
-        return "unknown"
-    return "failed"
+        return SendState.UNKNOWN
+    return SendState.FAILED

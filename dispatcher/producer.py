@@ -23,6 +23,7 @@ from rq.serializers import JSONSerializer
 from dispatcher.errors import QueueUnavailable, ValidationError
 from dispatcher.fields import PRIORITIES
 from dispatcher.message import DEFAULT_MAX_BYTES, Mail
+from dispatcher.states import initial_state
 from dispatcher.store import KEY_TTL, SendRecord, SendStore, idempotency_key, mail_summary, new_send_id, text
 
 JOB_FUNCTION = "dispatcher.jobs.deliver"
@@ -186,7 +187,7 @@ class Producer:
                 mail=mail_summary(mail, as_dict),
                 raw=mail.raw or None,
                 source=None if mail.raw else json.dumps(as_dict, separators=(",", ":")),
-                state="scheduled" if scheduled else "queued",
+                state=initial_state(scheduled),
                 created_at=now,
                 record={"outcomes": {r: {"status": "pending"} for r in mail.envelope_recipients}},
             )

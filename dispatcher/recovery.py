@@ -16,10 +16,11 @@ import redis
 import structlog
 
 from dispatcher.producer import attempt_job_id, schedule_attempt
+from dispatcher.states import SendState
 from dispatcher.store import INFLIGHT, SendStore, send_key, text
 
 logger = structlog.get_logger("dispatcher.recovery")
-LOST_STATES = ("sending", "queued")
+LOST_STATES = (SendState.SENDING, SendState.QUEUED)
 
 
 def requeue(
@@ -38,7 +39,7 @@ def requeue(
                 pipe.zrem(INFLIGHT, send_id)
                 lost = rec is not None and rec.state in LOST_STATES
                 if rec is not None and lost and (from_job is None or rec.rq_job == from_job):
-                    rec.state = "queued"
+                    rec.move(SendState.QUEUED)
                     event: dict[str, object] = {"attempt": rec.attempts, "generation": rec.generation}
                     event.update(at=now, event=reason)
                     rec.record.setdefault("history", []).append(event)

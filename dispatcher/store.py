@@ -28,10 +28,10 @@ from typing import Any
 import redis
 
 from dispatcher.message import Mail
+from dispatcher.states import FINAL_STATES, SendState
 
 PREFIX = "dispatch"
-STATES = ("queued", "scheduled", "sending", "deferred", "delivered", "failed", "unknown")
-FINAL_STATES = frozenset({"delivered", "failed", "unknown"})
+STATES = tuple(SendState)
 LEDGER_TTL = 30 * 86400
 KEY_TTL = 30 * 86400
 RECORD_TTL = 30 * 86400
@@ -100,7 +100,7 @@ class SendRecord:
 
     send_id: str
     mail: dict[str, Any]
-    state: str
+    state: SendState
     attempts: int = 0
     generation: int = 0
     created_at: float = 0.0
@@ -110,7 +110,11 @@ class SendRecord:
     record: dict[str, Any] = field(default_factory=dict)
     raw: bytes | None = field(default=None, repr=False)
     source: str | None = field(default=None, repr=False)
-    stored_state: str | None = None
+    stored_state: SendState | None = None
+
+    def move(self, target: SendState) -> None:
+        """Change the state by the table in ``dispatcher.states`` (``IllegalTransition`` otherwise)."""
+        self.state = self.state.to(target)
 
     @property
     def message_id(self) -> str:
@@ -144,7 +148,7 @@ class SendRecord:
         return cls(
             send_id=send_id,
             mail=json.loads(fields["mail"]),
-            state=fields["state"],
+            state=SendState(fields["state"]),
             attempts=int(fields.get("attempts", 0)),
             generation=int(fields.get("generation", 0)),
             created_at=float(fields.get("created_at", 0)),
@@ -153,7 +157,7 @@ class SendRecord:
             rq_job=fields.get("rq_job") or None,
             record=json.loads(fields.get("record") or "{}"),
             raw=message,
-            stored_state=fields["state"],
+            stored_state=SendState(fields["state"]),
         )
 
     def to_hash(self) -> dict[str, str]:

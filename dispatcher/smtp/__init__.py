@@ -7,8 +7,9 @@ with SmtpClient.from_url("smtp+starttls://user:secret@mail.example.com") as clie
 
 from dispatcher.smtp.config import SmtpConfig, Timeouts, TlsMode, parse_smtp_url
 from dispatcher.smtp.extensions import Extensions, parse_ehlo
-from dispatcher.smtp.protocol import RecipientOutcome, RecipientStatus, SendResult
-from dispatcher.smtp.replies import Reply, ReplyParser
+from dispatcher.smtp.outcomes import RecipientOutcome, RecipientStatus, SendResult
+from dispatcher.smtp.parser import ReplyParser
+from dispatcher.smtp.replies import Reply
 from dispatcher.smtp.session import SessionState, SmtpClient
 from dispatcher.smtp.stages import Stage
 

@@ -16,7 +16,8 @@ from collections.abc import Iterator
 
 from dispatcher.errors import ConnectError, ConnectionLost, ProtocolError, StageTimeout, TlsError
 from dispatcher.smtp.config import SmtpConfig
-from dispatcher.smtp.replies import Reply, ReplyParser
+from dispatcher.smtp.parser import ReplyParser
+from dispatcher.smtp.replies import Reply
 from dispatcher.smtp.stages import Stage
 
 RECV_SIZE = 65536

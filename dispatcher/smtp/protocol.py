@@ -43,56 +43,15 @@ and at least one RCPT were accepted (else an empty message ends a 354 that nobod
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from dispatcher.errors import PolicyError, ProtocolError
+from dispatcher.errors import PolicyError, ProtocolError, ReplyError, SmtpError, UnknownOutcome
 from dispatcher.smtp import commands
 from dispatcher.smtp.extensions import Extensions
+from dispatcher.smtp.outcomes import BAD_SEQUENCE, RecipientOutcome, RecipientStatus, status_of
 from dispatcher.smtp.replies import Reply
 from dispatcher.smtp.stages import Stage
-
-
-class RecipientStatus(enum.StrEnum):
-    ACCEPTED = "accepted"
-    TRANSIENT = "transient"
-    PERMANENT = "permanent"
-    UNKNOWN = "unknown"
-
-
-@dataclass(frozen=True, slots=True)
-class RecipientOutcome:
-    recipient: str
-    status: RecipientStatus
-    stage: Stage
-    reply: Reply | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "recipient": self.recipient,
-            "status": self.status.value,
-            "stage": self.stage.value,
-            "reply": self.reply.to_dict() if self.reply else None,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RecipientOutcome:
-        reply = Reply.from_dict(data["reply"]) if data.get("reply") else None
-        return cls(data["recipient"], RecipientStatus(data["status"]), Stage(data["stage"]), reply)
-
-
-BAD_SEQUENCE = 503
-
-
-def status_of(reply: Reply) -> RecipientStatus:
-    """2xx accepted, 4xx transient, 5xx permanent — except 503: not executed, never a verdict."""
-    if reply.is_positive:
-        return RecipientStatus.ACCEPTED
-    if reply.is_transient or reply.code == BAD_SEQUENCE:
-        return RecipientStatus.TRANSIENT
-    return RecipientStatus.PERMANENT
 
 
 class StaleEnvelope(ProtocolError):
@@ -109,32 +68,6 @@ class StaleEnvelope(ProtocolError):
             transient=True,
             route_level=False,
         )
-
-
-@dataclass(frozen=True, slots=True)
-class SendResult:
-    """What happened to each recipient of one transaction. ``reply`` is the reply that decided the end."""
-
-    outcomes: tuple[RecipientOutcome, ...]
-    reply: Reply | None
-    conn_id: str = ""
-    transcript: tuple[dict[str, Any], ...] = ()
-    round_trips: int = 0
-
-    def with_status(self, status: RecipientStatus) -> tuple[str, ...]:
-        return tuple(o.recipient for o in self.outcomes if o.status is status)
-
-    @property
-    def accepted(self) -> tuple[str, ...]:
-        return self.with_status(RecipientStatus.ACCEPTED)
-
-    @property
-    def transient(self) -> tuple[str, ...]:
-        return self.with_status(RecipientStatus.TRANSIENT)
-
-    @property
-    def permanent(self) -> tuple[str, ...]:
-        return self.with_status(RecipientStatus.PERMANENT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,6 +300,18 @@ class Transaction:
         if self._final_reply is not None:
             return self._final_reply
         return refused[-1] if refused else None
+
+
+def error_after_break(tx: Transaction, exc: SmtpError) -> SmtpError:
+    """What a break (``exc``) leaves ``tx``'s message with: *unknown* once its data may have been
+    delivered and no reply ended the dialogue (a 421 is the server saying it processed nothing further),
+    else the error itself — each carrying the recipients' outcomes settled so far."""
+    outcomes = tx.outcomes()
+    if tx.awaiting_final_reply and not isinstance(exc, ReplyError):
+        return UnknownOutcome(
+            f"message data sent but no reply came back: {exc.message}", stage=exc.stage, outcomes=outcomes
+        )
+    return exc.with_outcomes(outcomes)
 
 
 def _command(stage: Stage, line: bytes) -> Step:

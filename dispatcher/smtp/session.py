@@ -25,14 +25,14 @@ from dispatcher.errors import (
     ReplyError,
     ServiceClosing,
     SmtpError,
-    UnknownOutcome,
 )
 from dispatcher.smtp import commands
 from dispatcher.smtp.auth import AuthExchange, choose_mechanism
 from dispatcher.smtp.config import SmtpConfig, TlsMode, parse_smtp_url
 from dispatcher.smtp.connection import Connection
 from dispatcher.smtp.extensions import Extensions, parse_ehlo
-from dispatcher.smtp.protocol import SendResult, Transaction
+from dispatcher.smtp.outcomes import SendResult
+from dispatcher.smtp.protocol import Transaction, error_after_break
 from dispatcher.smtp.replies import Reply
 from dispatcher.smtp.stages import Stage
 from dispatcher.smtp.stream import MessageStream, Outgoing
@@ -308,14 +308,7 @@ class SmtpClient:
         except SmtpError as exc:
             self.data_in_flight = False
             self._discard(SessionState.CLOSED)
-            exc.outcomes = tx.outcomes()
-            if tx.awaiting_final_reply and not isinstance(exc, ReplyError):
-                unknown = UnknownOutcome(
-                    f"message data sent but no reply came back: {exc.message}", stage=exc.stage
-                )
-                unknown.outcomes = exc.outcomes
-                raise unknown from exc
-            raise
+            raise error_after_break(tx, exc) from exc
         self.data_in_flight = False
         self.messages_on_connection += 1
         self._last_used = time.monotonic()

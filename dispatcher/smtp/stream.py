@@ -34,9 +34,10 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from dispatcher.errors import ServiceClosing, SmtpError, UnknownOutcome
+from dispatcher.errors import SmtpError
 from dispatcher.smtp import commands
-from dispatcher.smtp.protocol import SendResult, Step, Transaction
+from dispatcher.smtp.outcomes import SendResult
+from dispatcher.smtp.protocol import Step, Transaction, error_after_break
 from dispatcher.smtp.quirks import SERVER_QUIRKS
 from dispatcher.smtp.stages import Stage
 
@@ -241,32 +242,14 @@ class MessageStream:
 
     def _fail_inflight(self, exc: SmtpError) -> None:
         """Every message still on the wire gets an outcome from the break, in order."""
-        closing = isinstance(exc, ServiceClosing)
         for item in self.inflight:
-            error = exc
-            if item.tx.awaiting_final_reply and not closing:
-                error = UnknownOutcome(
-                    f"message data sent but no reply came back: {exc.message}", stage=exc.stage
-                )
-            elif item is not self.inflight[0]:
-                error = _clone(exc)  # each message carries its own outcomes
-            error.outcomes = item.tx.outcomes()
-            self.done.append((item.message, error))
+            self.done.append((item.message, error_after_break(item.tx, exc)))
         self.inflight.clear()
         while self.again:  # refused out of sequence and not yet sent again: nothing of it was executed
-            error = _clone(exc)
-            error.outcomes = ()
-            self.done.append((self.again.popleft(), error))
+            self.done.append((self.again.popleft(), exc.with_outcomes(())))
 
 
 def _bind(message: Outgoing) -> None:
     if message.log_context:
         structlog.contextvars.bind_contextvars(**message.log_context)
 
-
-def _clone(exc: SmtpError) -> SmtpError:
-    """The same error as a separate object (the subclasses' constructors differ, so no ``copy``)."""
-    clone = exc.__class__.__new__(exc.__class__)
-    clone.__dict__.update(exc.__dict__)
-    clone.args = exc.args
-    return clone

@@ -20,7 +20,8 @@ from rq.serializers import JSONSerializer
 from servers import Fault, ScriptedSmtpServer
 
 from dispatcher.producer import QUEUE_NAMES, Producer
-from dispatcher.store import FINAL_STATES, SendStore
+from dispatcher.states import FINAL_STATES
+from dispatcher.store import SendStore
 
 Scripted = Callable[..., ScriptedSmtpServer]
 MAILS = 2000

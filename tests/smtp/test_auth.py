@@ -22,7 +22,8 @@ from dispatcher.smtp.auth import (
     redact_auth_line,
     xoauth2_initial_response,
 )
-from dispatcher.smtp.replies import Reply, ReplyParser
+from dispatcher.smtp.parser import ReplyParser
+from dispatcher.smtp.replies import Reply
 from dispatcher.smtp.stages import Stage
 
 SECRET = "s3cr3t-Pa55"

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from dispatcher.smtp.extensions import Extensions, parse_ehlo
-from dispatcher.smtp.replies import Reply, ReplyParser
+from dispatcher.smtp.parser import ReplyParser
+from dispatcher.smtp.replies import Reply
 
 
 def ehlo(raw: bytes) -> Extensions:

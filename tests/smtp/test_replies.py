@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dispatcher.errors import ProtocolError
-from dispatcher.smtp.replies import Reply, ReplyParser
+from dispatcher.smtp.parser import ReplyParser
+from dispatcher.smtp.replies import Reply
 
 GMAIL_550 = (
     b"550-5.1.1 The email account that you tried to reach does not exist. Please try\r\n"

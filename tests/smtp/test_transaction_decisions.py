@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from dispatcher.smtp.extensions import Extensions
-from dispatcher.smtp.protocol import RecipientStatus, StaleEnvelope, Transaction, status_of
+from dispatcher.smtp.outcomes import RecipientStatus, status_of
+from dispatcher.smtp.protocol import StaleEnvelope, Transaction
 from dispatcher.smtp.replies import Reply
 from dispatcher.smtp.stages import Stage
 
