@@ -50,7 +50,6 @@ from dispatcher.store import (
 logger = structlog.get_logger("dispatcher.attempt")
 _rng = random.SystemRandom()
 _RETRYABLE = {"pending", RecipientStatus.TRANSIENT.value}
-_ANY_SIZE = 1 << 62  # the size was checked at enqueue
 
 
 class Attempt:
@@ -107,7 +106,7 @@ class Attempt:
         if rec.raw is None:
             try:
                 rec.raw = build_message(
-                    Mail.from_dict(json.loads(source or "null"), max_bytes=_ANY_SIZE, build=False)
+                    Mail.from_dict(json.loads(source or "null"))
                 )
             except (ValidationError, ValueError, TypeError, IndexError) as exc:
                 detail = f"cannot be written as MIME: {exc}"

@@ -15,11 +15,22 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email import policy as email_policy
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, TypeVar, cast
 
 from dispatcher.addresses import Address, control_character_problem, parse_address
-from dispatcher.mime import custom_header_problem
+
+# Headers dispatcher writes itself (plus every Content-*) or trace/address headers it will not take from
+# producers: a custom header with one of these names could contradict ours or smuggle recipients.
+RESERVED_HEADERS = frozenset(
+    {"from", "to", "cc", "bcc", "reply-to", "subject", "message-id", "date", "mime-version", "return-path",
+     "received", "sender", "resent-from", "resent-to", "resent-cc", "resent-bcc", "resent-sender",
+     "resent-date", "resent-message-id", "orig-date", "delivered-to"}
+)  # fmt: skip
+
+HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 §3.6.8 ftext
+MAX_LINE_OCTETS = 998  # RFC 5322 §2.1.1
 
 MAX_METADATA_BYTES = 4096
 MAX_KEY_LENGTH = 200
@@ -285,3 +296,42 @@ def ascii_domain(domain: str) -> str:
 
 def iso_utc(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def custom_header_problem(name: object, value: object, seen: set[str]) -> str | None:
+    """What is wrong with one custom header (``seen``: lower-cased names already accepted), or ``None``.
+
+    The value must survive the email package under both policies :func:`build_message` may use:
+    no parse defects (a structured header must parse) and no folded line over 998 octets.
+    """
+    if not isinstance(name, str) or not HEADER_NAME.fullmatch(name):
+        return "not a header field name (printable ASCII, no spaces or ':')"
+    lowered = name.lower()
+    if lowered in RESERVED_HEADERS or lowered.startswith("content-"):
+        return "reserved: dispatcher writes this header itself or does not allow it"
+    if lowered in seen:
+        return "duplicate header name (names are case-insensitive)"
+    if not isinstance(value, str):
+        return "must be a string"
+    problem = control_character_problem(value)
+    if problem is not None:
+        return problem
+    if _plain_unstructured(lowered, value) and len(name) + 2 + len(value) <= MAX_LINE_OCTETS:
+        return None  # printable ASCII in an unstructured header, short enough never to need folding
+    for policy in (email_policy.SMTP, email_policy.SMTPUTF8):  # mime picks one of the two
+        try:
+            header = policy.header_factory(name, value)
+            folded = header.fold(policy=policy)
+        except (ValueError, IndexError, TypeError) as exc:  # the stdlib parser's failures are undocumented
+            return f"malformed: {exc}"
+        if header.defects:
+            return f"malformed: {header.defects[0]}"
+        if max(len(line.encode("utf-8")) for line in folded.splitlines()) > MAX_LINE_OCTETS:
+            return f"too long: a line would exceed {MAX_LINE_OCTETS} octets"
+    return None
+
+
+def _plain_unstructured(lowered_name: str, value: str) -> bool:
+    """A header the email package treats as unstructured text, with nothing in it to encode or parse."""
+    registry = email_policy.SMTP.header_factory.registry  # type: ignore[attr-defined]
+    return lowered_name not in registry and value.isascii() and value.isprintable() and "=?" not in value

@@ -1,7 +1,8 @@
 """The mail model: a validated, immutable ``Mail`` built from the JSON schema producers enqueue.
 
-Every entry point (Python API, CLI, JSON Lines, HTTP) goes through :meth:`Mail.from_dict`, which collects
-*all* problems into one ``ValidationError({field_path: problem})``. ``Mail.to_dict`` is the JSON-safe form
+Every entry point (Python API, CLI, JSON Lines, HTTP) goes through :meth:`Mail.from_dict` (by way of
+:func:`dispatcher.mime.validated`, which adds the size limit), collecting *all* problems into one
+``ValidationError({field_path: problem})``. ``Mail.to_dict`` is the JSON-safe form
 stored with the job; it carries the ``message_id`` and ``date`` generated once at validation, so every
 later attempt rebuilds byte-identical MIME (see :mod:`dispatcher.mime`).
 """
@@ -9,7 +10,6 @@ later attempt rebuilds byte-identical MIME (see :mod:`dispatcher.mime`).
 from __future__ import annotations
 
 import base64
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,7 +21,6 @@ from dispatcher import fields
 from dispatcher.addresses import Address
 from dispatcher.errors import ValidationError
 from dispatcher.fields import DEFAULT_ROUTE, Attachment, MetadataValue, Priority
-from dispatcher.mime import build_message
 
 DEFAULT_MAX_BYTES = 25 * 1024 * 1024
 FIELDS = frozenset(
@@ -55,14 +54,10 @@ class Mail:
     """The MIME bytes, built once at validation: every attempt sends exactly these."""
 
     @classmethod
-    def from_dict(
-        cls, data: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_BYTES, build: bool = True
-    ) -> Mail:
-        """Validate the JSON schema; raise ``ValidationError`` listing every problem found.
+    def from_dict(cls, data: Mapping[str, Any]) -> Mail:
+        """Validate the JSON schema field by field; raise ``ValidationError`` listing every problem found.
 
-        ``build=False`` (the producer) skips building the MIME message — the worker builds it, byte for
-        byte the same every time — unless a cheap upper bound of its size says it may exceed ``max_bytes``;
-        then it is built and measured exactly.
+        The checks that need the MIME bytes (the size limit) are ``dispatcher.mime.validated``'s.
         """
         if not isinstance(data, Mapping):
             raise ValidationError({"mail": "must be an object"})
@@ -112,15 +107,7 @@ class Mail:
         )
         if checker.problems:
             raise ValidationError(checker.problems)
-        if not build and size_upper_bound(mail) <= max_bytes:
-            return mail
-        try:
-            raw = build_message(mail)
-        except (ValueError, TypeError, IndexError) as exc:  # a stdlib email limit we did not foresee
-            raise ValidationError({"mail": f"cannot be written as MIME: {exc}"}) from exc
-        if len(raw) > max_bytes:
-            raise ValidationError({"size": f"too large: {len(raw)} bytes > limit {max_bytes}"})
-        return dataclasses.replace(mail, raw=raw)
+        return mail
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form; ``Mail.from_dict(mail.to_dict()) == mail``. Empty optional fields are left out."""
@@ -177,17 +164,3 @@ class Mail:
         """
         addresses = (self.from_address, *self.to, *self.cc, *self.bcc, *self.reply_to)
         return not all(address.is_ascii for address in addresses)
-
-
-def size_upper_bound(mail: Mail) -> int:
-    """More bytes than ``build_message(mail)`` can produce: every body byte quoted-printable at worst
-    (3 bytes, plus soft line breaks), attachments base64 (4/3, plus line ends), headers RFC 2047-encoded."""
-    text_bytes = sum(len(part.encode("utf-8")) for part in (mail.text, mail.html) if part)
-    header_text = [mail.subject, *(value for _, value in mail.headers), mail.message_id, mail.date]
-    addresses = (mail.from_address, *mail.to, *mail.cc, *mail.reply_to)
-    header_bytes = sum(len(value.encode("utf-8")) for value in header_text)
-    header_bytes += sum(len(a.formatted().encode("utf-8")) for a in addresses)
-    attachment_bytes = sum(
-        len(a.content) * 4 // 3 + len(a.content) // 38 + len(a.filename) * 4 for a in mail.attachments
-    )
-    return 4 * text_bytes + 4 * header_bytes + attachment_bytes + 2048 * (3 + len(mail.attachments))

@@ -13,31 +13,41 @@ Bcc is never written: it lives in the envelope only.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import re
+from collections.abc import Mapping
 from email import policy as email_policy
 from email.message import EmailMessage
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from dispatcher.addresses import control_character_problem
+from dispatcher.errors import ValidationError
+from dispatcher.message import DEFAULT_MAX_BYTES, Mail
 
 if TYPE_CHECKING:
     from dispatcher.addresses import Address
-    from dispatcher.message import Mail
-
-# Headers dispatcher writes itself (plus every Content-*) or trace/address headers it will not take from
-# producers: a custom header with one of these names could contradict ours or smuggle recipients.
-RESERVED_HEADERS = frozenset(
-    {"from", "to", "cc", "bcc", "reply-to", "subject", "message-id", "date", "mime-version", "return-path",
-     "received", "sender", "resent-from", "resent-to", "resent-cc", "resent-bcc", "resent-sender",
-     "resent-date", "resent-message-id", "orig-date", "delivered-to"}
-)  # fmt: skip
-
-HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 §3.6.8 ftext
-MAX_LINE_OCTETS = 998  # RFC 5322 §2.1.1
 
 # Above this share of non-ASCII UTF-8 bytes base64 is shorter than quoted-printable (3 vs 4/3 octets).
 _BASE64_THRESHOLD = 1 / 6
+
+
+def validated(data: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_BYTES, build: bool = True) -> Mail:
+    """A mail from its JSON form, checked field by field (``Mail.from_dict``) and for size; raises
+    ``ValidationError`` listing every problem.
+
+    ``build=False`` (the producer) skips building the MIME message — the worker builds it, byte for byte
+    the same every time — unless a cheap upper bound of its size says it may exceed ``max_bytes``; then it
+    is built and measured exactly. With ``build`` the mail comes back with its ``raw`` bytes.
+    """
+    mail = Mail.from_dict(data)
+    if not build and size_upper_bound(mail) <= max_bytes:
+        return mail
+    try:
+        raw = build_message(mail)
+    except (ValueError, TypeError, IndexError) as exc:  # a stdlib email limit we did not foresee
+        raise ValidationError({"mail": f"cannot be written as MIME: {exc}"}) from exc
+    if len(raw) > max_bytes:
+        raise ValidationError({"size": f"too large: {len(raw)} bytes > limit {max_bytes}"})
+    return dataclasses.replace(mail, raw=raw)
 
 
 def build_message(mail: Mail) -> bytes:
@@ -104,40 +114,15 @@ def _tidy_parts(message: EmailMessage, message_id: str) -> None:
             del part["MIME-Version"]
 
 
-def custom_header_problem(name: object, value: object, seen: set[str]) -> str | None:
-    """What is wrong with one custom header (``seen``: lower-cased names already accepted), or ``None``.
-
-    The value must survive the email package under both policies :func:`build_message` may use:
-    no parse defects (a structured header must parse) and no folded line over 998 octets.
-    """
-    if not isinstance(name, str) or not HEADER_NAME.fullmatch(name):
-        return "not a header field name (printable ASCII, no spaces or ':')"
-    lowered = name.lower()
-    if lowered in RESERVED_HEADERS or lowered.startswith("content-"):
-        return "reserved: dispatcher writes this header itself or does not allow it"
-    if lowered in seen:
-        return "duplicate header name (names are case-insensitive)"
-    if not isinstance(value, str):
-        return "must be a string"
-    problem = control_character_problem(value)
-    if problem is not None:
-        return problem
-    if _plain_unstructured(lowered, value) and len(name) + 2 + len(value) <= MAX_LINE_OCTETS:
-        return None  # printable ASCII in an unstructured header, short enough never to need folding
-    for policy in (email_policy.SMTP, email_policy.SMTPUTF8):  # mime picks one of the two
-        try:
-            header = policy.header_factory(name, value)
-            folded = header.fold(policy=policy)
-        except (ValueError, IndexError, TypeError) as exc:  # the stdlib parser's failures are undocumented
-            return f"malformed: {exc}"
-        if header.defects:
-            return f"malformed: {header.defects[0]}"
-        if max(len(line.encode("utf-8")) for line in folded.splitlines()) > MAX_LINE_OCTETS:
-            return f"too long: a line would exceed {MAX_LINE_OCTETS} octets"
-    return None
-
-
-def _plain_unstructured(lowered_name: str, value: str) -> bool:
-    """A header the email package treats as unstructured text, with nothing in it to encode or parse."""
-    registry = email_policy.SMTP.header_factory.registry  # type: ignore[attr-defined]
-    return lowered_name not in registry and value.isascii() and value.isprintable() and "=?" not in value
+def size_upper_bound(mail: Mail) -> int:
+    """More bytes than ``build_message(mail)`` can produce: every body byte quoted-printable at worst
+    (3 bytes, plus soft line breaks), attachments base64 (4/3, plus line ends), headers RFC 2047-encoded."""
+    text_bytes = sum(len(part.encode("utf-8")) for part in (mail.text, mail.html) if part)
+    header_text = [mail.subject, *(value for _, value in mail.headers), mail.message_id, mail.date]
+    addresses = (mail.from_address, *mail.to, *mail.cc, *mail.reply_to)
+    header_bytes = sum(len(value.encode("utf-8")) for value in header_text)
+    header_bytes += sum(len(a.formatted().encode("utf-8")) for a in addresses)
+    attachment_bytes = sum(
+        len(a.content) * 4 // 3 + len(a.content) // 38 + len(a.filename) * 4 for a in mail.attachments
+    )
+    return 4 * text_bytes + 4 * header_bytes + attachment_bytes + 2048 * (3 + len(mail.attachments))

@@ -23,6 +23,7 @@ from rq.serializers import JSONSerializer
 from dispatcher.errors import QueueUnavailable, ValidationError
 from dispatcher.fields import PRIORITIES
 from dispatcher.message import DEFAULT_MAX_BYTES, Mail
+from dispatcher.mime import validated
 from dispatcher.states import initial_state
 from dispatcher.store import KEY_TTL, SendRecord, SendStore, idempotency_key, mail_summary, new_send_id, text
 
@@ -115,7 +116,7 @@ class Producer:
         if isinstance(data, Mail) and data.raw:
             return data
         mapping = data.to_dict() if isinstance(data, Mail) else data
-        return Mail.from_dict(mapping, max_bytes=self.max_bytes, build=False)
+        return validated(mapping, max_bytes=self.max_bytes, build=False)
 
     def enqueue(self, data: Mapping[str, Any] | Mail) -> Enqueued:
         """Validate and enqueue one mail; ``ValidationError`` names every bad field and stores nothing."""

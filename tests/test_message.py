@@ -11,7 +11,8 @@ import pytest
 from dispatcher.addresses import Address
 from dispatcher.errors import ValidationError
 from dispatcher.fields import PRIORITIES, Attachment
-from dispatcher.message import DEFAULT_MAX_BYTES, Mail
+from dispatcher.message import DEFAULT_MAX_BYTES
+from dispatcher.mime import validated
 
 
 def minimal(**extra: Any) -> dict[str, Any]:
@@ -20,13 +21,13 @@ def minimal(**extra: Any) -> dict[str, Any]:
 
 def problems_of(data: Any, **kwargs: Any) -> dict[str, str]:
     with pytest.raises(ValidationError) as caught:
-        Mail.from_dict(data, **kwargs)
+        validated(data, **kwargs)
     return caught.value.problems
 
 
 def test_minimal_mail_gets_defaults_and_a_generated_id_and_date() -> None:
     before = datetime.now(UTC).replace(microsecond=0)
-    mail = Mail.from_dict(minimal())
+    mail = validated(minimal())
     assert mail.from_address == Address("", "app@example.com")
     assert mail.to == (Address("", "ann@example.org"),)
     assert (mail.cc, mail.bcc, mail.reply_to, mail.attachments, mail.headers) == ((), (), (), (), ())
@@ -40,7 +41,7 @@ def test_minimal_mail_gets_defaults_and_a_generated_id_and_date() -> None:
 
 
 def test_each_validation_generates_a_fresh_message_id() -> None:
-    assert Mail.from_dict(minimal()).message_id != Mail.from_dict(minimal()).message_id
+    assert validated(minimal()).message_id != validated(minimal()).message_id
 
 
 def test_full_mail_round_trips_through_json() -> None:
@@ -67,21 +68,21 @@ def test_full_mail_round_trips_through_json() -> None:
         "priority": "bulk",
         "route": "eu_ses-2",
     }
-    mail = Mail.from_dict(data)
+    mail = validated(data)
     assert mail.attachments == (Attachment("r.pdf", "application/pdf", b"%PDF"),)
     assert mail.send_at == datetime(2026, 11, 27, 16, 0, 0, 250000, tzinfo=UTC)
     stored = json.loads(json.dumps(mail.to_dict()))
     assert stored["send_at"] == "2026-11-27T16:00:00.250000Z"
     assert stored["bcc"] == ["dave@example.net"]
     assert stored["to"] == ["ann@example.org", '"Lee, Bob" <bob@example.org>']
-    again = Mail.from_dict(stored)
+    again = validated(stored)
     assert again == mail
     assert (again.message_id, again.date) == (mail.message_id, mail.date)
     assert hash(again) == hash(mail)
 
 
 def test_to_dict_of_minimal_mail() -> None:
-    mail = Mail.from_dict(minimal())
+    mail = validated(minimal())
     assert mail.to_dict() == {
         "from": "app@example.com",
         "to": ["ann@example.org"],
@@ -94,23 +95,23 @@ def test_to_dict_of_minimal_mail() -> None:
 
 
 def test_send_at_as_unix_seconds_is_normalised_to_iso_utc() -> None:
-    mail = Mail.from_dict(minimal(send_at=1_800_000_000))
+    mail = validated(minimal(send_at=1_800_000_000))
     assert mail.send_at == datetime(2027, 1, 15, 8, 0, tzinfo=UTC)
     assert mail.to_dict()["send_at"] == "2027-01-15T08:00:00Z"
 
 
 def test_a_scheduled_mail_is_dated_when_due() -> None:
-    mail = Mail.from_dict(minimal(send_at="2099-01-01T00:00:00Z"))
+    mail = validated(minimal(send_at="2099-01-01T00:00:00Z"))
     assert mail.date == "Thu, 01 Jan 2099 00:00:00 +0000"
 
 
 def test_given_message_id_and_date_are_kept() -> None:
-    mail = Mail.from_dict(minimal(message_id="<abc.1@example.com>", date="Fri, 27 Nov 2026 16:00:00 +0000"))
+    mail = validated(minimal(message_id="<abc.1@example.com>", date="Fri, 27 Nov 2026 16:00:00 +0000"))
     assert (mail.message_id, mail.date) == ("<abc.1@example.com>", "Fri, 27 Nov 2026 16:00:00 +0000")
 
 
 def test_envelope_is_to_cc_bcc_without_duplicates() -> None:
-    mail = Mail.from_dict(
+    mail = validated(
         minimal(
             to=["Ann <Ann@Example.org>", "bob@example.net"],
             cc=["ann@example.org", "carol@example.org"],
@@ -129,15 +130,15 @@ def test_envelope_is_to_cc_bcc_without_duplicates() -> None:
 
 
 def test_utf8_addresses_are_accepted_and_flagged() -> None:
-    assert Mail.from_dict(minimal(to="用户@例子.中国")).needs_smtputf8
-    assert Mail.from_dict(minimal(bcc="josé@example.org")).needs_smtputf8
-    assert Mail.from_dict(minimal(**{"from": "josé@exämple.com"})).needs_smtputf8
-    assert Mail.from_dict(minimal(reply_to="josé@example.org")).needs_smtputf8
-    assert not Mail.from_dict(minimal(to="Zoë <zoe@example.org>")).needs_smtputf8
+    assert validated(minimal(to="用户@例子.中国")).needs_smtputf8
+    assert validated(minimal(bcc="josé@example.org")).needs_smtputf8
+    assert validated(minimal(**{"from": "josé@exämple.com"})).needs_smtputf8
+    assert validated(minimal(reply_to="josé@example.org")).needs_smtputf8
+    assert not validated(minimal(to="Zoë <zoe@example.org>")).needs_smtputf8
 
 
 def test_message_id_of_an_idn_sender_uses_the_ascii_domain() -> None:
-    mail = Mail.from_dict(minimal(**{"from": "app@exämple.com"}))
+    mail = validated(minimal(**{"from": "app@exämple.com"}))
     assert mail.message_id.endswith("@xn--exmple-cua.com>")
 
 
@@ -281,7 +282,7 @@ def test_bcc_alone_is_enough_and_attachments_alone_are_enough() -> None:
         "bcc": "ann@example.org",
         "attachments": [{"filename": "a.bin", "content_type": "application/octet-stream", "content": "AAE="}],
     }
-    assert Mail.from_dict(data).envelope_recipients == ("ann@example.org",)
+    assert validated(data).envelope_recipients == ("ann@example.org",)
 
 
 def test_all_problems_are_collected_together() -> None:
@@ -316,7 +317,7 @@ def test_oversize_mail_is_refused_with_its_size() -> None:
     size = int(problems["size"].split()[2])
     assert size > 4000
     assert problems["size"] == f"too large: {size} bytes > limit 2000"
-    assert Mail.from_dict(data, max_bytes=size).attachments[0].content == b"\x00" * 3000
+    assert validated(data, max_bytes=size).attachments[0].content == b"\x00" * 3000
 
 
 def test_a_non_mapping_is_refused() -> None:
@@ -324,7 +325,7 @@ def test_a_non_mapping_is_refused() -> None:
 
 
 def test_null_optional_fields_mean_absent() -> None:
-    mail = Mail.from_dict(minimal(cc=None, subject=None, html=None, headers=None, key=None, send_at=None))
+    mail = validated(minimal(cc=None, subject=None, html=None, headers=None, key=None, send_at=None))
     assert (mail.cc, mail.subject, mail.html, mail.headers, mail.key, mail.send_at) == (
         (),
         "",
@@ -337,7 +338,7 @@ def test_null_optional_fields_mean_absent() -> None:
 
 def test_validation_error_message_names_each_field() -> None:
     with pytest.raises(ValidationError) as caught:
-        Mail.from_dict(minimal(priority="urgent", route="a b"))
+        validated(minimal(priority="urgent", route="a b"))
     assert str(caught.value) == (
         "priority: must be one of high, default, bulk; route: must be 1 to 64 characters from A-Z a-z 0-9 _ -"
     )

@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dispatcher.errors import ValidationError
-from dispatcher.message import Mail, size_upper_bound
-from dispatcher.mime import MAX_LINE_OCTETS, build_message, custom_header_problem
+from dispatcher.fields import MAX_LINE_OCTETS, custom_header_problem
+from dispatcher.message import Mail
+from dispatcher.mime import build_message, size_upper_bound, validated
 
 PDF = b"%PDF-1.4\n\x00\xff binary \r\n bytes"
 
@@ -24,7 +25,7 @@ def mail(**extra: Any) -> Mail:
     data = {"from": "App <app@example.com>", "to": "ann@example.org", **extra}
     if not {"text", "html", "attachments"} & set(data):
         data["text"] = "hello"
-    return Mail.from_dict(data)
+    return validated(data)
 
 
 def parse(raw: bytes) -> EmailMessage:
@@ -175,7 +176,7 @@ def test_a_body_cannot_fake_a_boundary() -> None:
     m = mail(text="x", html="y")
     boundary = parse(build_message(m)).get_boundary()
     assert boundary is not None and boundary.startswith("=_")
-    sneaky = Mail.from_dict(
+    sneaky = validated(
         {**m.to_dict(), "text": f"--{boundary}\nContent-Type: text/html\n\n<evil>\n--{boundary}--"}
     )
     raw = build_message(sneaky)
@@ -193,7 +194,7 @@ def test_same_mail_gives_identical_bytes() -> None:
     m = mail(**data)
     first = build_message(m)
     assert build_message(m) == first
-    assert build_message(Mail.from_dict(json.loads(json.dumps(m.to_dict())))) == first
+    assert build_message(validated(json.loads(json.dumps(m.to_dict())))) == first
     other = mail(**data)  # a different mail: its own Message-ID and boundaries
     assert parse(build_message(other)).get_boundary() != parse(first).get_boundary()
 
@@ -202,9 +203,8 @@ def test_identical_bytes_in_another_process() -> None:
     m = mail(text="t", html="<p>h</p>", subject="Grüße", cc="c@example.org")
     script = (
         "import json, sys\n"
-        "from dispatcher.message import Mail\n"
-        "from dispatcher.mime import build_message\n"
-        "sys.stdout.buffer.write(build_message(Mail.from_dict(json.loads(sys.stdin.read()))))\n"
+        "from dispatcher.mime import build_message, validated\n"
+        "sys.stdout.buffer.write(build_message(validated(json.loads(sys.stdin.read()))))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", script],
@@ -251,9 +251,9 @@ def test_the_size_bound_the_producer_trusts_is_never_below_the_real_size(
     if html:
         data["html"] = html
     try:
-        mail = Mail.from_dict(data)
+        mail = validated(data)
     except ValidationError:
         return  # not a mail (e.g. a NUL in the body): nothing to bound
     assert size_upper_bound(mail) >= len(build_message(mail))
     pinned = {**data, "message_id": mail.message_id, "date": mail.date}  # the same bytes again
-    assert Mail.from_dict(pinned, build=False, max_bytes=len(mail.raw)).raw in (b"", mail.raw)
+    assert validated(pinned, build=False, max_bytes=len(mail.raw)).raw in (b"", mail.raw)
