@@ -30,19 +30,16 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import structlog
 
 from dispatcher.errors import SmtpError
 from dispatcher.smtp import commands
+from dispatcher.smtp.channel import Channel
 from dispatcher.smtp.outcomes import SendResult
 from dispatcher.smtp.protocol import Step, Transaction, error_after_break
 from dispatcher.smtp.quirks import SERVER_QUIRKS
 from dispatcher.smtp.stages import Stage
-
-if TYPE_CHECKING:
-    from dispatcher.smtp.session import SmtpClient
 
 WINDOW = 2
 
@@ -73,12 +70,22 @@ class _InFlight:
 
 
 class MessageStream:
-    """One pass over ``source`` on the client's open connection; see the module docstring."""
+    """One pass over ``source`` on an open connection's ``channel``; see the module docstring.
+
+    ``on_break`` is called when the connection may not be used again (it broke, an RSET failed, or the
+    caller stopped mid-dialogue): the owner of the connection drops it.
+    """
 
     def __init__(
-        self, client: SmtpClient, source: Iterator[Outgoing], may_follow: Callable[[], bool] | None = None
+        self,
+        channel: Channel,
+        source: Iterator[Outgoing],
+        may_follow: Callable[[], bool] | None = None,
+        *,
+        on_break: Callable[[], None],
     ) -> None:
-        self.client = client
+        self.channel = channel
+        self.on_break = on_break
         self.source = source
         self.may_follow = may_follow
         self.inflight: deque[_InFlight] = deque()
@@ -88,7 +95,7 @@ class MessageStream:
         self.again: deque[Outgoing] = deque()
         """Followers refused out of sequence, to go again alone before anything new is pulled."""
         self.resent: set[int] = set()
-        config = client.config
+        config = channel.config
         self.crosses_end_of_data = SERVER_QUIRKS.pipelines_after_data(config.host, config.port)
 
     def in_flight(self) -> list[tuple[Outgoing, bool]]:
@@ -103,18 +110,19 @@ class MessageStream:
                 self._fill()
                 yield from self._hand_back()
                 if not self.inflight:
-                    if self.rset_first:  # the last message was refused before its data: leave no envelope
-                        self.client._rset()
+                    # the last message was refused before its data: leave no envelope behind
+                    if self.rset_first and not self.channel.rset():
+                        self.on_break()
                     return
                 self._advance(self.inflight[0])
                 yield from self._hand_back()
         except SmtpError as exc:
-            self.client._discard_broken()
+            self.on_break()
             self._fail_inflight(exc)
             yield from self._hand_back()
         finally:
             if self.inflight:  # the caller stopped early, or an interruption came mid-dialogue
-                self.client._discard_broken()
+                self.on_break()
 
     def _hand_back(self) -> Iterator[Outcome]:
         while self.done:
@@ -123,14 +131,12 @@ class MessageStream:
     def _pull(self, follows: bool) -> _InFlight | None:
         """The next message as a transaction — one to go again first; messages refused locally (SIZE,
         SMTPUTF8…) go to ``done``."""
-        client = self.client
+        channel = self.channel
         if self.again:  # already counted against the connection's cap when it was first pulled
             again = self.again.popleft()
-            return _InFlight(
-                again, client._transaction(again.sender, again.recipients, again.data), follows
-            )
+            return _InFlight(again, channel.transaction(again.sender, again.recipients, again.data), follows)
         while not self.exhausted:
-            if client.messages_on_connection + len(self.inflight) >= client.config.max_messages:
+            if channel.messages + len(self.inflight) >= channel.config.max_messages:
                 self.exhausted = True
                 break
             message = next(self.source, None)
@@ -139,7 +145,7 @@ class MessageStream:
                 break
             try:
                 return _InFlight(
-                    message, client._transaction(message.sender, message.recipients, message.data), follows
+                    message, channel.transaction(message.sender, message.recipients, message.data), follows
                 )
             except SmtpError as exc:
                 self.done.append((message, exc))
@@ -175,7 +181,8 @@ class MessageStream:
         if head.follows and head.tx.refused_out_of_sequence and id(head.message) not in self.resent:
             self._go_again(head)
             return
-        self.done.append((head.message, self.client._finish_transaction(head.tx)))
+        self.channel.ended()
+        self.done.append((head.message, self.channel.result(head.tx, 1)))
         if not head.tx.data_sent and head.tx.needs_rset:
             self.rset_first = True
 
@@ -185,14 +192,12 @@ class MessageStream:
         self.again.append(item.message)
         self.rset_first = True
         reply = item.tx.deciding_reply()
-        self.client._transcript.event(
-            "smtp_stream_resend_unpipelined", reason=reply.summary() if reply else "503"
-        )
+        self.channel.event("smtp_stream_resend_unpipelined", reason=reply.summary() if reply else "503")
         if self.crosses_end_of_data:
             self.crosses_end_of_data = False
-            config = self.client.config
+            config = self.channel.config
             if SERVER_QUIRKS.stop_pipelining_after_data(config.host, config.port):
-                self.client._transcript.event(
+                self.channel.event(
                     "smtp_stream_stops_pipelining_after_data",
                     host=config.host,
                     port=config.port,
@@ -204,16 +209,16 @@ class MessageStream:
         payload, lines, expect = self._opening(item, step)
         data_size = step.data_size if step.is_data else 0
         _bind(item.message)
-        self.client._log(lines, data_size=data_size)
+        self.channel.log(lines, data_size=data_size)
         follow = follower.tx.next_step() if follower is not None else None
         follow_expect: list[Stage] = []
         if follower is not None and follow is not None:
             follow_payload, follow_lines, follow_expect = self._opening(follower, follow)
             payload += follow_payload
             _bind(follower.message)
-            self.client._log(follow_lines)
+            self.channel.log(follow_lines)
             self.inflight.append(follower)  # before the write: a break must give it an outcome too
-        self.client._send_raw(payload, data_size=data_size, stage=lines[0][0] if lines else Stage.DATA_BLOCK)
+        self.channel.send(payload, data_size=data_size, stage=lines[0][0] if lines else Stage.DATA_BLOCK)
         if step.is_data:
             item.tx.data_written()
         item.expect.extend(expect)
@@ -236,7 +241,7 @@ class MessageStream:
         _bind(item.message)
         while item.expect:
             stage = item.expect.popleft()
-            reply = self.client._read(stage)
+            reply = self.channel.read(stage)
             if stage is not Stage.RSET:  # RSET's own failure is ignored, as after any failed transaction
                 item.tx.receive(stage, reply)
 

@@ -53,7 +53,7 @@ from typing import Literal
 
 FaultAction = Literal["reply", "drop", "hang", "split"]
 Strictness = Literal["exim", "haraka"]
-HARAKA_PIPELINED_AFTER_DATA = b"503 5.5.0 Bad sequence of commands - pipelined after end of DATA\r\n"
+HARAKA_PIPELINED_AFTER_DATA = b"503 Bad sequence of commands - pipelined after end of DATA\r\n"
 EXIM_SENDER_GIVEN = b"503 sender already given\r\n"
 EXIM_NO_VALID_RCPT = b"503 valid RCPT command must precede DATA\r\n"
 
