@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test lint typecheck pytest demo bench bench-full system-deps clean
+.PHONY: test lint typecheck pytest demo bench bench-full interop system-deps clean
 
 # Debian/Ubuntu ship venv separately (python3-venv); install it when the first try fails.
 $(BIN)/python:
@@ -38,7 +38,7 @@ system-deps:
 	fi
 
 lint: $(STAMP)
-	$(BIN)/ruff check dispatcher tests bench worker.py enqueue.py
+	$(BIN)/ruff check dispatcher tests bench interop worker.py enqueue.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict dispatcher
@@ -57,6 +57,23 @@ bench: $(STAMP)
 
 bench-full: $(STAMP)
 	$(BIN)/python -m bench
+
+# Our client and worker against real SMTP servers on 127.0.0.1 (interop/README.md). Each launcher unpacks
+# its server under .interop-cache (DISPATCH_INTEROP_CACHE) and runs it privately: the machine's own MTA is
+# never installed, replaced or used. Needs node/npm for smtp-server and Haraka; writes interop/results.md.
+interop: $(STAMP) system-deps
+	@missing=""; \
+	command -v node >/dev/null 2>&1 || missing="$$missing nodejs"; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing:$$missing"; \
+	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	  else \
+	    echo "please install:$$missing (Debian/Ubuntu: apt-get install$$missing)" >&2; exit 1; \
+	  fi; \
+	fi
+	$(BIN)/pytest interop -q -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

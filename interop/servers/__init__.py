@@ -1,0 +1,1 @@
+"""Launchers of real SMTP servers for the interop suite; the interface is in ``base``."""
