@@ -218,3 +218,44 @@ def test_none_after_helo() -> None:
 def test_blank_lines_are_skipped() -> None:
     extensions = parse_ehlo(Reply(250, ("host", "", "  ", "PIPELINING")))
     assert extensions.keywords == (("PIPELINING", ""),)
+
+
+# The keywords the real servers of ``make interop`` sent after STARTTLS, in their order (interop/results.md);
+# the first lines (host names) as the suite's configs set them.
+INTEROP_POSTFIX_3_7 = (
+    b"250-postfix.interop.invalid\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-VRFY\r\n250-ETRN\r\n"
+    b"250-AUTH PLAIN LOGIN\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n250-SMTPUTF8\r\n"
+    b"250 CHUNKING\r\n"
+)
+INTEROP_EXIM_4_96 = (
+    b"250-exim.interop.test Hello client.example.test [127.0.0.1]\r\n250-SIZE 52428800\r\n250-8BITMIME\r\n"
+    b"250-PIPELINING\r\n250-PIPECONNECT\r\n250-AUTH PLAIN LOGIN\r\n250-CHUNKING\r\n250-SMTPUTF8\r\n"
+    b"250 HELP\r\n"
+)
+INTEROP_OPENSMTPD_6_8 = (
+    b"250-opensmtpd.interop.test Hello client.example.test [127.0.0.1]\r\n"
+    b"250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SIZE 36700160\r\n250-DSN\r\n250-AUTH PLAIN LOGIN\r\n"
+    b"250 HELP\r\n"
+)
+INTEROP_HARAKA_3_3 = (
+    b"250-haraka.interop.invalid Hello localhost [127.0.0.1], Haraka is at your service.\r\n"
+    b"250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-SIZE 26214400\r\n250 AUTH PLAIN LOGIN\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "size", "on"),
+    [(INTEROP_POSTFIX_3_7, 10240000,
+      {"pipelining", "eightbitmime", "smtputf8", "enhanced_status_codes", "chunking", "dsn"}),
+     (INTEROP_EXIM_4_96, 52428800, {"pipelining", "eightbitmime", "smtputf8", "chunking"}),
+     (INTEROP_OPENSMTPD_6_8, 36700160, {"eightbitmime", "enhanced_status_codes", "dsn"}),
+     (INTEROP_HARAKA_3_3, 26214400, {"pipelining", "eightbitmime", "smtputf8"})],
+    ids=["postfix-3.7", "exim-4.96", "opensmtpd-6.8", "haraka-3.3"],
+)  # fmt: skip
+def test_interop_servers_ehlo(raw: bytes, size: int, on: set[str]) -> None:
+    """What the client does with each is pinned in ``make interop``; here only what it reads: PIPECONNECT
+    and DSN are kept as keywords and used for nothing (no pipelined connect, no DSN parameters)."""
+    extensions = ehlo(raw)
+    assert extensions.size_limit == size
+    assert flags(extensions) == on
+    assert extensions.auth_mechanisms == frozenset({"PLAIN", "LOGIN"})
