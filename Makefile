@@ -20,7 +20,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet -e '.[test,bench,dev]'
 	touch $(STAMP)
 
 # redis-server for the tests' private servers, chromium for the dashboard's browser test.
@@ -50,7 +50,7 @@ test: lint typecheck pytest
 
 demo: $(STAMP)
 	@command -v redis-server >/dev/null 2>&1 || $(MAKE) system-deps
-	$(BIN)/python -m dispatcher.demo
+	$(BIN)/python -m dispatcher.dev.demo
 
 bench: $(STAMP)
 	$(BIN)/python -m bench --short

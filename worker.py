@@ -1,8 +1,8 @@
-"""Entry point: ``python worker.py [--concurrency N] [--burst] [--queues ...]`` (see dispatcher.worker)."""
+"""Entry point: ``python worker.py [--concurrency N] [--burst] [--queues ...]`` (dispatcher.worker.pool)."""
 
 import sys
 
-from dispatcher.worker import main
+from dispatcher.worker.pool import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,8 +7,8 @@ send_id = dispatcher.enqueue({"from": "app@example.com", "to": "ann@example.org"
 """
 
 from dispatcher.errors import DispatcherError, QueueUnavailable, ValidationError
-from dispatcher.message import Mail
-from dispatcher.producer import Enqueued, Producer, enqueue, enqueue_many
+from dispatcher.mail.message import Mail
+from dispatcher.queue.producer import Enqueued, Producer, enqueue, enqueue_many
 
 __all__ = [
     "DispatcherError",

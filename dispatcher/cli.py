@@ -21,13 +21,13 @@ from typing import Any, TextIO
 import redis
 
 from dispatcher.errors import ConfigurationError, QueueUnavailable, ValidationError
-from dispatcher.fields import PRIORITIES
 from dispatcher.logs import configure_logging
-from dispatcher.operations import FailureFilter, Operations
-from dispatcher.producer import BATCH, Enqueued, Producer, connect
+from dispatcher.mail.fields import PRIORITIES
+from dispatcher.queue.operations import FailureFilter, Operations
+from dispatcher.queue.producer import BATCH, Enqueued, Producer, connect
+from dispatcher.queue.states import FAILURE_STATES, RETRYABLE_STATES
+from dispatcher.queue.store import SendStore
 from dispatcher.settings import load_settings
-from dispatcher.states import FAILURE_STATES, RETRYABLE_STATES
-from dispatcher.store import SendStore
 
 EXIT_INVALID_LINES, EXIT_USAGE, EXIT_UNAVAILABLE = 1, 2, 3
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")

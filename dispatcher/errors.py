@@ -65,7 +65,7 @@ class QueueUnavailable(QueueError, ConnectionError):
 
 
 class IllegalTransition(DispatcherError, RuntimeError):
-    """Code tried to move a send between states that ``dispatcher.states.TRANSITIONS`` does not link."""
+    """Code tried to move a send between states that ``dispatcher.queue.states.TRANSITIONS`` does not link."""
 
 
 class SmtpError(DispatcherError):

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from dispatcher.errors import ConfigurationError
-from dispatcher.routes import RoutePolicy, check_fallbacks, parse_policy, split_route_url
+from dispatcher.routes.config import RoutePolicy, check_fallbacks, parse_policy, split_route_url
 from dispatcher.smtp.config import SmtpConfig, parse_smtp_url
 from dispatcher.values import parse_flag, parse_number
 
@@ -115,7 +115,7 @@ def read_routes(env: Mapping[str, str]) -> dict[str, SmtpConfig]:
 
 
 def read_policies(env: Mapping[str, str]) -> dict[str, RoutePolicy]:
-    """Each route's limits and fallbacks, from the route options of its URL (``dispatcher.routes``)."""
+    """Each route's limits and fallbacks, from the route options of its URL (``dispatcher.routes.config``)."""
     policies: dict[str, RoutePolicy] = {}
     for name, route, value in route_urls(env):
         try:

@@ -1,6 +1,6 @@
 """The counting sink every MTA of the interop suite relays to.
 
-It is dispatcher's own development sink (``dispatcher.devsink.DevSink``: aiosmtpd on 127.0.0.1, a free
+It is dispatcher's own development sink (``dispatcher.dev.devsink.DevSink``: aiosmtpd on 127.0.0.1, a free
 port, SMTPUTF8 on; aiosmtpd always offers 8BITMIME and keeps the data as bytes) with what the checks
 need on top: each delivery as a ``Delivery`` (envelope sender, recipients, data bytes, Message-ID), and
 waits on a predicate over the deliveries with a deadline. Thread-safe: aiosmtpd runs on its own loop
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
-from dispatcher.devsink import DevSink, ReceivedMessage
+from dispatcher.dev.devsink import DevSink, ReceivedMessage
 
 POLL = 0.05
 """Longest wait between two looks at a predicate (a delivery wakes the waiter at once)."""

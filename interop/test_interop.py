@@ -23,11 +23,11 @@ from queue_support import WorkerRun, base_env
 from servers.redis_server import RedisServer
 
 from dispatcher.errors import PolicyError, SmtpError, TlsError
-from dispatcher.producer import Producer
+from dispatcher.queue.producer import Producer
+from dispatcher.queue.store import state_key
 from dispatcher.smtp import RecipientStatus, SendResult, SmtpClient, Stage
 from dispatcher.smtp.commands import normalize_line_endings
 from dispatcher.smtp.stream import Outgoing
-from dispatcher.store import state_key
 from interop.conftest import ServerUnderTest
 from interop.servers.base import DOMAIN, REFUSED_RECIPIENT
 from interop.sink import CountingSink, Delivery, bare_message_id, split_message

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatcher import addresses
-from dispatcher.addresses import Address, control_character_problem, parse_address
+from dispatcher.mail import addresses
+from dispatcher.mail.addresses import Address, control_character_problem, parse_address
 
 
 @pytest.mark.parametrize(

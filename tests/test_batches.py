@@ -16,13 +16,13 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 from servers import ScriptedSmtpServer
 
-from dispatcher.devsink import DevSink
-from dispatcher.jobs import Attempt
-from dispatcher.producer import BATCH_FUNCTION, JOB_BATCH_SIZE, Producer
-from dispatcher.recovery import reap_abandoned, requeue_unstarted
-from dispatcher.runtime import Runtime
+from dispatcher.delivery.jobs import Attempt
+from dispatcher.dev.devsink import DevSink
+from dispatcher.queue.producer import BATCH_FUNCTION, JOB_BATCH_SIZE, Producer
+from dispatcher.queue.recovery import reap_abandoned, requeue_unstarted
+from dispatcher.queue.store import INFLIGHT, SendStore
 from dispatcher.settings import load_settings
-from dispatcher.store import INFLIGHT, SendStore
+from dispatcher.worker.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 

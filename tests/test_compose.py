@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
-from dispatcher import worker
 from dispatcher.dashboard import __main__ as dashboard_main
 from dispatcher.settings import ENVIRONMENT
 from dispatcher.smtp.config import TlsMode, parse_smtp_url
+from dispatcher.worker import pool as worker
 
 ROOT = Path(__file__).resolve().parent.parent
 _DEFAULT = re.compile(r"\$\{(\w+):-([^}]*)\}")

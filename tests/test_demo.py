@@ -22,7 +22,7 @@ def demo_env() -> dict[str, str]:
 def test_the_demo_batch_settles_and_every_path_shows(tmp_path: Path) -> None:
     data = tmp_path / "demo-data"
     done = subprocess.run(
-        [sys.executable, "-m", "dispatcher.demo", "--data-dir", str(data), "--exit-when-settled",
+        [sys.executable, "-m", "dispatcher.dev.demo", "--data-dir", str(data), "--exit-when-settled",
          "--timeout", "60"],
         cwd=ROOT, env=demo_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -44,7 +44,7 @@ def test_the_demo_batch_settles_and_every_path_shows(tmp_path: Path) -> None:
 def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
     data = tmp_path / "demo-data"
     demo = subprocess.Popen(
-        [sys.executable, "-m", "dispatcher.demo", "--data-dir", str(data)],
+        [sys.executable, "-m", "dispatcher.dev.demo", "--data-dir", str(data)],
         cwd=ROOT, env=demo_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     assert demo.stdout is not None

@@ -1,4 +1,4 @@
-"""Self-tests of dispatcher.devsink (the recording SMTP sink), with smtplib and raw sockets as clients."""
+"""Self-tests of dispatcher.dev.devsink (the recording SMTP sink), with smtplib and raw sockets as clients."""
 
 from __future__ import annotations
 
@@ -218,7 +218,7 @@ def test_cli_serves_stores_and_stops_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     maildir = tmp_path / "mail"
     process = subprocess.Popen(
-        [sys.executable, "-m", "dispatcher.devsink", "--port", str(port), "--dir", str(maildir),
+        [sys.executable, "-m", "dispatcher.dev.devsink", "--port", str(port), "--dir", str(maildir),
          "--rule", "soft@example.com=450:once"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip

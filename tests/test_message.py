@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from dispatcher.addresses import Address
 from dispatcher.errors import ValidationError
-from dispatcher.fields import PRIORITIES, Attachment
-from dispatcher.message import DEFAULT_MAX_BYTES
-from dispatcher.mime import validated
+from dispatcher.mail.addresses import Address
+from dispatcher.mail.fields import PRIORITIES, Attachment
+from dispatcher.mail.message import DEFAULT_MAX_BYTES
+from dispatcher.mail.mime import validated
 
 
 def minimal(**extra: Any) -> dict[str, Any]:

@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dispatcher.errors import ValidationError
-from dispatcher.fields import MAX_LINE_OCTETS, custom_header_problem
-from dispatcher.message import Mail
-from dispatcher.mime import build_message, size_upper_bound, validated
+from dispatcher.mail.fields import MAX_LINE_OCTETS, custom_header_problem
+from dispatcher.mail.message import Mail
+from dispatcher.mail.mime import build_message, size_upper_bound, validated
 
 PDF = b"%PDF-1.4\n\x00\xff binary \r\n bytes"
 
@@ -203,7 +203,7 @@ def test_identical_bytes_in_another_process() -> None:
     m = mail(text="t", html="<p>h</p>", subject="Grüße", cc="c@example.org")
     script = (
         "import json, sys\n"
-        "from dispatcher.mime import build_message, validated\n"
+        "from dispatcher.mail.mime import build_message, validated\n"
         "sys.stdout.buffer.write(build_message(validated(json.loads(sys.stdin.read()))))\n"
     )
     done = subprocess.run(

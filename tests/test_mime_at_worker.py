@@ -7,11 +7,11 @@ from collections.abc import Callable
 import redis
 from servers import Fault, ScriptedSmtpServer
 
-from dispatcher.attempt import Attempt
-from dispatcher.producer import Producer
-from dispatcher.runtime import Runtime
+from dispatcher.delivery.attempt import Attempt
+from dispatcher.queue.producer import Producer
+from dispatcher.queue.store import SendStore, send_key, source_key
 from dispatcher.settings import load_settings
-from dispatcher.store import SendStore, send_key, source_key
+from dispatcher.worker.runtime import Runtime
 
 MAIL = {"from": "Zoë <app@example.com>", "to": "ann@example.org", "subject": "Grüße", "text": "hello\n",
         "html": "<p>hello</p>", "attachments": [{"filename": "a.txt", "content_type": "text/plain",

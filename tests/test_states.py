@@ -1,4 +1,4 @@
-"""The send state machine (``dispatcher.states``): every legal move, and every other one refused."""
+"""The send state machine (``dispatcher.queue.states``): every legal move, and every other one refused."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import itertools
 import pytest
 
 from dispatcher.errors import IllegalTransition
-from dispatcher.states import FINAL_STATES, TRANSITIONS, SendState, initial_state
-from dispatcher.store import SendRecord
+from dispatcher.queue.states import FINAL_STATES, TRANSITIONS, SendState, initial_state
+from dispatcher.queue.store import SendRecord
 
 S = SendState
 LEGAL = {

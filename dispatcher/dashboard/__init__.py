@@ -21,9 +21,9 @@ from dispatcher.dashboard import api, auth, filters, views
 from dispatcher.dashboard.config import DashboardConfig, load_config
 from dispatcher.dashboard.context import EXTENSION, DashboardState, state, wants_json
 from dispatcher.errors import QueueUnavailable
-from dispatcher.operations import Operations
-from dispatcher.producer import Producer, connect
-from dispatcher.store import SendStore
+from dispatcher.queue.operations import Operations
+from dispatcher.queue.producer import Producer, connect
+from dispatcher.queue.store import SendStore
 
 __all__ = ["DashboardConfig", "DashboardState", "create_app", "load_config", "state"]
 

@@ -19,9 +19,9 @@ from flask.typing import ResponseReturnValue
 from dispatcher.dashboard import context
 from dispatcher.dashboard.auth import check_bearer
 from dispatcher.errors import ConfigurationError, ValidationError
-from dispatcher.operations import FailureFilter
-from dispatcher.producer import Enqueued
-from dispatcher.states import FAILURE_STATES, RETRYABLE_STATES
+from dispatcher.queue.operations import FailureFilter
+from dispatcher.queue.producer import Enqueued
+from dispatcher.queue.states import FAILURE_STATES, RETRYABLE_STATES
 
 logger = structlog.get_logger("dispatcher.dashboard.api")
 blueprint = Blueprint("api", __name__, url_prefix="/api/v1")

@@ -34,7 +34,7 @@ from flask import (
 from flask.typing import ResponseReturnValue
 
 from dispatcher.dashboard import context
-from dispatcher.store import PREFIX
+from dispatcher.queue.store import PREFIX
 
 logger = structlog.get_logger("dispatcher.dashboard.auth")
 blueprint = Blueprint("auth", __name__)

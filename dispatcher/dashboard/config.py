@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from dispatcher.errors import ConfigurationError
-from dispatcher.message import DEFAULT_MAX_BYTES
+from dispatcher.mail.message import DEFAULT_MAX_BYTES
 from dispatcher.settings import DEFAULT_REDIS_URL
 from dispatcher.values import parse_flag, parse_number
 

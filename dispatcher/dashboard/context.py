@@ -9,9 +9,9 @@ import redis
 from flask import current_app, request
 
 from dispatcher.dashboard.config import DashboardConfig
-from dispatcher.operations import Operations
-from dispatcher.producer import Producer
-from dispatcher.store import SendStore
+from dispatcher.queue.operations import Operations
+from dispatcher.queue.producer import Producer
+from dispatcher.queue.store import SendStore
 
 EXTENSION = "dispatcher"
 

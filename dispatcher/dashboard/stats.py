@@ -16,10 +16,10 @@ from rq import Queue, Worker
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from dispatcher.fields import PRIORITIES
-from dispatcher.operations import FailureFilter, Operations, describe_group, group_key
-from dispatcher.producer import QUEUE_NAMES
-from dispatcher.store import SendRecord, SendStore, worker_key
+from dispatcher.mail.fields import PRIORITIES
+from dispatcher.queue.operations import FailureFilter, Operations, describe_group, group_key
+from dispatcher.queue.producer import QUEUE_NAMES
+from dispatcher.queue.store import SendRecord, SendStore, worker_key
 
 CHART_MINUTES = 60
 

@@ -17,8 +17,8 @@ from flask.typing import ResponseReturnValue
 
 from dispatcher.dashboard import context, stats
 from dispatcher.dashboard.auth import current_user, safe_next
-from dispatcher.operations import FailureFilter, describe_group
-from dispatcher.states import FINAL_STATES, RETRYABLE_STATES
+from dispatcher.queue.operations import FailureFilter, describe_group
+from dispatcher.queue.states import FINAL_STATES, RETRYABLE_STATES
 
 logger = structlog.get_logger("dispatcher.dashboard.views")
 blueprint = Blueprint("views", __name__)

@@ -12,7 +12,7 @@ from flask.testing import FlaskClient
 from servers.recording import RecordingSmtpServer, Rule
 
 from dispatcher.dashboard import create_app, state
-from dispatcher.producer import Producer
+from dispatcher.queue.producer import Producer
 
 
 @pytest.fixture

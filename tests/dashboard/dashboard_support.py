@@ -24,10 +24,10 @@ from rq.serializers import JSONSerializer
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from dispatcher.dashboard import DashboardConfig
-from dispatcher.producer import QUEUE_NAMES, connect
-from dispatcher.runtime import Runtime
+from dispatcher.queue.producer import QUEUE_NAMES, connect
 from dispatcher.settings import load_settings
-from dispatcher.worker import MailWorker
+from dispatcher.worker.process import MailWorker
+from dispatcher.worker.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parents[2]
 API_TOKEN = "test-api-token-0123456789"

@@ -15,7 +15,7 @@ from dispatcher.dashboard import create_app
 from dispatcher.dashboard.__main__ import main
 from dispatcher.dashboard.auth import MAX_LOGIN_FAILURES
 from dispatcher.errors import ConfigurationError
-from dispatcher.producer import Producer
+from dispatcher.queue.producer import Producer
 
 
 def snapshot(client: redis.Redis) -> dict[bytes, bytes | None]:

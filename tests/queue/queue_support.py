@@ -24,7 +24,7 @@ from typing import Any
 import redis
 from helpers import wait_until
 
-from dispatcher.devsink import DevSink, _SinkHandler
+from dispatcher.dev.devsink import DevSink, _SinkHandler
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable

@@ -20,8 +20,8 @@ from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 from servers import RecordingSmtpServer
 
-from dispatcher.producer import Producer
-from dispatcher.store import SendStore, state_key
+from dispatcher.queue.producer import Producer
+from dispatcher.queue.store import SendStore, state_key
 
 StartWorkers = Callable[..., WorkerRun]
 SmtpServer = Callable[..., RecordingSmtpServer]

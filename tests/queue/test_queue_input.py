@@ -17,8 +17,8 @@ from servers import RecordingSmtpServer
 
 from dispatcher.cli import EXIT_INVALID_LINES, EXIT_USAGE
 from dispatcher.errors import ValidationError
-from dispatcher.producer import Enqueued, Producer, enqueue, enqueue_many
-from dispatcher.store import STATES, state_key
+from dispatcher.queue.producer import Enqueued, Producer, enqueue, enqueue_many
+from dispatcher.queue.store import STATES, state_key
 
 RunCli = Callable[..., subprocess.CompletedProcess[str]]
 INJECTED = "Hi\r\nBcc: victim@evil.test"

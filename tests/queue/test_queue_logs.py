@@ -11,8 +11,8 @@ import redis
 from queue_support import WorkerRun, dump_redis, dump_text, smtp_url
 from servers import RecordingSmtpServer, Rule
 
-from dispatcher.producer import Producer
-from dispatcher.store import SendStore
+from dispatcher.queue.producer import Producer
+from dispatcher.queue.store import SendStore
 
 USER = "mailer"
 PASSWORD = "Pa55-w0rd-sekrit"
@@ -112,7 +112,7 @@ def test_logs_tell_each_transaction_and_no_credential_is_logged_or_stored(
     dump = dump_redis(redis_client)
     text = dump_text(dump)
     # The scan sees inside rq's zlib-compressed job data (the function name lives only there).
-    assert "dispatcher.jobs.deliver" in text, sorted(dump)
+    assert "dispatcher.delivery.jobs.deliver" in text, sorted(dump)
     for result in sent:
         assert result.message_id in text
     assert leaks(text) == [], [k for k, v in dump.items() if leaks(dump_text({k: v}))]

@@ -21,10 +21,10 @@ from typing import Any
 
 import redis
 
-from dispatcher.jobs import Attempt
-from dispatcher.runtime import Runtime
+from dispatcher.delivery.jobs import Attempt
+from dispatcher.queue.store import SendRecord, SendStore
 from dispatcher.settings import load_settings
-from dispatcher.store import SendRecord, SendStore
+from dispatcher.worker.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable

@@ -19,9 +19,9 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 from servers import Fault, ScriptedSmtpServer
 
-from dispatcher.producer import QUEUE_NAMES, Producer
-from dispatcher.states import FINAL_STATES
-from dispatcher.store import SendStore
+from dispatcher.queue.producer import QUEUE_NAMES, Producer
+from dispatcher.queue.states import FINAL_STATES
+from dispatcher.queue.store import SendStore
 
 Scripted = Callable[..., ScriptedSmtpServer]
 MAILS = 2000

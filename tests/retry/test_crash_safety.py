@@ -22,7 +22,7 @@ from retrykit import (
 from servers import Fault, RecordingSmtpServer, RedisServer, ScriptedSmtpServer
 
 from dispatcher.errors import QueueUnavailable
-from dispatcher.producer import Producer, connect
+from dispatcher.queue.producer import Producer, connect
 
 Sink = Callable[..., RecordingSmtpServer]
 Scripted = Callable[..., ScriptedSmtpServer]

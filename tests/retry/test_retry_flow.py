@@ -24,7 +24,7 @@ from retrykit import (
 )
 from servers import RecordingSmtpServer, Rule
 
-from dispatcher.producer import Producer
+from dispatcher.queue.producer import Producer
 
 Sink = Callable[..., RecordingSmtpServer]
 

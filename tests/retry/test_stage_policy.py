@@ -1,6 +1,6 @@
 """The policy table, stage by stage, against a scripted server: each reply or fault gives its action.
 
-One attempt at a time runs in this process (``dispatcher.jobs.Attempt`` with a real ``Runtime``, Redis
+One attempt at a time runs in this process (``delivery.jobs.Attempt`` with a real ``Runtime``, Redis
 and SMTP server; no worker): attempt 1 meets the fault; the server is then healed and the attempt the
 record now expects (the rq job it scheduled) runs, showing what a retry does.
 """
@@ -18,8 +18,8 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 from servers import Fault, Rule, ScriptedSmtpServer
 
-from dispatcher.producer import Producer, attempt_job_id
-from dispatcher.store import ledger_key
+from dispatcher.queue.producer import Producer, attempt_job_id
+from dispatcher.queue.store import ledger_key
 
 Scripted = Callable[..., ScriptedSmtpServer]
 STAGES = ("mail", "rcpt", "data", "data_end")

@@ -11,14 +11,14 @@ import pytest
 import redis
 from helpers import wait_until
 
-from dispatcher.breaker import Breaker, is_connection_failure
 from dispatcher.errors import ConfigurationError, ConnectError, ReplyError, ServiceClosing
-from dispatcher.routes import RoutePolicy, parse_policy, split_route_url
+from dispatcher.routes.breaker import Breaker, is_connection_failure
+from dispatcher.routes.config import RoutePolicy, parse_policy, split_route_url
+from dispatcher.routes.slots import ConnectionSlots
+from dispatcher.routes.throttle import Throttle, is_slow_down
 from dispatcher.settings import load_settings
-from dispatcher.slots import ConnectionSlots
 from dispatcher.smtp.replies import Reply
 from dispatcher.smtp.stages import Stage
-from dispatcher.throttle import Throttle, is_slow_down
 
 
 def test_bucket_never_grants_more_than_it_holds_under_threads(redis_client: redis.Redis) -> None:

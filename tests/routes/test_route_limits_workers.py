@@ -10,12 +10,12 @@ from helpers import free_port, wait_until
 from route_support import Workers, busiest_window, mails, per_second, route_url
 from servers import RecordingSmtpServer, Rule
 
-from dispatcher.breaker import Breaker
-from dispatcher.devsink import DevSink
-from dispatcher.producer import Producer
-from dispatcher.routes import RoutePolicy
-from dispatcher.store import SendStore
-from dispatcher.throttle import Throttle
+from dispatcher.dev.devsink import DevSink
+from dispatcher.queue.producer import Producer
+from dispatcher.queue.store import SendStore
+from dispatcher.routes.breaker import Breaker
+from dispatcher.routes.config import RoutePolicy
+from dispatcher.routes.throttle import Throttle
 
 Sink = Callable[..., RecordingSmtpServer]
 Start = Callable[..., Workers]

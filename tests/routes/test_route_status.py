@@ -5,8 +5,8 @@ from __future__ import annotations
 import redis
 
 from dispatcher.dashboard.stats import describe_route
-from dispatcher.routes import RoutePolicy
-from dispatcher.routing import RouteGate
+from dispatcher.routes.config import RoutePolicy
+from dispatcher.routes.gate import RouteGate
 
 
 def test_gate_describes_live_limit_state_and_nothing_for_a_plain_route(redis_client: redis.Redis) -> None:

@@ -6,7 +6,7 @@ fixture builds one per call with DevSink's keyword arguments and stops it at tea
 
 from __future__ import annotations
 
-from dispatcher.devsink import OVERLONG_LINE, DevSink, ReceivedMessage, Rule, parse_rule
+from dispatcher.dev.devsink import OVERLONG_LINE, DevSink, ReceivedMessage, Rule, parse_rule
 
 RecordingSmtpServer = DevSink
 

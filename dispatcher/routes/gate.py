@@ -22,15 +22,15 @@ from typing import ClassVar
 import redis
 import structlog
 
-from dispatcher.breaker import Breaker, is_connection_failure
 from dispatcher.errors import SmtpError
-from dispatcher.routes import RoutePolicy
-from dispatcher.slots import SlottedClient
+from dispatcher.routes.breaker import Breaker, is_connection_failure
+from dispatcher.routes.config import RoutePolicy
+from dispatcher.routes.slots import SlottedClient
+from dispatcher.routes.throttle import Throttle, is_slow_down
 from dispatcher.smtp.replies import Reply
 from dispatcher.smtp.session import SmtpClient
-from dispatcher.throttle import Throttle, is_slow_down
 
-logger = structlog.get_logger("dispatcher.routing")
+logger = structlog.get_logger("dispatcher.routes.gate")
 
 
 class RouteGate:

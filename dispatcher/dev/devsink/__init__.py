@@ -1,7 +1,7 @@
 """Development SMTP sink: accepts mail on a local port, records everything, optionally stores .eml files.
 
-Used by ``make demo`` (``python -m dispatcher.devsink``) and by the tests' ``smtp_server`` fixture. It runs
-aiosmtpd's protocol on an asyncio loop in a background thread and adds what a test needs to see:
+Used by ``make demo`` (``python -m dispatcher.dev.devsink``) and by the tests' ``smtp_server`` fixture.
+It runs aiosmtpd's protocol on an asyncio loop in a background thread and adds what a test needs to see:
 
 * every command line exactly as received (``commands``) — observed by wrapping the protocol's stream reader,
   so lines aiosmtpd rejects (unknown verbs, 530 before STARTTLS) are recorded too;

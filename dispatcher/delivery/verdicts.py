@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from dispatcher.errors import ConfigurationError, DispatcherError, SmtpError, UnknownOutcome
+from dispatcher.queue.states import SendState
 from dispatcher.settings import RetryPolicy
 from dispatcher.smtp.outcomes import RecipientStatus
 from dispatcher.smtp.replies import Reply
 from dispatcher.smtp.stages import Stage
-from dispatcher.states import SendState
 
 _HINT = re.compile(
     r"(?:try|retry)(?:\s+again)?\s+(?:in|after)\s+(\d+(?:\.\d+)?)\s*"

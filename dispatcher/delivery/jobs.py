@@ -17,18 +17,18 @@ import redis
 import structlog
 from rq import get_current_job
 
-from dispatcher.attempt import Attempt
-from dispatcher.recovery import requeue_unstarted
-from dispatcher.routing import RouteGate
-from dispatcher.runtime import Runtime
+from dispatcher.delivery.attempt import Attempt
+from dispatcher.queue.recovery import requeue_unstarted
+from dispatcher.queue.store import (
+    INFLIGHT,
+)
+from dispatcher.routes.gate import RouteGate
 from dispatcher.smtp.outcomes import RecipientStatus, SendResult
 from dispatcher.smtp.session import SmtpClient
 from dispatcher.smtp.stream import Outgoing
-from dispatcher.store import (
-    INFLIGHT,
-)
+from dispatcher.worker.runtime import Runtime
 
-logger = structlog.get_logger("dispatcher.jobs")
+logger = structlog.get_logger("dispatcher.delivery.jobs")
 _rng = random.SystemRandom()
 _RETRYABLE = {"pending", RecipientStatus.TRANSIENT.value}
 

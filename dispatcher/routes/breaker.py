@@ -20,10 +20,10 @@ import redis
 import structlog
 
 from dispatcher.errors import ConnectError, ConnectionLost, ReplyError, SmtpError, StageTimeout, TlsError
-from dispatcher.routes import RoutePolicy, route_key
+from dispatcher.routes.config import RoutePolicy, route_key
 from dispatcher.smtp.stages import Stage
 
-logger = structlog.get_logger("dispatcher.breaker")
+logger = structlog.get_logger("dispatcher.routes.breaker")
 
 _PRE_GREETING = frozenset({Stage.CONNECT, Stage.GREETING, Stage.TLS_HANDSHAKE})
 

@@ -1,10 +1,10 @@
 """The mail model: a validated, immutable ``Mail`` built from the JSON schema producers enqueue.
 
 Every entry point (Python API, CLI, JSON Lines, HTTP) goes through :meth:`Mail.from_dict` (by way of
-:func:`dispatcher.mime.validated`, which adds the size limit), collecting *all* problems into one
+:func:`dispatcher.mail.mime.validated`, which adds the size limit), collecting *all* problems into one
 ``ValidationError({field_path: problem})``. ``Mail.to_dict`` is the JSON-safe form
 stored with the job; it carries the ``message_id`` and ``date`` generated once at validation, so every
-later attempt rebuilds byte-identical MIME (see :mod:`dispatcher.mime`).
+later attempt rebuilds byte-identical MIME (see :mod:`dispatcher.mail.mime`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from email.utils import format_datetime, make_msgid
 from types import MappingProxyType
 from typing import Any, cast
 
-from dispatcher import fields
-from dispatcher.addresses import Address
 from dispatcher.errors import ValidationError
-from dispatcher.fields import DEFAULT_ROUTE, Attachment, MetadataValue, Priority
+from dispatcher.mail import fields
+from dispatcher.mail.addresses import Address
+from dispatcher.mail.fields import DEFAULT_ROUTE, Attachment, MetadataValue, Priority
 
 DEFAULT_MAX_BYTES = 25 * 1024 * 1024
 FIELDS = frozenset(
@@ -57,7 +57,7 @@ class Mail:
     def from_dict(cls, data: Mapping[str, Any]) -> Mail:
         """Validate the JSON schema field by field; raise ``ValidationError`` listing every problem found.
 
-        The checks that need the MIME bytes (the size limit) are ``dispatcher.mime.validated``'s.
+        The checks that need the MIME bytes (the size limit) are ``dispatcher.mail.mime.validated``'s.
         """
         if not isinstance(data, Mapping):
             raise ValidationError({"mail": "must be an object"})

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from dispatcher.errors import ConfigurationError
-from dispatcher.store import PREFIX
+from dispatcher.queue.store import PREFIX
 from dispatcher.values import parse_number
 
 ROUTE_OPTIONS = frozenset({

@@ -26,9 +26,9 @@ from datetime import UTC, datetime
 import redis
 import structlog
 
-from dispatcher.routes import RoutePolicy, route_key
+from dispatcher.routes.config import RoutePolicy, route_key
 
-logger = structlog.get_logger("dispatcher.throttle")
+logger = structlog.get_logger("dispatcher.routes.throttle")
 
 MIN_FACTOR = 1 / 16
 RECOVERY_STEP = 0.25

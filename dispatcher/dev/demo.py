@@ -1,7 +1,7 @@
 """``make demo``: the whole local stack doing real work, stopped cleanly by Ctrl-C.
 
 Redis (``REDIS_URL`` when it is set and answers, else a private ``redis-server``), the development sink
-(``dispatcher.devsink``: stores .eml files; answers one address 450 once and another 550), two worker
+(``dispatcher.dev.devsink``: stores .eml files; answers one address 450 once and another 550), two worker
 processes, the dashboard, and a demo batch that exercises the interesting paths. It shows progress until
 the batch settles, then prints where to look.
 """
@@ -24,11 +24,11 @@ from typing import Any, TextIO
 
 import redis
 
-from dispatcher.devsink import DevSink, Rule
+from dispatcher.dev.devsink import DevSink, Rule
 from dispatcher.logs import configure_logging
-from dispatcher.producer import Producer
-from dispatcher.states import FINAL_STATES
-from dispatcher.store import SendStore
+from dispatcher.queue.producer import Producer
+from dispatcher.queue.states import FINAL_STATES
+from dispatcher.queue.store import SendStore
 
 SOFT = "soft-bounce@example.net"
 HARD = "no-such-user@example.net"
@@ -188,7 +188,7 @@ def watch(store: SendStore, ids: list[str], out: TextIO, timeout: float) -> dict
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dispatcher.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m dispatcher.dev.demo", description=__doc__)
     parser.add_argument("--data-dir", default="demo-data", type=Path)
     parser.add_argument(
         "--exit-when-settled", action="store_true", help="stop everything once the batch settles"

@@ -26,12 +26,12 @@ import redis
 import structlog
 
 from dispatcher.errors import ThrottleTimeout
-from dispatcher.routes import RoutePolicy, route_key
+from dispatcher.routes.config import RoutePolicy, route_key
 from dispatcher.smtp.config import SmtpConfig
 from dispatcher.smtp.session import SessionState, SmtpClient
 from dispatcher.smtp.stages import Stage
 
-logger = structlog.get_logger("dispatcher.slots")
+logger = structlog.get_logger("dispatcher.routes.slots")
 
 LEASE_SECONDS = 15.0
 FAIR_SHARE = 1.0

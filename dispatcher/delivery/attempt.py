@@ -18,10 +18,7 @@ from typing import Any
 import redis
 import structlog
 
-from dispatcher.errors import ConfigurationError, SmtpError, ValidationError
-from dispatcher.message import Mail
-from dispatcher.mime import build_message
-from dispatcher.policy import (
+from dispatcher.delivery.verdicts import (
     Verdict,
     backoff_delay,
     final_state,
@@ -30,12 +27,12 @@ from dispatcher.policy import (
     verdict_for_reply,
     verdicts_after_error,
 )
-from dispatcher.producer import attempt_job_id, schedule_attempt
-from dispatcher.runtime import Runtime
-from dispatcher.smtp.outcomes import RecipientStatus, SendResult
-from dispatcher.smtp.stream import Outgoing
-from dispatcher.states import FINAL_STATES, SendState
-from dispatcher.store import (
+from dispatcher.errors import ConfigurationError, SmtpError, ValidationError
+from dispatcher.mail.message import Mail
+from dispatcher.mail.mime import build_message
+from dispatcher.queue.producer import attempt_job_id, schedule_attempt
+from dispatcher.queue.states import FINAL_STATES, SendState
+from dispatcher.queue.store import (
     INFLIGHT,
     LEDGER_TTL,
     STATS_TTL,
@@ -46,8 +43,11 @@ from dispatcher.store import (
     source_key,
     text,
 )
+from dispatcher.smtp.outcomes import RecipientStatus, SendResult
+from dispatcher.smtp.stream import Outgoing
+from dispatcher.worker.runtime import Runtime
 
-logger = structlog.get_logger("dispatcher.attempt")
+logger = structlog.get_logger("dispatcher.delivery.attempt")
 _rng = random.SystemRandom()
 _RETRYABLE = {"pending", RecipientStatus.TRANSIENT.value}
 
@@ -168,7 +168,7 @@ class Attempt:
 
     def _send(self, rec: SendRecord, pending: list[str]) -> tuple[dict[str, Verdict], str]:
         settings = self.runtime.settings
-        # The route's shared limits and breaker (dispatcher.routing): waits stay well inside the job timeout.
+        # The route's shared limits and breaker (routes.gate): waits stay well inside the job timeout.
         gate = self.runtime.gate(self.redis)
         refused: SmtpError | None = None
         for route in gate.candidates(rec.route):

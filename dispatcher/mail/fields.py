@@ -19,7 +19,7 @@ from email import policy as email_policy
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, TypeVar, cast
 
-from dispatcher.addresses import Address, control_character_problem, parse_address
+from dispatcher.mail.addresses import Address, control_character_problem, parse_address
 
 # Headers dispatcher writes itself (plus every Content-*) or trace/address headers it will not take from
 # producers: a custom header with one of these names could contradict ours or smuggle recipients.

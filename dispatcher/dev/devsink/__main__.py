@@ -1,5 +1,5 @@
-"""``python -m dispatcher.devsink --port 2525 --dir ./mail --rule soft@example.com=450:once``: the
-development sink on a port until SIGINT/SIGTERM (see ``dispatcher.devsink``)."""
+"""``python -m dispatcher.dev.devsink --port 2525 --dir ./mail --rule soft@example.com=450:once``: the
+development sink on a port until SIGINT/SIGTERM (see ``dispatcher.dev.devsink``)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from dispatcher.devsink import DevSink, log, parse_rule
+from dispatcher.dev.devsink import DevSink, log, parse_rule
 from dispatcher.errors import ConfigurationError
 from dispatcher.logs import configure_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dispatcher.devsink", description="Development SMTP sink: accept, record, store."
+        prog="python -m dispatcher.dev.devsink", description="Development SMTP sink: accept, record, store."
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=2525)

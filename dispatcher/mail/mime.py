@@ -21,10 +21,10 @@ from email.message import EmailMessage
 from typing import TYPE_CHECKING, Any
 
 from dispatcher.errors import ValidationError
-from dispatcher.message import DEFAULT_MAX_BYTES, Mail
+from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
 
 if TYPE_CHECKING:
-    from dispatcher.addresses import Address
+    from dispatcher.mail.addresses import Address
 
 # Above this share of non-ASCII UTF-8 bytes base64 is shorter than quoted-printable (3 vs 4/3 octets).
 _BASE64_THRESHOLD = 1 / 6

@@ -14,9 +14,9 @@ from typing import ClassVar
 
 import redis
 
-from dispatcher.routing import RouteGate
+from dispatcher.routes.gate import RouteGate
+from dispatcher.routes.slots import ConnectionSlots, SlottedClient
 from dispatcher.settings import Settings, load_settings
-from dispatcher.slots import ConnectionSlots, SlottedClient
 from dispatcher.smtp.session import SmtpClient
 
 
@@ -51,7 +51,7 @@ class Runtime:
     def client(self, route: str, connection: redis.Redis | None = None) -> SmtpClient:
         """The kept client of ``route``; ``ConfigurationError`` if this worker has no such route. With
         ``connection`` and a route capped by ``max_connections``, the client holds a slot of the shared
-        semaphore while its connection is open (``dispatcher.slots``)."""
+        semaphore while its connection is open (``dispatcher.routes.slots``)."""
         client = self.clients.get(route)
         if client is None:
             config = self.settings.route(route)

@@ -27,8 +27,8 @@ from typing import Any
 
 import redis
 
-from dispatcher.message import Mail
-from dispatcher.states import FINAL_STATES, SendState
+from dispatcher.mail.message import Mail
+from dispatcher.queue.states import FINAL_STATES, SendState
 
 PREFIX = "dispatch"
 STATES = tuple(SendState)
@@ -113,7 +113,7 @@ class SendRecord:
     stored_state: SendState | None = None
 
     def move(self, target: SendState) -> None:
-        """Change the state by the table in ``dispatcher.states`` (``IllegalTransition`` otherwise)."""
+        """Change the state by the table in ``dispatcher.queue.states`` (``IllegalTransition`` otherwise)."""
         self.state = self.state.to(target)
 
     @property

@@ -21,14 +21,22 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from dispatcher.errors import QueueUnavailable, ValidationError
-from dispatcher.fields import PRIORITIES
-from dispatcher.message import DEFAULT_MAX_BYTES, Mail
-from dispatcher.mime import validated
-from dispatcher.states import initial_state
-from dispatcher.store import KEY_TTL, SendRecord, SendStore, idempotency_key, mail_summary, new_send_id, text
+from dispatcher.mail.fields import PRIORITIES
+from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
+from dispatcher.mail.mime import validated
+from dispatcher.queue.states import initial_state
+from dispatcher.queue.store import (
+    KEY_TTL,
+    SendRecord,
+    SendStore,
+    idempotency_key,
+    mail_summary,
+    new_send_id,
+    text,
+)
 
-JOB_FUNCTION = "dispatcher.jobs.deliver"
-BATCH_FUNCTION = "dispatcher.jobs.deliver_batch"
+JOB_FUNCTION = "dispatcher.delivery.jobs.deliver"
+BATCH_FUNCTION = "dispatcher.delivery.jobs.deliver_batch"
 #: Sends enqueued together share one rq job of at most this many (rq's own bookkeeping costs about as
 #: much CPU as a whole SMTP transaction; a batch pays it once). Retries and scheduled sends go alone.
 JOB_BATCH_SIZE = 20

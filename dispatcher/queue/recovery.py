@@ -15,11 +15,11 @@ from collections.abc import Iterable
 import redis
 import structlog
 
-from dispatcher.producer import attempt_job_id, schedule_attempt
-from dispatcher.states import SendState
-from dispatcher.store import INFLIGHT, SendStore, send_key, text
+from dispatcher.queue.producer import attempt_job_id, schedule_attempt
+from dispatcher.queue.states import SendState
+from dispatcher.queue.store import INFLIGHT, SendStore, send_key, text
 
-logger = structlog.get_logger("dispatcher.recovery")
+logger = structlog.get_logger("dispatcher.queue.recovery")
 LOST_STATES = (SendState.SENDING, SendState.QUEUED)
 
 

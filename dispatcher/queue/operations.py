@@ -17,11 +17,19 @@ import redis
 import structlog
 
 from dispatcher.errors import ConfigurationError
-from dispatcher.producer import attempt_job_id, schedule_attempt
-from dispatcher.states import FAILURE_STATES, RETRYABLE_STATES, SendState
-from dispatcher.store import INFLIGHT, SendRecord, SendStore, ledger_key, send_key, source_key, state_key
+from dispatcher.queue.producer import attempt_job_id, schedule_attempt
+from dispatcher.queue.states import FAILURE_STATES, RETRYABLE_STATES, SendState
+from dispatcher.queue.store import (
+    INFLIGHT,
+    SendRecord,
+    SendStore,
+    ledger_key,
+    send_key,
+    source_key,
+    state_key,
+)
 
-logger = structlog.get_logger("dispatcher.operations")
+logger = structlog.get_logger("dispatcher.queue.operations")
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _CLASS = re.compile(r"[245]xx")
 _CODE = re.compile(r"[245]\d\d")

@@ -1,0 +1,1 @@
+"""The worker process: per-process singletons (``runtime``), the rq worker (``process``)."""

@@ -1,0 +1,7 @@
+"""``python -m dispatcher.worker``: the same as ``python worker.py``."""
+
+import sys
+
+from dispatcher.worker.pool import main
+
+sys.exit(main())

@@ -1,0 +1,144 @@
+"""``worker.py --concurrency N``: N worker processes (``process.run_one``) under one supervisor.
+
+SIGTERM/SIGINT is passed on once (each child finishes its current send, QUITs and exits 0); a second
+signal is passed on too and aborts them; a child that dies is started again unless we are stopping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+import structlog
+
+from dispatcher.errors import ConfigurationError
+from dispatcher.logs import configure_logging
+from dispatcher.queue.producer import QUEUE_NAMES
+from dispatcher.settings import load_settings
+from dispatcher.worker.process import STOP_SIGNALS, note_early_stop, run_one
+
+logger = structlog.get_logger("dispatcher.worker.pool")
+
+
+class Child:
+    """A forked worker process (forked, not spawned: the imports are done once, in the supervisor)."""
+
+    def __init__(self, queue_names: Sequence[str], burst: bool) -> None:
+        self.returncode: int | None = None
+        # Signals wait until the child has its own handler: the supervisor's must never run in a child.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into the supervisor
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, note_early_stop)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            code = 1
+            try:
+                os.setsid()  # own session: a terminal's Ctrl-C reaches only the supervisor (it passes it on)
+                code = run_one(queue_names, burst=burst)
+            except BaseException:
+                logger.exception("worker_process_crashed")
+            finally:
+                os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signum)
+
+
+class Supervisor:
+    """Starts N worker processes, forwards stop signals, restarts the ones that die."""
+
+    def __init__(self, concurrency: int, queue_names: Sequence[str], *, burst: bool) -> None:
+        self.concurrency = concurrency
+        self.queue_names = list(queue_names)
+        self.burst = burst
+        self.children: list[Child] = []
+        self.stopping = 0
+
+    def _spawn(self) -> Child:
+        return Child(self.queue_names, self.burst)
+
+    def _signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping += 1
+        logger.info("pool_stopping", signal=signal.Signals(signum).name, cold=self.stopping > 1)
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._signal)
+        signal.signal(signal.SIGINT, self._signal)
+        self.children = [self._spawn() for _ in range(self.concurrency)]
+        logger.info("pool_started", processes=self.concurrency, pids=[c.pid for c in self.children])
+        while True:
+            running = 0
+            for index, child in enumerate(self.children):
+                code = child.poll()
+                if code is None:
+                    running += 1
+                elif code != 0 and not self.stopping and not self.burst:
+                    logger.warning("worker_process_died", pid=child.pid, exit_code=code)
+                    self.children[index] = self._spawn()
+                    running += 1
+            if not running:
+                break
+            time.sleep(0.2)
+        codes = [child.returncode for child in self.children]
+        logger.info("pool_stopped", exit_codes=codes)
+        # A child still starting when we passed SIGTERM on dies of it before rq installs its handler.
+        clean = (0, -signal.SIGTERM) if self.stopping else (0,)
+        return 0 if all(code in clean for code in codes) else 1
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="worker.py", description="Deliver queued mail over kept SMTP connections."
+    )
+    parser.add_argument(
+        "--concurrency",
+        "-c",
+        type=int,
+        default=int(os.environ.get("DISPATCH_CONCURRENCY", "1")),
+        help="worker processes on this host (default 1, env DISPATCH_CONCURRENCY)",
+    )
+    parser.add_argument("--burst", action="store_true", help="stop when the queues are empty")
+    parser.add_argument(
+        "--queues",
+        nargs="+",
+        default=list(QUEUE_NAMES),
+        metavar="QUEUE",
+        help="queues in priority order (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging()
+    try:
+        load_settings(need_routes=True)
+    except ConfigurationError as exc:
+        logger.error("worker_config_invalid", error=str(exc))
+        return 2
+    if args.concurrency == 1:
+        return run_one(args.queues, burst=args.burst)
+    return Supervisor(args.concurrency, args.queues, burst=args.burst).run()
+
