@@ -43,6 +43,7 @@ from dispatcher.queue.store import (
     source_key,
     text,
 )
+from dispatcher.routes.gate import RoutePause
 from dispatcher.smtp.outcomes import RecipientStatus, SendResult
 from dispatcher.smtp.stream import Outgoing
 from dispatcher.worker.runtime import Runtime
@@ -60,6 +61,8 @@ class Attempt:
         self.job_id = job_id
         self.send_id = send_id
         self.started = time.time()
+        self.pause: RoutePause | None = None
+        """Set when the route held this attempt back (``_throttled``)."""
 
     def run(self) -> dict[str, Any]:
         """The whole attempt: prepare, send through the route gate, record."""
@@ -132,16 +135,20 @@ class Attempt:
             self.rec.record["transcript"] = list(transcript)
         return self._finish(self.rec, verdicts, conn_id, self.started)
 
-    def throttled(self, route: str, reason: str) -> dict[str, Any]:
+    def throttled(self, route: str, pause: RoutePause) -> dict[str, Any]:
         """Record a prepared attempt the route's limits kept from going out (streams ask per message)."""
-        return self._finish(self.rec, self._throttled(route, reason), "", self.started)
+        return self._finish(self.rec, self._throttled(route, pause), "", self.started)
 
-    def _throttled(self, route: str, reason: str) -> dict[str, Verdict]:
-        # Waiting for the route's limits is not an attempt: give it back; _finish defers the send.
+    def _throttled(self, route: str, pause: RoutePause) -> dict[str, Verdict]:
+        """Waiting for the route's limits is not an attempt, and not the message's age: the attempt is
+        given back, and ``_finish`` defers the send until the pause ends, never failing it unsent."""
         self.rec.attempts -= 1
-        logger.info("mail_throttled", route=route, reason=reason)
+        if self.rec.attempts == 0:  # never offered yet: its age starts at the first real offer
+            self.rec.record.pop("first_attempt_at", None)
+        self.pause = pause
+        logger.info("mail_throttled", route=route, reason=pause.reason, resumes_at=pause.until)
         return dict.fromkeys(
-            self.pending, Verdict(RecipientStatus.TRANSIENT, None, None, "throttled", reason)
+            self.pending, Verdict(RecipientStatus.TRANSIENT, None, None, "throttled", pause.reason)
         )
 
     def interrupted(self, data_written: bool, conn_id: str, exc: BaseException) -> dict[str, Any]:
@@ -188,7 +195,7 @@ class Attempt:
                     result = client.send(rec.sender, pending, rec.raw)
             except SmtpError as exc:
                 # Only a connection-level failure (before MAIL FROM: nothing offered) may move the send on.
-                if gate.failed(route, exc):
+                if gate.failed(route, client, exc):
                     refused = exc
                     rec.record["transcript"] = list(client.last_transcript)
                     continue
@@ -201,7 +208,7 @@ class Attempt:
                 rec.record["transcript"] = list(client.last_transcript)
                 self.interrupted(in_flight, client.conn_id, exc)
                 raise
-            gate.answered(route, client, [o.reply for o in result.outcomes])
+            gate.answered(route, client)
             verdicts = _verdicts(result)
             if not all(o.status is RecipientStatus.ACCEPTED for o in result.outcomes):
                 rec.record["transcript"] = list(result.transcript)
@@ -219,7 +226,8 @@ class Attempt:
             rec.outcomes[recipient] = verdict.to_dict(now)
         statuses = [rec.outcomes.get(r, {}).get("status", "pending") for r in rec.recipients]
         first = float(rec.record.get("first_attempt_at", now))
-        can_retry = rec.attempts < policy.max_attempts and now - first < policy.max_age
+        held = self.pause is not None
+        can_retry = held or (rec.attempts < policy.max_attempts and now - first < policy.max_age)
         rec.move(final_state(statuses, can_retry))
         failed = [v for v in verdicts.values() if v.status is not RecipientStatus.ACCEPTED]
         deciding = failed[-1] if failed else next(iter(verdicts.values()), None)
@@ -244,6 +252,10 @@ class Attempt:
         if rec.state == "deferred":
             hints = [h for v in failed if (h := retry_hint(v.reply)) is not None]
             delay = backoff_delay(policy, rec.attempts, max(hints) if hints else None, _rng)
+            if self.pause is not None and self.pause.until is not None:
+                delay = max(0.0, self.pause.until - now) + _rng.uniform(0, self.pause.spread)
+            if held and "first_attempt_at" in rec.record:  # the time held back is not the message's age
+                rec.record["first_attempt_at"] = float(rec.record["first_attempt_at"]) + delay
             job_id = attempt_job_id(rec.send_id, rec.generation, rec.attempts + 1)
             if job_id == self.job_id:  # a throttled attempt was given back: never reuse the running job's id
                 job_id = attempt_job_id(rec.send_id, rec.generation, rec.attempts + 1, f"-{int(now * 1000)}")

@@ -119,9 +119,9 @@ class Batch:
                 for message, outcome in client.send_stream(iter(source), source.may_follow):
                     attempt = prepared.pop(message.key)
                     if isinstance(outcome, SendResult):
-                        self.gate.answered(route, client, [o.reply for o in outcome.outcomes])
+                        self.gate.answered(route, client)
                     else:
-                        self.gate.failed(route, outcome)
+                        self.gate.failed(route, client, outcome)
                     self.results[message.key] = attempt.complete(
                         outcome, client.conn_id, client.last_transcript
                     )

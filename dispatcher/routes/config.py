@@ -9,7 +9,9 @@ typo still fails loudly at start-up).
 
 ``rate``               messages per second, shared by every worker on every host (Redis token bucket)
 ``burst``              tokens the bucket holds (default 1: sends are spaced evenly, never bunched)
-``daily``              messages per UTC day
+``daily``              messages per UTC day (per ``daily_period``)
+``daily_period``       the cap's window in seconds (default 86400: the UTC day); windows start at whole
+                       multiples of it since the epoch, so every host agrees when one ends
 ``max_connections``    concurrent SMTP connections to the route across all workers
 ``max_wait``           seconds a send may wait in its job for a token or a connection slot (default 30);
                        a longer wait defers the send without spending one of its attempts
@@ -31,7 +33,7 @@ from dispatcher.queue.store import PREFIX
 from dispatcher.values import parse_number
 
 ROUTE_OPTIONS = frozenset({
-    "rate", "burst", "daily", "max_connections", "max_wait", "slowdown_step",
+    "rate", "burst", "daily", "daily_period", "max_connections", "max_wait", "slowdown_step",
     "fallback", "breaker_failures", "breaker_cooldown",
 })  # fmt: skip
 
@@ -44,6 +46,7 @@ class RoutePolicy:
     rate: float | None = None
     burst: int = 1
     daily: int | None = None
+    daily_period: int = 86400
     max_connections: int | None = None
     max_wait: float = 30.0
     slowdown_step: float = 30.0
@@ -92,6 +95,8 @@ def parse_policy(name: str, options: Mapping[str, str]) -> RoutePolicy:
             fields["fallbacks"] = fallbacks
         elif option in ("burst", "daily", "max_connections", "breaker_failures"):
             fields[option] = int(_positive(option, value, integer=True))
+        elif option == "daily_period":
+            fields[option] = int(_positive(option, value, integer=True, maximum=31 * 86400))
         elif option == "rate":
             fields[option] = _positive(option, value, maximum=1e6)
         else:  # max_wait, slowdown_step, breaker_cooldown: seconds

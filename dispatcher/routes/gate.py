@@ -8,7 +8,11 @@ One ``RouteGate`` per worker process ties the route policies (``routes``), the s
         if (why := gate.admit(route, client)) ...   # connection slot + rate token, waited for in the job;
                                                     # a longer wait defers the send without an attempt
         with gate.using(client): client.send(...)
-        gate.failed(route, exc) / gate.answered(route, client, replies)
+        gate.failed(route, client, exc) / gate.answered(route, client)
+
+Both read every refusal the client consumed (``SmtpClient.take_replies``) — a 421 it recovered from by
+reconnecting included — so the adaptive slow-down works on every path: lock-step, streamed, slotted and
+failover routes alike.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import ClassVar
 
 import redis
@@ -31,6 +38,19 @@ from dispatcher.smtp.replies import Reply
 from dispatcher.smtp.session import SmtpClient
 
 logger = structlog.get_logger("dispatcher.routes.gate")
+RESUME_SPREAD = 30.0
+"""Seconds over which the sends a cap held back resume after its window ends (no thundering herd)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePause:
+    """The route holds a send back: nothing was spent. ``until`` (epoch seconds) is when trying again is
+    worth it — ``None``: soon, by the retry backoff — and resumptions spread over ``spread`` seconds.
+    A daily cap pauses its route until the cap's window ends; a provider's quota reply will too."""
+
+    reason: str
+    until: float | None = None
+    spread: float = 0.0
 
 
 class RouteGate:
@@ -61,22 +81,30 @@ class RouteGate:
     def candidates(self, route: str) -> Iterator[str]:
         return self.breaker.candidates(route)
 
-    def admit(self, route: str, client: SmtpClient) -> str | None:
+    def admit(self, route: str, client: SmtpClient) -> RoutePause | None:
         """Wait (in this job, bounded) for a connection slot and a token of ``route``. None when the send
-        may go; otherwise why it must be deferred — nothing was spent, the caller defers without an
-        attempt."""
+        may go; otherwise the pause that holds it back — nothing was spent, the caller defers it without
+        an attempt until the pause ends."""
         policy = self.policy(route)
         max_wait = min(policy.max_wait, self.max_wait)
         if isinstance(client, SlottedClient) and not client.take_slot(max_wait):
             busy = f"all {policy.max_connections} connection slots stayed busy"
-            return f"route {route}: {busy} for {max_wait:g}s"
+            return RoutePause(f"route {route}: {busy} for {max_wait:g}s")
         reservation = self.throttle.acquire(policy, max_wait)
         if reservation.granted:
             return None
         if reservation.reason == "daily":
-            logger.info("route_daily_cap_reached", route=route, daily=policy.daily)
-            return f"route {route}: daily cap of {policy.daily} reached; resumes in {reservation.wait:.0f}s"
-        return f"route {route}: rate limit, next token in {reservation.wait:.1f}s (over {max_wait:g}s)"
+            until = time.time() + reservation.wait
+            logger.info("route_daily_cap_reached", route=route, daily=policy.daily, resumes_at=until)
+            resumes = datetime.fromtimestamp(until, UTC).strftime("%H:%M:%S")
+            spread = min(RESUME_SPREAD, policy.daily_period / 20)
+            return RoutePause(
+                f"route {route}: daily cap of {policy.daily} reached; resumes at {resumes} UTC", until, spread
+            )
+        # A rate backlog longer than max_wait: retry by backoff, spread wide (a single ``until`` for every
+        # send the bucket refused would bring them all back at once).
+        wait = f"next token in {reservation.wait:.1f}s (over {max_wait:g}s)"
+        return RoutePause(f"route {route}: rate limit, {wait}")
 
     def admit_now(self, route: str) -> bool:
         """Take ``route``'s next token only if it is there now (never waits, never defers)."""
@@ -87,10 +115,10 @@ class RouteGate:
         """Hold the client against the slot keeper thread while a job uses it."""
         return client.lock if isinstance(client, SlottedClient) else contextlib.nullcontext()
 
-    def failed(self, route: str, exc: SmtpError) -> bool:
+    def failed(self, route: str, client: SmtpClient, exc: SmtpError) -> bool:
         """Report an error of a send on ``route``; True when the send should move to the next candidate
         (a connection-level failure — before MAIL FROM, so nothing was offered — with the breaker open)."""
-        self._adapt(route, [exc.reply])
+        self._adapt(route, [*client.take_replies(), exc.reply])
         if not self._guarded(route):
             return False
         if not is_connection_failure(exc):
@@ -98,11 +126,12 @@ class RouteGate:
             return False
         return self.breaker.failure(route, exc) or self.breaker.is_open(route)
 
-    def answered(self, route: str, client: SmtpClient, replies: Iterable[Reply | None]) -> None:
-        """The send on ``route`` got its replies: close the breaker, adapt the rate, share the slot."""
+    def answered(self, route: str, client: SmtpClient) -> None:
+        """The send on ``route`` got its replies: close the breaker, adapt the rate to every refusal the
+        client read for it, share the slot."""
         if self._guarded(route):
             self.breaker.success(route)
-        self._adapt(route, replies)
+        self._adapt(route, client.take_replies())
         if isinstance(client, SlottedClient):
             with client.lock:
                 client.yield_if_wanted()

@@ -5,6 +5,7 @@ Redis's clock — ``TIME`` — so hosts with skewed clocks still share one bucke
 
     dispatch:route:<name>:bucket        hash   tokens, ts (ms), factor, cut_at (ms)   token bucket + slow-down
     dispatch:route:<name>:day:<YYYYMMDD> string messages reserved that UTC day (expires after 2 days)
+    dispatch:route:<name>:cap:<p>:<n>    string the same for a ``daily_period`` of p seconds: window n
 
 ``reserve`` takes one token *ahead of time*: the bucket may go negative, and the caller sleeps until its
 token's time — so waiting workers form a queue instead of polling, and sends are spaced exactly
@@ -33,7 +34,7 @@ logger = structlog.get_logger("dispatcher.routes.throttle")
 MIN_FACTOR = 1 / 16
 RECOVERY_STEP = 0.25
 CUT_GUARD_MS = 1000
-DAY_TTL = 2 * 86400
+DAY = 86400
 BATCH_WINDOW = 0.05  # seconds of a fast route's rate taken per Redis call
 MAX_BATCH = 16
 
@@ -103,14 +104,18 @@ def bucket_key(route: str) -> str:
     return route_key(route, "bucket")
 
 
-def day_key(route: str, when: float | None = None) -> str:
-    day = datetime.fromtimestamp(time.time() if when is None else when, UTC).strftime("%Y%m%d")
-    return route_key(route, f"day:{day}")
+def day_key(route: str, when: float | None = None, period: int = DAY) -> str:
+    """The counter of the cap window holding ``when``: the UTC day, or window n of ``period`` seconds."""
+    moment = time.time() if when is None else when
+    if period == DAY:
+        return route_key(route, f"day:{datetime.fromtimestamp(moment, UTC).strftime('%Y%m%d')}")
+    return route_key(route, f"cap:{period}:{int(moment // period)}")
 
 
-def seconds_to_midnight(now: float | None = None) -> float:
+def window_end(period: int = DAY, now: float | None = None) -> float:
+    """When the cap window holding ``now`` ends (the next UTC midnight for the default day)."""
     now = time.time() if now is None else now
-    return 86400 - now % 86400
+    return (now // period + 1) * period
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,15 +164,15 @@ class Throttle:
             return Reservation(True, wait, self._factors.get(policy.name, 1.0))
         count = self.batch_size(policy)
         code, wait_ms, factor_text, before_text, per_ms_text = self._reserve(
-            keys=[bucket_key(policy.name), day_key(policy.name)],
-            args=[policy.rate or 0, policy.burst, limit * 1000, policy.daily or 0, DAY_TTL,
+            keys=[bucket_key(policy.name), day_key(policy.name, period=policy.daily_period)],
+            args=[policy.rate or 0, policy.burst, limit * 1000, policy.daily or 0, 2 * policy.daily_period,
                   policy.slowdown_step * 1000, count],
         )  # fmt: skip
         factor = float(factor_text)
         self._note_factor(policy, factor)
         wait = float(wait_ms) / 1000
         if int(code) == 2:
-            return Reservation(False, seconds_to_midnight(), factor, "daily")
+            return Reservation(False, window_end(policy.daily_period) - time.time(), factor, "daily")
         if int(code) == 1 and count > 1:
             start, before, per_ms = time.monotonic(), float(before_text), float(per_ms_text)
             usable = [start + max(0.0, (i - before) / per_ms) / 1000 for i in range(1, count + 1)]
@@ -209,7 +214,7 @@ class Throttle:
         return min(1.0, float(raw[0]) + RECOVERY_STEP * steps)
 
     def sent_today(self, policy: RoutePolicy) -> int:
-        return int(self.redis.get(day_key(policy.name)) or 0)
+        return int(self.redis.get(day_key(policy.name, period=policy.daily_period)) or 0)
 
     def _note_factor(self, policy: RoutePolicy, factor: float) -> None:
         """Log each recovery step once per process, as this process first sees it."""

@@ -99,6 +99,11 @@ class SmtpClient:
         """Message data is being written: interrupted now, the message may have been delivered."""
         return self._channel.data_in_flight if self._channel else False
 
+    def take_replies(self) -> tuple[Reply, ...]:
+        """Every refusal or 421 this client read since the last call — including those it recovered from
+        (a 421 before MAIL answered by its free reconnect): what a route's limiter and breaker must see."""
+        return self._transcript.take_replies()
+
     @property
     def last_transcript(self) -> tuple[dict[str, object], ...]:
         """The redacted commands and replies of the latest ``send`` (or connection attempt)."""

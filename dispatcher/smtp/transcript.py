@@ -7,6 +7,7 @@ is never logged, only its size.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 import structlog
@@ -17,6 +18,7 @@ from dispatcher.smtp.stages import Stage
 logger = structlog.get_logger("dispatcher.smtp")
 
 MAX_ENTRIES = 200
+MAX_UNREPORTED = 64
 
 
 class Transcript:
@@ -26,6 +28,8 @@ class Transcript:
         self.conn_id = conn_id
         self.tls_version: str | None = None
         self.entries: list[dict[str, Any]] = []
+        self.unreported: deque[Reply] = deque(maxlen=MAX_UNREPORTED)
+        """Refusals and 421s read since the last ``take_replies``: the ones a caller recovered from too."""
         self._last_sent = time.monotonic()
 
     def begin(self) -> None:
@@ -48,7 +52,15 @@ class Transcript:
         self._record({"dir": "C", "stage": stage.value, "line": f"<{size} bytes of message data>"})
         logger.info("smtp_data", conn_id=self.conn_id, stage=stage.value, bytes=size, tls=self.tls_version)
 
+    def take_replies(self) -> tuple[Reply, ...]:
+        """Every non-2xx/3xx reply read since the last call, oldest first (at most ``MAX_UNREPORTED``)."""
+        taken = tuple(self.unreported)
+        self.unreported.clear()
+        return taken
+
     def reply(self, stage: Stage, reply: Reply) -> None:
+        if not (reply.is_positive or reply.is_intermediate):
+            self.unreported.append(reply)
         ms = round((time.monotonic() - self._last_sent) * 1000, 2)
         self._record(
             {

@@ -198,3 +198,16 @@ def test_a_fast_route_takes_tokens_in_batches_and_keeps_their_spacing(redis_clie
 def test_a_slow_route_still_asks_redis_for_every_token(redis_client: redis.Redis) -> None:
     assert Throttle(redis_client).batch_size(RoutePolicy("slow", rate=20)) == 1
     assert Throttle(redis_client).batch_size(RoutePolicy("capped", rate=1000, daily=10)) == 1
+
+
+def test_a_daily_period_windows_the_cap_and_says_when_it_ends() -> None:
+    from dispatcher.routes.config import parse_policy
+    from dispatcher.routes.throttle import day_key, window_end
+
+    policy = parse_policy("default", {"daily": "10", "daily_period": "3600"})
+    assert (policy.daily, policy.daily_period) == (10, 3600)
+    assert window_end(3600, now=7200.5) == 10800 and window_end(now=86399.0) == 86400
+    assert day_key("r", when=7200.5, period=3600) != day_key("r", when=10800.0, period=3600)
+    assert day_key("r", when=0.0).endswith(":day:19700101")
+    with pytest.raises(ConfigurationError, match="daily_period"):
+        parse_policy("default", {"daily_period": "0"})
