@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from dispatcher.errors import ConfigurationError
+from dispatcher.mail.message import DEFAULT_MAX_BYTES
 from dispatcher.routes.config import RoutePolicy, check_fallbacks, parse_policy, split_route_url
 from dispatcher.smtp.config import SmtpConfig, parse_smtp_url
 from dispatcher.values import parse_flag, parse_number
@@ -33,7 +34,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "DISPATCH_RETRY_MAX_ATTEMPTS": ("8", "attempts per retry budget before a send fails"),
     "DISPATCH_RETRY_MAX_AGE": ("172800", "seconds after the first attempt when retrying stops"),
     "DISPATCH_RESEND_UNKNOWN": ("false", "resend when no reply came after the final dot (risks duplicates)"),
-    "DISPATCH_MAX_MESSAGE_BYTES": ("26214400", "largest MIME message accepted at enqueue"),
+    "DISPATCH_MAX_MESSAGE_BYTES": (str(DEFAULT_MAX_BYTES), "largest MIME message accepted at enqueue"),
     "DISPATCH_LEASE_SECONDS": ("30", "in-flight lease; a dead worker's send is requeued after it expires"),
     "DISPATCH_JOB_TIMEOUT_MARGIN": ("60", "seconds added to the routes' summed deadlines: rq's job timeout"),
     "DISPATCH_LOG_LEVEL": ("INFO", "log level of dispatcher's events"),
@@ -66,7 +67,7 @@ class Settings:
     routes: Mapping[str, SmtpConfig] = field(default_factory=dict)
     policies: Mapping[str, RoutePolicy] = field(default_factory=dict)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    max_message_bytes: int = 25 * 1024 * 1024
+    max_message_bytes: int = DEFAULT_MAX_BYTES
     lease_seconds: float = 30.0
     job_timeout_margin: float = 60.0
 
@@ -146,7 +147,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, need_routes: bool = F
         routes=routes,
         policies=read_policies(env),
         retry=retry,
-        max_message_bytes=int(_number(env, "DISPATCH_MAX_MESSAGE_BYTES", 25 * 1024 * 1024, minimum=1024)),
+        max_message_bytes=int(_number(env, "DISPATCH_MAX_MESSAGE_BYTES", DEFAULT_MAX_BYTES, minimum=1024)),
         lease_seconds=_number(env, "DISPATCH_LEASE_SECONDS", 30.0, minimum=2.0),
         job_timeout_margin=_number(env, "DISPATCH_JOB_TIMEOUT_MARGIN", 60.0, minimum=1.0),
     )

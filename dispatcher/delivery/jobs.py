@@ -6,7 +6,6 @@ connection, one round trip per message, when the route has no limits to consult 
 from __future__ import annotations
 
 import contextlib
-import random
 import threading
 import time
 from collections import deque
@@ -23,14 +22,12 @@ from dispatcher.queue.store import (
     INFLIGHT,
 )
 from dispatcher.routes.gate import RouteGate
-from dispatcher.smtp.outcomes import RecipientStatus, SendResult
+from dispatcher.smtp.outcomes import SendResult
 from dispatcher.smtp.session import SmtpClient
 from dispatcher.smtp.stream import Outgoing
 from dispatcher.worker.runtime import Runtime
 
 logger = structlog.get_logger("dispatcher.delivery.jobs")
-_rng = random.SystemRandom()
-_RETRYABLE = {"pending", RecipientStatus.TRANSIENT.value}
 
 
 def deliver(send_id: str) -> dict[str, Any]:

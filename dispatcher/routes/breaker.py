@@ -20,6 +20,7 @@ import redis
 import structlog
 
 from dispatcher.errors import ConnectError, ConnectionLost, ReplyError, SmtpError, StageTimeout, TlsError
+from dispatcher.routes.clock import LUA_NOW_MS, redis_now_ms
 from dispatcher.routes.config import RoutePolicy, route_key
 from dispatcher.smtp.stages import Stage
 
@@ -27,10 +28,7 @@ logger = structlog.get_logger("dispatcher.routes.breaker")
 
 _PRE_GREETING = frozenset({Stage.CONNECT, Stage.GREETING, Stage.TLS_HANDSHAKE})
 
-_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
+_NOW = LUA_NOW_MS
 
 # KEYS: breaker, probe. ARGV: cool-down ms, probe ttl ms, token.
 # Returns 'closed', 'open', or 'probe' (this caller may try the half-open route).
@@ -97,8 +95,7 @@ class Breaker:
         opened_at = self.redis.hget(breaker_key(route), "opened_at")
         if opened_at is None:
             return "closed"
-        now_s, now_us = self.redis.time()
-        elapsed = now_s * 1000 + now_us // 1000 - float(opened_at)
+        elapsed = redis_now_ms(self.redis) - float(opened_at)
         return "open" if elapsed < self.policies[route].breaker_cooldown * 1000 else "half-open"
 
     def allow(self, route: str) -> str:

@@ -26,6 +26,7 @@ import redis
 import structlog
 
 from dispatcher.errors import ThrottleTimeout
+from dispatcher.routes.clock import LUA_NOW_MS, redis_now_ms
 from dispatcher.routes.config import RoutePolicy, route_key
 from dispatcher.smtp.config import SmtpConfig
 from dispatcher.smtp.session import SessionState, SmtpClient
@@ -38,9 +39,7 @@ FAIR_SHARE = 1.0
 WAKE_TIMEOUT = 1.0
 
 # KEYS: conns. ARGV: token, limit, lease ms. Returns 1 when the token holds a slot (new or refreshed).
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_ACQUIRE = LUA_NOW_MS + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
@@ -61,9 +60,7 @@ return 1
 """
 
 # KEYS: waiting. ARGV: now-relative count of live waiters other than ARGV[1].
-_WAITERS = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_WAITERS = LUA_NOW_MS + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZCARD', KEYS[1])
 """
@@ -110,8 +107,7 @@ class ConnectionSlots:
                 self.redis.zrem(waiting_key(name), token)
                 return False
             block = min(left, WAKE_TIMEOUT)
-            now_s, now_us = self.redis.time()
-            expiry = now_s * 1000 + now_us // 1000 + int((block + 2) * 1000)
+            expiry = redis_now_ms(self.redis) + int((block + 2) * 1000)
             self.redis.zadd(waiting_key(name), {token: expiry})
             self.redis.expire(waiting_key(name), 60)
             self.redis.blpop([freed_key(name)], timeout=max(block, 0.01))
@@ -145,10 +141,6 @@ class SlottedClient(SmtpClient):
         self.slot_since = 0.0
         SlottedClient._live.add(self)
         SlottedClient._start_keeper()
-
-    @property
-    def holds_slot(self) -> bool:
-        return bool(self.token)
 
     def take_slot(self, max_wait: float) -> bool:
         """Hold a slot (waiting up to ``max_wait``); True if held."""

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 import redis
 import structlog
 
+from dispatcher.routes.clock import LUA_NOW_MS, redis_now_ms
 from dispatcher.routes.config import RoutePolicy, route_key
 
 logger = structlog.get_logger("dispatcher.routes.throttle")
@@ -47,9 +48,7 @@ local function current_factor(key, now, step_ms)
   factor = math.min(1.0, factor + RECOVERY_STEP * math.floor((now - cut_at) / step_ms))
   return factor, cut_at
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-""".replace("RECOVERY_STEP", repr(RECOVERY_STEP))
+""".replace("RECOVERY_STEP", repr(RECOVERY_STEP)) + LUA_NOW_MS
 
 # KEYS: bucket, day counter. ARGV: rate/s, burst, max_wait ms, daily cap (0 = none), day ttl s, step ms,
 # count (tokens to take at once; the last one's wait is the one checked and returned).
@@ -208,8 +207,7 @@ class Throttle:
         raw = self.redis.hmget(bucket_key(policy.name), ["factor", "cut_at"])
         if raw[0] is None or raw[1] is None:
             return 1.0
-        now_s, now_us = self.redis.time()
-        elapsed = now_s * 1000 + now_us // 1000 - float(raw[1])
+        elapsed = redis_now_ms(self.redis) - float(raw[1])
         steps = elapsed // (policy.slowdown_step * 1000)
         return min(1.0, float(raw[0]) + RECOVERY_STEP * steps)
 

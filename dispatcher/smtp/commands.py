@@ -20,7 +20,9 @@ MAX_COMMAND_LINE = 2048
 MAX_AUTH_LINE = 12288
 """Octets for AUTH and SASL response lines (RFC 4954 §4): OAuth2 bearer tokens run past 2 KB."""
 
-MAX_ADDRESS_OCTETS = 320
+MAX_ADDRESS_OCTETS = 254
+"""RFC 5321 §4.5.3.1.3: a path is at most 256 octets with its angle brackets (the mail model checks the
+same limit: ``dispatcher.mail.addresses`` uses this constant)."""
 DATA_TERMINATOR = b".\r\n"
 BODY_TYPES = frozenset({"7BIT", "8BITMIME", "BINARYMIME"})
 
