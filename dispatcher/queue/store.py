@@ -111,6 +111,10 @@ class SendRecord:
     raw: bytes | None = field(default=None, repr=False)
     source: str | None = field(default=None, repr=False)
     stored_state: SendState | None = None
+    data_out: int | None = None
+    """The attempt whose message data may be on the wire: written (durably, ``mark_data_out``) right
+    before its first data byte is sent, cleared when that attempt's outcome is recorded. A record still
+    ``sending`` with ``data_out == attempts`` after its worker died may have been delivered."""
 
     def move(self, target: SendState) -> None:
         """Change the state by the table in ``dispatcher.queue.states`` (``IllegalTransition`` otherwise)."""
@@ -158,6 +162,7 @@ class SendRecord:
             record=json.loads(fields.get("record") or "{}"),
             raw=message,
             stored_state=SendState(fields["state"]),
+            data_out=int(fields["data_out"]) if fields.get("data_out") else None,
         )
 
     def to_hash(self) -> dict[str, str]:
@@ -171,6 +176,7 @@ class SendRecord:
             "next_attempt_at": repr(self.next_attempt_at) if self.next_attempt_at is not None else "",
             "rq_job": self.rq_job or "",
             "record": json.dumps(self.record, separators=(",", ":")),
+            "data_out": str(self.data_out) if self.data_out is not None else "",
         }
         return fields
 
@@ -234,6 +240,11 @@ class SendStore:
         for send_id in ids:
             pipe.hgetall(send_key(send_id))
         return [SendRecord.from_hash(i, raw) for i, raw in zip(ids, pipe.execute(), strict=True) if raw]
+
+    def mark_data_out(self, send_id: str, attempt: int) -> None:
+        """Record, before the first byte of its data is sent, that ``attempt`` may deliver the message.
+        One round trip; it raises (and so no data goes out) when Redis does not acknowledge it."""
+        self.redis.hset(send_key(send_id), "data_out", str(attempt))
 
     def ledger(self, message_id: str) -> set[str]:
         return {text(m) for m in self.redis.smembers(ledger_key(message_id))}

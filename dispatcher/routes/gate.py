@@ -32,7 +32,6 @@ import structlog
 from dispatcher.errors import SmtpError
 from dispatcher.routes.breaker import Breaker, is_connection_failure
 from dispatcher.routes.config import RoutePolicy
-from dispatcher.routes.slots import SlottedClient
 from dispatcher.routes.throttle import Throttle, is_slow_down
 from dispatcher.smtp.replies import Reply
 from dispatcher.smtp.session import SmtpClient
@@ -87,7 +86,7 @@ class RouteGate:
         an attempt until the pause ends."""
         policy = self.policy(route)
         max_wait = min(policy.max_wait, self.max_wait)
-        if isinstance(client, SlottedClient) and not client.take_slot(max_wait):
+        if client.permit is not None and not client.permit.take(max_wait):
             busy = f"all {policy.max_connections} connection slots stayed busy"
             return RoutePause(f"route {route}: {busy} for {max_wait:g}s")
         reservation = self.throttle.acquire(policy, max_wait)
@@ -113,7 +112,7 @@ class RouteGate:
     @staticmethod
     def using(client: SmtpClient) -> contextlib.AbstractContextManager[object]:
         """Hold the client against the slot keeper thread while a job uses it."""
-        return client.lock if isinstance(client, SlottedClient) else contextlib.nullcontext()
+        return client.permit.in_use() if client.permit is not None else contextlib.nullcontext()
 
     def failed(self, route: str, client: SmtpClient, exc: SmtpError) -> bool:
         """Report an error of a send on ``route``; True when the send should move to the next candidate
@@ -132,9 +131,8 @@ class RouteGate:
         if self._guarded(route):
             self.breaker.success(route)
         self._adapt(route, client.take_replies())
-        if isinstance(client, SlottedClient):
-            with client.lock:
-                client.yield_if_wanted()
+        if client.permit is not None:
+            client.permit.share()
 
     def streamable(self, route: str) -> bool:
         """No connection slot or breaker to consult around each send, so sends may stream back to back

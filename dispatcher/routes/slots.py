@@ -11,11 +11,13 @@ expired lease is noticed too), never polls in a tight loop.
 
 Kept connections would starve processes that have none, so a holder yields its slot (QUIT, release) when
 someone waits: after a send once it held the slot for ``FAIR_SHARE`` seconds, or at once when idle
-between jobs (the keeper thread does it, taking the client's lock so it never closes a connection in use).
+between jobs (the keeper thread does it, taking the slot's lock so it never closes a connection in use).
+A client holds its slot through ``RouteSlot``, the ``ConnectionPermit`` it is built with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -123,62 +125,86 @@ class ConnectionSlots:
         return int(self.redis.zcard(conns_key(self.policy.name)))
 
 
-class SlottedClient(SmtpClient):
-    """An ``SmtpClient`` that holds a slot of its route's semaphore while its connection is open.
+class RouteSlot:
+    """One client's hold on a slot of its route's semaphore: the ``ConnectionPermit`` an ``SmtpClient`` of
+    a capped route is built with (``capped_client``).
 
-    ``_open`` takes the slot before the TCP connect; ``_discard`` gives it back when the connection
-    ends (QUIT, abort, failure, retirement). ``lock`` is held while the client is in use by a job.
+    The client ``acquire``s it before the TCP connect and ``release``s it when the connection ends; the
+    route gate ``take``s it (bounded wait) before a send, holds ``in_use`` while the job uses the client,
+    and ``share``s it after a send. The process's keeper thread refreshes every held lease and gives an
+    idle connection's slot to a waiter.
     """
 
-    _live: ClassVar[weakref.WeakSet[SlottedClient]] = weakref.WeakSet()
+    _live: ClassVar[weakref.WeakSet[RouteSlot]] = weakref.WeakSet()
     _keeper: ClassVar[threading.Thread | None] = None
 
-    def __init__(self, config: SmtpConfig, slots: ConnectionSlots) -> None:
-        super().__init__(config)
+    def __init__(self, slots: ConnectionSlots) -> None:
         self.slots = slots
         self.lock = threading.RLock()
         self.token = ""
         self.slot_since = 0.0
-        SlottedClient._live.add(self)
-        SlottedClient._start_keeper()
+        self._client: weakref.ref[SmtpClient] | None = None
+        RouteSlot._live.add(self)
+        RouteSlot._start_keeper()
 
-    def take_slot(self, max_wait: float) -> bool:
+    def attach(self, client: SmtpClient) -> None:
+        self._client = weakref.ref(client)
+
+    @property
+    def client(self) -> SmtpClient | None:
+        return self._client() if self._client is not None else None
+
+    def take(self, max_wait: float) -> bool:
         """Hold a slot (waiting up to ``max_wait``); True if held."""
         if self.token:
             return True
-        token = f"{self.conn_id or 'conn'}-{uuid.uuid4().hex[:12]}"
+        client = self.client
+        token = f"{(client.conn_id if client else '') or 'conn'}-{uuid.uuid4().hex[:12]}"
         if not self.slots.acquire(token, max_wait):
             return False
         self.token, self.slot_since = token, time.monotonic()
         return True
 
-    def yield_if_wanted(self) -> bool:
-        """Close (QUIT) and release the slot when another connection waits and we had our share."""
-        if not self.token or time.monotonic() - self.slot_since < FAIR_SHARE:
-            return False
-        if self.slots.waiters() == 0:
-            return False
-        logger.info("route_slot_yielded", route=self.slots.policy.name, conn_id=self.conn_id)
-        self.close()
-        return True
-
-    def _open(self) -> None:
-        if not self.take_slot(self.slots.policy.max_wait):
+    def acquire(self) -> None:
+        if not self.take(self.slots.policy.max_wait):
             raise ThrottleTimeout(
                 f"no free connection slot on route {self.slots.policy.name!r} "
                 f"(max_connections={self.slots.limit}) within {self.slots.policy.max_wait:g}s",
                 stage=Stage.CONNECT,
             )
-        super()._open()
 
-    def _discard(self, state: SessionState) -> None:
-        super()._discard(state)
-        if state is SessionState.CLOSED and self.token:
-            token, self.token = self.token, ""
-            try:
-                self.slots.release(token)
-            except redis.RedisError as exc:  # the lease expires by itself
-                logger.warning("route_slot_release_failed", route=self.slots.policy.name, error=str(exc))
+    def release(self) -> None:
+        if not self.token:
+            return
+        token, self.token = self.token, ""
+        try:
+            self.slots.release(token)
+        except redis.RedisError as exc:  # the lease expires by itself
+            logger.warning("route_slot_release_failed", route=self.slots.policy.name, error=str(exc))
+
+    def share(self) -> None:
+        with self.lock:
+            self._yield_if_wanted()
+
+    def in_use(self) -> contextlib.AbstractContextManager[object]:
+        return self.lock
+
+    def _conn_id(self) -> str:
+        client = self.client
+        return client.conn_id if client is not None else ""
+
+    def _yield_if_wanted(self) -> bool:
+        """Close (QUIT) and release the slot when another connection waits and we had our share."""
+        if not self.token or time.monotonic() - self.slot_since < FAIR_SHARE:
+            return False
+        if self.slots.waiters() == 0:
+            return False
+        client = self.client
+        logger.info("route_slot_yielded", route=self.slots.policy.name, conn_id=self._conn_id())
+        if client is not None:
+            client.close()  # releases through the client's permit
+        self.release()
+        return True
 
     @classmethod
     def _start_keeper(cls) -> None:
@@ -195,24 +221,31 @@ class SlottedClient(SmtpClient):
             refresh = time.monotonic() - last_refresh >= LEASE_SECONDS / 3
             if refresh:
                 last_refresh = time.monotonic()
-            for client in list(cls._live):
+            for slot in list(cls._live):
                 try:
-                    cls._tend(client, refresh)
+                    slot._tend(refresh)
                 except redis.RedisError as exc:
-                    route = client.slots.policy.name
-                    logger.warning("route_slot_refresh_failed", route=route, error=str(exc))
+                    logger.warning("route_slot_refresh_failed", route=slot.slots.policy.name, error=str(exc))
 
-    @staticmethod
-    def _tend(client: SlottedClient, refresh: bool) -> None:
-        if not client.token:
+    def _tend(self, refresh: bool) -> None:
+        if not self.token:
             return
-        if refresh and not client.slots.try_acquire(client.token):
+        client = self.client
+        if refresh and not self.slots.try_acquire(self.token):
             # Our lease lapsed (the process stalled) and the slot went to another connection.
-            logger.warning("route_slot_lease_lost", route=client.slots.policy.name, conn_id=client.conn_id)
-        if client.state is not SessionState.READY or not client.lock.acquire(blocking=False):
+            logger.warning("route_slot_lease_lost", route=self.slots.policy.name, conn_id=self._conn_id())
+        if client is None or client.state is not SessionState.READY or not self.lock.acquire(blocking=False):
             return
         try:
-            if client.token and client.state is SessionState.READY:
-                client.yield_if_wanted()
+            if self.token and client.state is SessionState.READY:
+                self._yield_if_wanted()
         finally:
-            client.lock.release()
+            self.lock.release()
+
+
+def capped_client(config: SmtpConfig, slots: ConnectionSlots) -> SmtpClient:
+    """A client of a route capped by ``max_connections``: it holds a slot while its connection is open."""
+    slot = RouteSlot(slots)
+    client = SmtpClient(config, permit=slot)
+    slot.attach(client)
+    return client

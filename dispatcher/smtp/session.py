@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import itertools
 import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
+from typing import Protocol
 
 from dispatcher.errors import (
     ConnectionLost,
@@ -54,11 +56,33 @@ class SessionState(enum.Enum):
     CLOSED = "closed"
 
 
+class ConnectionPermit(Protocol):
+    """What a connection must hold while it is open — a route's connection slot (``routes.slots``) — given
+    to the client, which only takes it before the TCP connect and gives it back when the connection ends.
+    The rest (waiting for it in a job, sharing it with waiting workers) is its owner's business."""
+
+    def acquire(self) -> None:
+        """Hold the permit (waiting as its owner allows); raise an ``SmtpError`` when it does not come."""
+
+    def release(self) -> None:
+        """The connection ended (QUIT, abort, failure, retirement)."""
+
+    def take(self, max_wait: float) -> bool:
+        """Hold the permit, waiting up to ``max_wait`` seconds; True when it is held."""
+
+    def share(self) -> None:
+        """A send ended: give the permit (and so the connection) up if others wait for one."""
+
+    def in_use(self) -> contextlib.AbstractContextManager[object]:
+        """Held while a job uses the client, so the permit's owner never closes it mid-send."""
+
+
 class SmtpClient:
     """Send mail over one kept SMTP connection; see the module docstring for its lifecycle."""
 
-    def __init__(self, config: SmtpConfig) -> None:
+    def __init__(self, config: SmtpConfig, *, permit: ConnectionPermit | None = None) -> None:
         self.config = config
+        self.permit = permit
         self.state = SessionState.NEW
         self.extensions = Extensions.none()
         self.connections_opened = 0
@@ -111,12 +135,22 @@ class SmtpClient:
 
     # -- public operations -------------------------------------------------------------------------
 
-    def send(self, sender: str, recipients: Sequence[str], data: bytes) -> SendResult:
+    def send(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        before_data: Callable[[], None] | None = None,
+    ) -> SendResult:
         """Send one message; every reply-decided outcome comes back per recipient in the result.
 
         Raises ``SmtpError`` subclasses for what is not one recipient's outcome: the route (connect, TLS,
         AUTH, 421, drops, timeouts), a local policy refusal (SIZE, SMTPUTF8, 8BITMIME) before anything is
         sent, and ``UnknownOutcome`` when the data went out but no reply to it came back.
+
+        ``before_data`` is called right before the write that carries the message's data (from then on
+        the message may be delivered): a queue makes that durable there. If it raises, no data is sent.
         """
         check_envelope(sender, recipients)  # refuse bad arguments before connecting
         self._transcript.begin()
@@ -125,7 +159,7 @@ class SmtpClient:
             channel = self._ready()
             tx = channel.transaction(sender, recipients, data)
             try:
-                return self._run(channel, tx)
+                return self._run(channel, tx, before_data)
             except (ConnectionLost, ServiceClosing) as exc:
                 if tx.envelope_accepted or reconnects >= FREE_RECONNECTS:
                     raise
@@ -133,12 +167,16 @@ class SmtpClient:
                 self._transcript.event("smtp_reconnect", reason=str(exc), stage=_stage_name(exc))
 
     def send_stream(
-        self, source: Iterator[Outgoing], may_follow: Callable[[], bool] | None = None
+        self,
+        source: Iterator[Outgoing],
+        may_follow: Callable[[], bool] | None = None,
+        *,
+        before_data: Callable[[Outgoing], None] | None = None,
     ) -> Iterator[tuple[Outgoing, SendResult | SmtpError]]:
         """Send what ``source`` yields back to back on one connection, one round trip per message where the
         server allows it (``dispatcher.smtp.stream``); each message comes back with its result or error, in
         order. It ends when ``source`` does, at the connection's message cap, or when the connection breaks:
-        call it again to go on with the rest of ``source``."""
+        call it again to go on with the rest of ``source``. ``before_data`` as for ``send``, per message."""
         self._transcript.begin()
         self._stream = None
         try:
@@ -150,14 +188,18 @@ class SmtpClient:
             return
         if not (self.config.pipelining and self.extensions.pipelining):
             for message in source:  # lock-step server: plain sends, one after the other
+                hook = functools.partial(before_data, message) if before_data is not None else None
                 try:
-                    yield message, self.send(message.sender, message.recipients, message.data)
+                    result = self.send(message.sender, message.recipients, message.data, before_data=hook)
+                    yield message, result
                 except SmtpError as exc:
                     yield message, exc
                 if self.state is not SessionState.READY:
                     return
             return
-        self._stream = MessageStream(channel, source, may_follow, on_break=self.abort)
+        self._stream = MessageStream(
+            channel, source, may_follow, on_break=self.abort, before_data=before_data
+        )
         self.state = SessionState.IN_TRANSACTION
         try:
             yield from self._stream.run()
@@ -220,11 +262,17 @@ class SmtpClient:
 
     def _open(self) -> None:
         self._discard(SessionState.NEW)
+        if self.permit is not None:
+            self.permit.acquire()
         self.conn_id = f"{self._host_tag}-{os.getpid()}-{next(_connection_numbers)}"
         self._transcript.conn_id = self.conn_id
         self._transcript.tls_version = None
         config = self.config
-        conn = Connection.open(config, implicit_tls=config.tls is TlsMode.IMPLICIT)
+        try:
+            conn = Connection.open(config, implicit_tls=config.tls is TlsMode.IMPLICIT)
+        except BaseException:
+            self._discard(SessionState.CLOSED)  # gives the permit back: no connection holds it
+            raise
         channel = self._channel = Channel(conn, self._transcript, config, self.conn_id)
         self.connections_opened += 1
         try:
@@ -304,15 +352,21 @@ class SmtpClient:
             self._transcript.event("smtp_closed", messages=self._channel.messages)
         self._channel = None
         self.state = state
+        if state is SessionState.CLOSED and self.permit is not None:
+            self.permit.release()
 
     # -- the transaction ---------------------------------------------------------------------------
 
-    def _run(self, channel: Channel, tx: Transaction) -> SendResult:
+    def _run(
+        self, channel: Channel, tx: Transaction, before_data: Callable[[], None] | None = None
+    ) -> SendResult:
         """Drive one transaction step by step; a break closes the connection (see ``error_after_break``)."""
         self.state = SessionState.IN_TRANSACTION
         round_trips = 0
         try:
             while (step := tx.next_step()) is not None:
+                if step.is_data and before_data is not None:
+                    before_data()
                 channel.write(step.payload, step.lines, data_size=step.data_size if step.is_data else 0)
                 if step.is_data:
                     tx.data_written()

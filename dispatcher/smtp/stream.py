@@ -73,7 +73,8 @@ class MessageStream:
     """One pass over ``source`` on an open connection's ``channel``; see the module docstring.
 
     ``on_break`` is called when the connection may not be used again (it broke, an RSET failed, or the
-    caller stopped mid-dialogue): the owner of the connection drops it.
+    caller stopped mid-dialogue): the owner of the connection drops it. ``before_data`` (optional) is
+    called for each message right before the write that carries its data.
     """
 
     def __init__(
@@ -83,9 +84,11 @@ class MessageStream:
         may_follow: Callable[[], bool] | None = None,
         *,
         on_break: Callable[[], None],
+        before_data: Callable[[Outgoing], None] | None = None,
     ) -> None:
         self.channel = channel
         self.on_break = on_break
+        self.before_data = before_data
         self.source = source
         self.may_follow = may_follow
         self.inflight: deque[_InFlight] = deque()
@@ -218,6 +221,10 @@ class MessageStream:
             _bind(follower.message)
             self.channel.log(follow_lines)
             self.inflight.append(follower)  # before the write: a break must give it an outcome too
+        if self.before_data is not None:
+            for carried, carried_step in ((item, step), (follower, follow)):
+                if carried is not None and carried_step is not None and carried_step.is_data:
+                    self.before_data(carried.message)
         self.channel.send(payload, data_size=data_size, stage=lines[0][0] if lines else Stage.DATA_BLOCK)
         if step.is_data:
             item.tx.data_written()

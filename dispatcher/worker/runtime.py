@@ -15,7 +15,7 @@ from typing import ClassVar
 import redis
 
 from dispatcher.routes.gate import RouteGate
-from dispatcher.routes.slots import ConnectionSlots, SlottedClient
+from dispatcher.routes.slots import ConnectionSlots, capped_client
 from dispatcher.settings import Settings, load_settings
 from dispatcher.smtp.session import SmtpClient
 
@@ -57,7 +57,7 @@ class Runtime:
             config = self.settings.route(route)
             policy = self.settings.policies.get(route)
             if connection is not None and policy is not None and policy.max_connections is not None:
-                client = SlottedClient(config, ConnectionSlots(connection, policy))
+                client = capped_client(config, ConnectionSlots(connection, policy))
             else:
                 client = SmtpClient(config)
             self.clients[route] = client
