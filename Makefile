@@ -23,11 +23,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test,bench,dev]'
 	touch $(STAMP)
 
-# redis-server for the tests' private servers, chromium for the dashboard's browser test.
-system-deps:
+# $(call ensure,COMMAND:PACKAGE ...): apt-get install the Debian packages of the commands that are missing.
+define ensure
 	@missing=""; \
-	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
-	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	for pair in $(1); do \
+	  command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing:$$missing"; \
@@ -36,6 +37,11 @@ system-deps:
 	    echo "please install:$$missing (Debian/Ubuntu: apt-get install$$missing)" >&2; exit 1; \
 	  fi; \
 	fi
+endef
+
+# redis-server for the tests' private servers, chromium for the dashboard's browser test.
+system-deps:
+	$(call ensure,redis-server:redis-server chromium:chromium)
 
 lint: $(STAMP)
 	$(BIN)/ruff check dispatcher tests bench interop worker.py enqueue.py
@@ -62,17 +68,7 @@ bench-full: $(STAMP)
 # its server under .interop-cache (DISPATCH_INTEROP_CACHE) and runs it privately: the machine's own MTA is
 # never installed, replaced or used. Needs node/npm for smtp-server and Haraka; writes interop/results.md.
 interop: $(STAMP) system-deps
-	@missing=""; \
-	command -v node >/dev/null 2>&1 || missing="$$missing nodejs"; \
-	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
-	if [ -n "$$missing" ]; then \
-	  if command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing:$$missing"; \
-	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
-	  else \
-	    echo "please install:$$missing (Debian/Ubuntu: apt-get install$$missing)" >&2; exit 1; \
-	  fi; \
-	fi
+	$(call ensure,node:nodejs npm:npm)
 	$(BIN)/pytest interop -q -p no:cacheprovider
 
 clean:
