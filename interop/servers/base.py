@@ -23,6 +23,7 @@ the reason. Any other exception from ``install`` or ``run`` makes every check of
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,3 +72,14 @@ class RunningServer:
     tls_broken: str = ""
     """Why STARTTLS cannot be tested with this build ("" when it can): the TLS checks (and AUTH where it
     needs TLS) are then n/a with this reason. A note saying TLS is broken/fails has the same effect."""
+
+
+def fill_template(template: Path, values: dict[str, str]) -> str:
+    """``template``'s text with every ``@NAME@`` replaced by ``values[NAME]``; ValueError if any is left."""
+    text = template.read_text()
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", value)
+    left = re.findall(r"@[A-Z_]+@", text)
+    if left:
+        raise ValueError(f"unfilled placeholders in {template}: {left}")
+    return text

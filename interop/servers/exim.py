@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from interop.servers import _debian, _process
-from interop.servers.base import REFUSED_RECIPIENT, RunningServer, ServerSpec
+from interop.servers.base import REFUSED_RECIPIENT, RunningServer, ServerSpec, fill_template
 
 NAME = "exim"
 PACKAGES = ("exim4-daemon-light", "exim4-base", "exim4-config", "libidn12")
@@ -79,13 +79,7 @@ def render_config(spec: ServerSpec, exim_path: Path) -> str:
         "USERNAME": _expansion_literal(spec.username),
         "PASSWORD": _expansion_literal(spec.password),
     }
-    text = TEMPLATE.read_text()
-    for key, value in values.items():
-        text = text.replace(f"@{key}@", value)
-    left = re.findall(r"@[A-Z_]+@", text)
-    if left:
-        raise ValueError(f"unfilled placeholders in {TEMPLATE}: {left}")
-    return text
+    return fill_template(TEMPLATE, values)
 
 
 def _prepare(spec: ServerSpec, root: Path) -> tuple[Path, Path]:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from interop.servers import _debian, _process
-from interop.servers.base import REFUSED_RECIPIENT, RunningServer, ServerSpec
+from interop.servers.base import REFUSED_RECIPIENT, RunningServer, ServerSpec, fill_template
 
 NAME = "opensmtpd"
 
@@ -173,13 +173,7 @@ def render_config(spec: ServerSpec, *, tls: bool, private: Path, root: Path) -> 
         "TLS_TABLES": tables,
         "LISTEN_OPTIONS": options,
     }
-    text = TEMPLATE.read_text()
-    for key, value in values.items():
-        text = text.replace(f"@{key}@", value)
-    left = re.findall(r"@[A-Z_]+@", text)
-    if left:
-        raise ValueError(f"unfilled placeholders in {TEMPLATE}: {left}")
-    return text
+    return fill_template(TEMPLATE, values)
 
 
 def _prepare(spec: ServerSpec, root: Path, *, tls: bool) -> Path:
