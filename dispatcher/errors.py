@@ -7,6 +7,7 @@ matching built-in (``ValueError``, ``ConnectionError``, ``TimeoutError``) so cal
     DispatcherError
     ├── ConfigurationError (ValueError)          bad SMTP/Redis URL or setting
     ├── ValidationError (ValueError)             a mail that may not be enqueued; names field + problem
+    │   └── HeaderInjection                      the MIME writer wrote a header line it was not asked for
     ├── QueueError                               Redis/rq trouble seen by producers and workers
     │   └── QueueUnavailable (ConnectionError)   Redis did not answer
     ├── IllegalTransition (RuntimeError)         a send state change the state table does not allow
@@ -54,6 +55,11 @@ class ValidationError(DispatcherError, ValueError):
     @property
     def field(self) -> str:
         return next(iter(self.problems))
+
+
+class HeaderInjection(ValidationError):
+    """``build_message`` found a header line in its own output that it did not set (a line break smuggled in
+    through the email package, e.g. by an RFC 2047 encoded word it decoded): the bytes are never sent."""
 
 
 class QueueError(DispatcherError):

@@ -45,6 +45,10 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "DISPATCH_DASHBOARD_SECRET": ("random per process", "session signing key; keeps logins across restarts"),
     "DISPATCH_DASHBOARD_SECURE_COOKIE": ("false", "mark the session cookie Secure (behind HTTPS)"),
     "DISPATCH_DASHBOARD_OPEN": ("false", "run the dashboard without login (loopback only)"),
+    "DISPATCH_DASHBOARD_HOSTS": (
+        "localhost, 127.0.0.1, [::1]",
+        "Host names the dashboard answers to (name: any port; name:port), comma-separated; others get 421",
+    ),
     "DISPATCH_API_TOKEN": ("(API off)", "bearer token for the HTTP API"),
     "DISPATCH_API_MAX_BYTES": ("31457280", "largest HTTP API request body"),
 }

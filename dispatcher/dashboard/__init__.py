@@ -4,6 +4,8 @@
 
 Pages (``views``) need a login (``auth``) and a CSRF token on every POST; the API (``api``, under
 ``/api/v1``) needs a bearer token and never looks at cookies. Errors under ``/api`` are always JSON.
+Before any of that, every request's ``Host`` must be on the allow-list and a state-changing request's
+``Origin`` (or ``Referer``) must be this dashboard (``hosts``: DNS rebinding).
 ``python -m dispatcher.dashboard`` serves it (see ``__main__``).
 """
 
@@ -17,7 +19,7 @@ from flask import Flask, jsonify, render_template, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
-from dispatcher.dashboard import api, auth, filters, views
+from dispatcher.dashboard import api, auth, filters, hosts, views
 from dispatcher.dashboard.config import DashboardConfig, load_config
 from dispatcher.dashboard.context import EXTENSION, DashboardState, state, wants_json
 from dispatcher.errors import QueueUnavailable
@@ -55,6 +57,7 @@ def create_app(config: DashboardConfig, *, connection: redis.Redis | None = None
     )
     filters.register(app)
     auth.register(app)
+    hosts.register(app)  # runs first: before login, CSRF and the API's token check
     app.register_blueprint(views.blueprint)
     app.register_blueprint(api.blueprint)
     app.register_error_handler(HTTPException, _http_error)

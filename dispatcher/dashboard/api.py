@@ -16,12 +16,13 @@ import structlog
 from flask import Blueprint, jsonify, request, url_for
 from flask.typing import ResponseReturnValue
 
-from dispatcher.dashboard import context
+from dispatcher.dashboard import context, records
 from dispatcher.dashboard.auth import check_bearer
 from dispatcher.errors import ConfigurationError, ValidationError
 from dispatcher.queue.operations import FailureFilter
 from dispatcher.queue.producer import Enqueued
 from dispatcher.queue.states import FAILURE_STATES, RETRYABLE_STATES
+from dispatcher.queue.store import SendRecord
 
 logger = structlog.get_logger("dispatcher.dashboard.api")
 blueprint = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -49,8 +50,8 @@ def _json_body() -> tuple[Any, ResponseReturnValue | None]:
 def _accepted(done: Enqueued) -> dict[str, Any]:
     message_id = done.message_id
     if not message_id:  # a duplicate: the producer did not load the first send's record
-        rec = context.state().store.load(done.id)
-        message_id = rec.message_id if rec is not None else ""
+        rec = records.load(context.state().store, done.id)
+        message_id = rec.message_id if isinstance(rec, SendRecord) else ""
     return {
         "id": done.id,
         "duplicate": done.duplicate,
@@ -108,15 +109,20 @@ def _enqueue_list(items: list[Any], header: str | None) -> ResponseReturnValue:
 
 @blueprint.get("/messages/<send_id>")
 def message_status(send_id: str) -> ResponseReturnValue:
-    rec = context.state().store.load(send_id)
+    rec = records.load(context.state().store, send_id)
     if rec is None:
         return jsonify(error="not_found", message=f"no send with id {send_id!r}"), 404
+    if isinstance(rec, records.Unreadable):
+        return jsonify(error="unreadable_record", message=str(rec)), 500
     return jsonify(rec.status())
 
 
 @blueprint.post("/failures/retry")
 def retry() -> ResponseReturnValue:
-    """Like ``enqueue.py retry``: ids, or ``all``, or a filter (code, domain, since, states) — not both."""
+    """Like ``enqueue.py retry``: ids, or ``all``, or a filter (code, domain, since, states) — not both.
+
+    A record that cannot be decoded is skipped: listed under ``unreadable`` (found by a filter) or
+    answered ``unreadable record <id>: <reason>`` as its result (named in ``ids``)."""
     data, error = _json_body()
     if error is not None:
         return error
@@ -138,12 +144,17 @@ def retry() -> ResponseReturnValue:
             problems["code"] = str(exc)
     if problems:
         return _problems(problems)
-    ops = context.state().operations
-    ids = [rec.send_id for rec in ops.find(flt)] if flt is not None else list(ids or [])
+    unreadable: list[records.Unreadable] = []
+    if flt is not None:
+        found, unreadable = records.find(context.state().store, flt)
+        ids = [rec.send_id for rec in found]
     dry_run = bool(data.get("dry_run", False))
-    results = ops.retry(ids, dry_run=dry_run)
-    logger.info("api_retry", matched=len(results), dry_run=dry_run)
-    return jsonify(dry_run=dry_run, matched=len(results), results=results)
+    results = records.act(context.state().operations, "retry", ids or [], dry_run=dry_run)
+    logger.info("api_retry", matched=len(results), dry_run=dry_run, unreadable=len(unreadable))
+    body: dict[str, Any] = {"dry_run": dry_run, "matched": len(results), "results": results}
+    if unreadable:  # matched the filter's states but could not be decoded: skipped, said why
+        body["unreadable"] = {bad.send_id: str(bad) for bad in unreadable}
+    return jsonify(body)
 
 
 def _retry_problems(data: dict[str, Any]) -> dict[str, str]:

@@ -2,12 +2,14 @@
 
 Credentials are required by default. Running without them ("open") must be asked for explicitly
 (``--insecure-open`` or ``DISPATCH_DASHBOARD_OPEN=1``) and is refused on any address but loopback: an open
-dashboard can retry and delete mail, so it must never be reachable from another machine.
+dashboard can retry and delete mail, so it must never be reachable from another machine. In every mode the
+app answers only to the Host names of ``allowed_hosts`` (``DISPATCH_DASHBOARD_HOSTS``; see ``hosts``).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +22,44 @@ from dispatcher.values import parse_flag, parse_number
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8025
 DEFAULT_MAX_REQUEST_BYTES = 30 * 1024 * 1024
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+_HOST = re.compile(r"(?P<name>\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(?::(?P<port>[0-9]{1,5}))?")
+_WILDCARD_BINDS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """``"Example.COM.:8025"`` → ``("example.com", 8025)``; ``None`` if it is no host[:port]."""
+    match = _HOST.fullmatch(value.strip().lower())
+    if match is None:
+        return None
+    port = match["port"]
+    if port is not None and not 0 < int(port) <= 65535:
+        return None
+    return match["name"].rstrip(".") or match["name"], int(port) if port is not None else None
+
+
+def parse_allowed_hosts(raw: str) -> tuple[str, ...]:
+    """``DISPATCH_DASHBOARD_HOSTS``: ``name`` (any port) or ``name:port``, comma-separated."""
+    entries = tuple(entry.strip().lower() for entry in raw.split(",") if entry.strip())
+    if not entries:
+        raise ConfigurationError("DISPATCH_DASHBOARD_HOSTS is empty: name the hosts the dashboard answers to")
+    for entry in entries:
+        if split_host(entry) is None:
+            raise ConfigurationError(
+                f"DISPATCH_DASHBOARD_HOSTS: {entry!r} is not a host name or address with an optional "
+                "port (e.g. dash.example.com, 10.0.0.5:8025, [::1]); wildcards are not supported"
+            )
+    return entries
+
+
+def default_hosts(bind_host: str) -> tuple[str, ...]:
+    """Loopback names, plus the address the server was told to bind when it is a specific one."""
+    bound = bind_host.strip().lower()
+    if bound in _WILDCARD_BINDS or bound in LOOPBACK_HOSTS:
+        return LOOPBACK_HOSTS
+    if ":" in bound and not bound.startswith("["):
+        bound = f"[{bound}]"  # an IPv6 address as it appears in a Host header
+    return (*LOOPBACK_HOSTS, bound) if split_host(bound) is not None else LOOPBACK_HOSTS
 
 
 def is_loopback(host: str) -> bool:
@@ -47,8 +87,15 @@ class DashboardConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     secure_cookie: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names (``name`` or ``name:port``) requests may carry; empty: ``default_hosts(host)``."""
 
     def __post_init__(self) -> None:
+        if not self.allowed_hosts:
+            object.__setattr__(self, "allowed_hosts", default_hosts(self.host))
+        for entry in self.allowed_hosts:
+            if split_host(entry) is None:
+                raise ConfigurationError(f"allowed host {entry!r} is not a host name or address")
         if bool(self.user) != bool(self.password):
             raise ConfigurationError(
                 "set both DISPATCH_DASHBOARD_USER and DISPATCH_DASHBOARD_PASSWORD, or neither"
@@ -90,8 +137,11 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
 def load_config(
     env: Mapping[str, str], *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, insecure_open: bool = False
 ) -> DashboardConfig:
-    """Read ``DISPATCH_DASHBOARD_*``, ``DISPATCH_API_*``, ``REDIS_URL``; ``ConfigurationError`` if unsafe."""
+    """Read ``DISPATCH_DASHBOARD_*``, ``DISPATCH_API_*``, ``REDIS_URL``; ``ConfigurationError`` if unsafe.
+
+    ``DISPATCH_DASHBOARD_HOSTS`` replaces the default allow-list of Host names (see ``hosts``)."""
     secret = env.get("DISPATCH_DASHBOARD_SECRET") or ""
+    hosts = env.get("DISPATCH_DASHBOARD_HOSTS") or ""
     return DashboardConfig(
         redis_url=env.get("REDIS_URL") or DEFAULT_REDIS_URL,
         user=env.get("DISPATCH_DASHBOARD_USER") or None,
@@ -104,4 +154,5 @@ def load_config(
         host=host,
         port=port,
         secure_cookie=_flag(env, "DISPATCH_DASHBOARD_SECURE_COOKIE"),
+        allowed_hosts=parse_allowed_hosts(hosts) if hosts else (),
     )

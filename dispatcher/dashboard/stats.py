@@ -16,8 +16,9 @@ from rq import Queue, Worker
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from dispatcher.dashboard.records import Unreadable, find
 from dispatcher.mail.fields import PRIORITIES
-from dispatcher.queue.operations import FailureFilter, Operations, describe_group, group_key
+from dispatcher.queue.operations import FailureFilter, describe_group, group_key
 from dispatcher.queue.producer import QUEUE_NAMES
 from dispatcher.queue.store import SendRecord, SendStore, worker_key
 
@@ -122,17 +123,19 @@ class Group:
         return len(self.sends)
 
 
-def failure_groups(operations: Operations, flt: FailureFilter) -> list[Group]:
-    """The same groups and order as ``Operations.groups``, keeping the records (one pass over Redis)."""
+def failure_groups(store: SendStore, flt: FailureFilter) -> tuple[list[Group], list[Unreadable]]:
+    """The same groups and order as ``Operations.groups``, keeping the records (one pass over Redis);
+    and the records that could not be decoded (left out of every group)."""
     groups: dict[str, Group] = {}
-    for rec in operations.find(flt):
+    records, unreadable = find(store, flt)
+    for rec in records:
         key = group_key(rec)
         group = groups.get(key)
         if group is None:
             group = groups[key] = Group(key, describe_group(key))
             group.sample = (rec.record.get("reason") or {}).get("text")
         group.sends.append(rec)
-    return sorted(groups.values(), key=lambda g: (-g.count, g.key))
+    return sorted(groups.values(), key=lambda g: (-g.count, g.key)), unreadable
 
 
 def failed_recipients(rec: SendRecord) -> list[str]:

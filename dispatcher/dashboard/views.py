@@ -15,7 +15,7 @@ import structlog
 from flask import Blueprint, abort, flash, jsonify, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 
-from dispatcher.dashboard import context, stats
+from dispatcher.dashboard import context, records, stats
 from dispatcher.dashboard.auth import current_user, safe_next
 from dispatcher.queue.operations import FailureFilter, describe_group
 from dispatcher.queue.states import FINAL_STATES, RETRYABLE_STATES
@@ -51,11 +51,12 @@ def overview_json() -> ResponseReturnValue:
 @blueprint.get("/failures")
 def failures() -> ResponseReturnValue:
     states = _states_arg()
-    groups = stats.failure_groups(context.state().operations, FailureFilter(states=states))
+    groups, unreadable = stats.failure_groups(context.state().store, FailureFilter(states=states))
     sections = [(s, STATE_TITLES[s], [g for g in groups if g.info["state"] == s]) for s in states]
     return render_template(
         "failures.html",
         sections=sections,
+        unreadable=unreadable,
         states=states,
         limit=PER_GROUP_ON_OVERVIEW,
         nav="failures",
@@ -66,11 +67,12 @@ def failures() -> ResponseReturnValue:
 def group() -> ResponseReturnValue:
     key = request.args.get("key", "")
     flt = _group_filter(key)
-    groups = stats.failure_groups(context.state().operations, flt)
+    groups, unreadable = stats.failure_groups(context.state().store, flt)
     found = groups[0] if groups else stats.Group(key, describe_group(key))
     return render_template(
         "group.html",
         group=found,
+        unreadable=unreadable,
         limit=PER_GROUP_PAGE,
         nav="failures",
     )
@@ -78,9 +80,11 @@ def group() -> ResponseReturnValue:
 
 @blueprint.get("/sends/<send_id>")
 def send(send_id: str) -> ResponseReturnValue:
-    rec = context.state().store.load(send_id)
+    rec = records.load(context.state().store, send_id)
     if rec is None:
         abort(404, description=f"No send with id {send_id!r} (delivered long ago, or deleted).")
+    if isinstance(rec, records.Unreadable):
+        abort(500, description=f"{rec}. The dashboard cannot act on it: repair or remove it in Redis.")
     return render_template(
         "send.html",
         rec=rec,
@@ -93,9 +97,11 @@ def send(send_id: str) -> ResponseReturnValue:
 
 @blueprint.get("/sends/<send_id>/state.json")
 def send_state(send_id: str) -> ResponseReturnValue:
-    rec = context.state().store.load(send_id)
+    rec = records.load(context.state().store, send_id)
     if rec is None:
         abort(404, description=f"no send with id {send_id!r}")
+    if isinstance(rec, records.Unreadable):
+        return jsonify(error="unreadable_record", message=str(rec)), 500
     return jsonify(id=rec.send_id, state=rec.state, attempts=rec.attempts, generation=rec.generation)
 
 
@@ -109,14 +115,15 @@ def act() -> ResponseReturnValue:
     back = safe_next(request.form.get("next"), url_for("views.failures"))
     ops = context.state().operations
     if key is not None:
-        ids.extend(rec.send_id for rec in ops.find(_group_filter(key)) if rec.send_id not in ids)
+        in_group, _ = records.find(context.state().store, _group_filter(key))
+        ids.extend(rec.send_id for rec in in_group if rec.send_id not in ids)
     if not ids:
         flash(f"Nothing to {action}: no send selected, or the group is empty now.", "warning")
         return redirect(back)
     bulk = key is not None or len(ids) > 1
     if (action == "delete" or bulk) and request.form.get("confirmed") != "1":
         return _confirm(action, ids, key, back)
-    results = ops.retry(ids) if action == "retry" else ops.delete(ids)
+    results = records.act(ops, action, ids)
     message = summarize(action, results)
     logger.info("dashboard_action", action=action, sends=len(ids), group=key, user=current_user(),
                 summary=message)  # fmt: skip
@@ -130,8 +137,8 @@ def act() -> ResponseReturnValue:
 def _confirm(action: str, ids: list[str], key: str | None, back: str) -> ResponseReturnValue:
     state = context.state()
     preview_ids = ids[:CONFIRM_PREVIEW]
-    records = state.store.load_many(preview_ids)
-    dry_run = state.operations.retry(preview_ids, dry_run=True) if action == "retry" else {}
+    readable, unreadable = records.load_many(state.store, preview_ids)
+    dry_run = records.act(state.operations, "retry", preview_ids, dry_run=True) if action == "retry" else {}
     return render_template(
         "confirm.html",
         action=action,
@@ -139,7 +146,8 @@ def _confirm(action: str, ids: list[str], key: str | None, back: str) -> Respons
         group_key=key,
         group_info=describe_group(key) if key is not None else None,
         total=len(ids),
-        records=records,
+        records=readable,
+        unreadable=unreadable,
         dry_run=dry_run,
         next=back,
         nav="failures",
@@ -156,7 +164,7 @@ def _group_filter(key: str) -> FailureFilter:
 def _outcome(result: str) -> str:
     """``"queued: 2 recipient(s)"`` → ``"queued"``; other results are kept whole."""
     head = result.split(":", 1)[0]
-    return head if head in ("queued", "would retry") else result
+    return head if head in ("queued", "would retry") or head.startswith("unreadable record") else result
 
 
 def summarize(action: str, results: Mapping[str, str]) -> str:

@@ -5,18 +5,21 @@ accepts two addresses glued together. We parse ``addr@example.com`` and ``Name <
 ourselves, reject anything doubtful with a precise sentence, and then check that the stdlib header parser
 reads back exactly the address we validated, so what we put in the headers is what we checked.
 
-Also home of :func:`control_character_problem`, the one rule for text that ends up in a header line
-(addresses, subject, custom header values, file names): no CR, LF, NUL or other control characters.
+An address must pass :func:`dispatcher.mail.header_text.header_text_problem` (no control characters, also
+not in what an RFC 2047 encoded word in it decodes to) before it is parsed.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-import unicodedata
 from dataclasses import dataclass
 from email import policy as email_policy
 from email.errors import NonASCIILocalPartDefect
+
+from dispatcher.mail.header_text import control_character_problem, header_text_problem
+
+__all__ = ["Address", "control_character_problem", "header_text_problem", "parse_address"]
 
 MAX_LOCAL_OCTETS = 64  # RFC 5321 §4.5.3.1.1
 MAX_ADDRESS_OCTETS = 254  # RFC 5321 §4.5.3.1.3 path limit (256) minus the angle brackets
@@ -28,29 +31,10 @@ _ATEXT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567
 # RFC 5322 specials: a display name containing one of these must be quoted.
 _SPECIALS = frozenset('()<>[]:;@\\,."')
 _LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-_LINE_BREAKS = frozenset("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 # ASCII dot-atom local part at an LDH domain, and a display name of plain words: read back unchanged.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _PLAIN_ADDR_SPEC = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 _PLAIN_NAME = re.compile(r"(?:[A-Za-z0-9]+(?: [A-Za-z0-9]+)*)?")
-
-
-def control_character_problem(value: str) -> str | None:
-    """Say what is wrong if ``value`` may not go into a header line, else ``None``.
-
-    CR and LF would let the value start a new header (header injection); NUL and other controls
-    (including TAB and the Unicode line/paragraph separators) have no business in a header either.
-    """
-    if value.isascii() and value.isprintable():
-        return None
-    for char in value:
-        if char in "\r\n":
-            return "contains a line break (CR/LF) — header injection"
-        if char == "\x00":
-            return "contains a NUL character"
-        if char in _LINE_BREAKS or unicodedata.category(char) == "Cc":
-            return f"contains a control character (U+{ord(char):04X})"
-    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +78,7 @@ def parse_address(value: str) -> Address:
     """
     if not isinstance(value, str):
         raise ValueError("must be a string")
-    problem = control_character_problem(value)
+    problem = header_text_problem(value)
     if problem is not None:
         raise ValueError(problem)
     text = value.strip()

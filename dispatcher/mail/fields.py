@@ -2,6 +2,9 @@
 
 Each check takes the field's path, its value and the problems found so far; it records what is wrong under
 the path ("to[2]", "attachments[0].content", "headers.X-Foo") and returns the value in its model form.
+Text bound for a header line (subject, header values, file names, addresses, date) goes through
+``header_text.header_text_problem``: no control characters, also not in what an RFC 2047 encoded word in it
+decodes to. A clean pre-encoded word (``=?utf-8?q?Gr=C3=BC=C3=9Fe?=``) is accepted.
 ``Checker`` runs them and collects every problem, so one ``ValidationError`` names them all.
 """
 
@@ -19,7 +22,8 @@ from email import policy as email_policy
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, TypeVar, cast
 
-from dispatcher.mail.addresses import Address, control_character_problem, parse_address
+from dispatcher.mail.addresses import Address, parse_address
+from dispatcher.mail.header_text import header_text_problem
 
 # Headers dispatcher writes itself (plus every Content-*) or trace/address headers it will not take from
 # producers: a custom header with one of these names could contradict ours or smuggle recipients.
@@ -112,7 +116,7 @@ def header_text(path: str, value: Any, problems: dict[str, str]) -> str | None:
     if not isinstance(value, str):
         problems[path] = "must be a string"
         return None
-    problem = control_character_problem(value)
+    problem = header_text_problem(value)
     if problem is not None:
         problems[path] = problem
     return value
@@ -156,7 +160,7 @@ def _filename(path: str, value: Any, problems: dict[str, str]) -> str | None:
     if not isinstance(value, str) or not value.strip():
         problems[path] = "must be a non-empty string"
         return None
-    problem = control_character_problem(value)
+    problem = header_text_problem(value)
     if problem is None and ("/" in value or "\\" in value):
         problem = "must be a bare file name (no '/' or '\\')"
     if problem is None and len(value) > MAX_FILENAME_LENGTH:
@@ -270,14 +274,14 @@ def route(path: str, value: Any, problems: dict[str, str]) -> str | None:
 
 
 def message_id(path: str, value: Any, problems: dict[str, str]) -> str | None:
-    if not isinstance(value, str) or len(value) > 250 or not _MESSAGE_ID.fullmatch(value):
+    if not isinstance(value, str) or len(value) > 250 or not _MESSAGE_ID.fullmatch(value) or "=?" in value:
         problems[path] = "must look like <unique@domain> (printable ASCII)"
         return None
     return value
 
 
 def date(path: str, value: Any, problems: dict[str, str]) -> str | None:
-    if not isinstance(value, str) or control_character_problem(value) is not None:
+    if not isinstance(value, str) or header_text_problem(value) is not None:
         problems[path] = "must be an RFC 5322 date string"
         return None
     try:
@@ -313,7 +317,7 @@ def custom_header_problem(name: object, value: object, seen: set[str]) -> str | 
         return "duplicate header name (names are case-insensitive)"
     if not isinstance(value, str):
         return "must be a string"
-    problem = control_character_problem(value)
+    problem = header_text_problem(value)
     if problem is not None:
         return problem
     if _plain_unstructured(lowered, value) and len(name) + 2 + len(value) <= MAX_LINE_OCTETS:

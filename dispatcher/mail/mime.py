@@ -9,18 +9,28 @@ ever produce ``=_`` (in quoted-printable ``=`` is followed by two hex digits or 
 ``_``), so no body line can contain or fake a boundary, whatever the content.
 
 Bcc is never written: it lives in the envelope only.
+
+The written bytes are checked before they leave (:func:`check_written`): every part's header block must
+hold exactly the header lines that part was given — same names, same count, same order, nothing but
+header lines and their folded continuations, no control character. The email package of Python 3.11.7
+and 3.12.1 decodes RFC 2047 encoded words while it writes and puts a decoded CR LF on the wire
+(CVE-2024-6923); in a file name every version up to 3.13 does. Validation refuses such values, and this
+check makes sure that whatever the installed email package does, a line break it was not asked for is a
+``HeaderInjection``, never a sent message.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from collections.abc import Mapping
+from email import errors as email_errors
 from email import policy as email_policy
 from email.message import EmailMessage
 from typing import TYPE_CHECKING, Any
 
-from dispatcher.errors import ValidationError
+from dispatcher.errors import HeaderInjection, ValidationError
 from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
 
 if TYPE_CHECKING:
@@ -28,6 +38,11 @@ if TYPE_CHECKING:
 
 # Above this share of non-ASCII UTF-8 bytes base64 is shorter than quoted-printable (3 vs 4/3 octets).
 _BASE64_THRESHOLD = 1 / 6
+_HEADER_LINE = re.compile(rb"([\x21-\x39\x3b-\x7e]+):")  # RFC 5322 §3.6.8 field name and its colon
+_BAD_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls but HTAB: CR, LF, NUL, ESC ...
+# The headers we set, by the field of the JSON schema they come from (for the problem's name).
+_FIELD_OF_HEADER = {"from": "from", "to": "to", "cc": "cc", "reply-to": "reply_to", "subject": "subject",
+                    "date": "date", "message-id": "message_id"}  # fmt: skip
 
 
 def validated(data: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_BYTES, build: bool = True) -> Mail:
@@ -43,6 +58,8 @@ def validated(data: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_BYTES, bu
         return mail
     try:
         raw = build_message(mail)
+    except ValidationError:
+        raise
     except (ValueError, TypeError, IndexError) as exc:  # a stdlib email limit we did not foresee
         raise ValidationError({"mail": f"cannot be written as MIME: {exc}"}) from exc
     if len(raw) > max_bytes:
@@ -52,7 +69,21 @@ def validated(data: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_BYTES, bu
 
 def build_message(mail: Mail) -> bytes:
     """The RFC 5322 message for ``mail``: CRLF line ends, lines <= 998 octets, 7-bit unless the mail
-    has UTF-8 addresses (then UTF-8 headers per RFC 6532, to be sent with SMTPUTF8)."""
+    has UTF-8 addresses (then UTF-8 headers per RFC 6532, to be sent with SMTPUTF8).
+
+    Raises ``HeaderInjection`` when the written bytes hold a header line that was not asked for.
+    """
+    message = compose(mail)
+    try:
+        raw = message.as_bytes(policy=message.policy)
+    except email_errors.MessageError as exc:  # 3.13+: HeaderWriteError (verify_generated_headers)
+        raise HeaderInjection({"mail": f"the email package refused to write a header: {exc}"}) from exc
+    check_written(raw, message)
+    return raw
+
+
+def compose(mail: Mail) -> EmailMessage:
+    """The message object ``build_message`` writes (boundaries already fixed)."""
     policy = email_policy.SMTPUTF8 if mail.needs_smtputf8 else email_policy.SMTP
     message = EmailMessage(policy=policy)
     message["From"] = mail.from_address.formatted()
@@ -85,7 +116,111 @@ def build_message(mail: Mail) -> bytes:
             filename=attachment.filename,
         )
     _tidy_parts(message, mail.message_id)
-    return message.as_bytes(policy=policy)
+    return message
+
+
+def check_written(raw: bytes, message: EmailMessage) -> None:
+    """Raise ``HeaderInjection`` unless every header block in ``raw`` is exactly the one its part in
+    ``message`` was given.
+
+    Each header is folded again (``policy.fold_binary``, what the generator writes) and must be one
+    ``Name:`` line plus folded continuations (a line break is only ever CRLF followed by SP or HTAB), end
+    with CRLF, and hold no control byte but HTAB — what newer Pythons' ``verify_generated_headers``
+    checks (not in 3.13.0's ``as_bytes``: a file name gets through), here on every version. Then each
+    part's written block must be exactly those headers, in order, and the empty line. The blocks are found
+    without parsing bodies: the message's starts at 0, each part's right after a delimiter line
+    ``--<boundary>`` of its parent (the boundaries are ours and no body line can hold one, see the module
+    doc), in ``message.walk()`` order.
+    """
+    policy = message.policy
+    parts = list(message.walk())
+    starts = [0]
+    for part in parts:
+        boundary = part.get_boundary() if part.is_multipart() else None
+        if boundary is None:
+            continue
+        delimiter = b"\r\n--" + boundary.encode("ascii") + b"\r\n"
+        found = raw.find(delimiter)
+        while found >= 0:
+            starts.append(found + len(delimiter))
+            found = raw.find(delimiter, found + 1)
+    if len(starts) != len(parts):
+        raise _injection("mail", f"{len(starts)} MIME parts written where {len(parts)} were built")
+    for index, (part, start) in enumerate(zip(parts, sorted(starts), strict=True)):
+        where = "the message's header block" if index == 0 else f"the header block of MIME part {index}"
+        folded = [(name, policy.fold_binary(name, value)) for name, value in part.raw_items()]
+        for name, lines in folded:
+            problem = _folding_problem(name, lines)
+            if problem is not None:
+                raise _injection(_field(name.lower(), index, part), f"{where}: {name} {problem}")
+        block = b"".join(lines for _, lines in folded) + b"\r\n"
+        if raw[start : start + len(block)] != block:
+            end = raw.find(b"\r\n\r\n", start)
+            if end < 0:
+                raise _injection("mail", f"{where} never ends")
+            _check_block(raw[start:end].split(b"\r\n"), [name.lower() for name in part], where, index, part)
+            raise _injection("mail", f"{where} is not what its headers fold to")
+
+
+def _folding_problem(name: str, folded: bytes) -> str | None:
+    if not folded.endswith(b"\r\n"):
+        return "does not end with CRLF"
+    lines = folded[:-2].split(b"\r\n")
+    match = _HEADER_LINE.match(lines[0])
+    if match is None or match[1].decode("ascii").lower() != name.lower():
+        return "is not written as its own header line"
+    for line in lines:
+        if _BAD_BYTE.search(line):
+            return "holds a line break or control byte that is not folding"
+    if any(line[:1] not in (b" ", b"\t") for line in lines[1:]):
+        return "holds a line break that starts a new line (not a folded continuation)"
+    return None
+
+
+def _check_block(lines: list[bytes], expected: list[str], where: str, index: int, part: EmailMessage) -> None:
+    """Say which header the written ``lines`` of one block went wrong at (they differ from the folding)."""
+    written: list[str] = []
+    for line in lines:
+        if _BAD_BYTE.search(line):
+            culprit = written[-1] if written else expected[0]
+            raise _injection(
+                _field(culprit, index, part), f"{where}: a line break or control byte in {culprit}"
+            )
+        if line[:1] in (b" ", b"\t"):
+            if not written:
+                raise _injection("mail", f"{where} starts with a continuation line")
+            continue
+        match = _HEADER_LINE.match(line)
+        if match is None:
+            culprit = written[-1] if written else expected[0]
+            raise _injection(
+                _field(culprit, index, part), f"{where}: a line that is no header after {culprit}"
+            )
+        written.append(match[1].decode("ascii").lower())
+    if written != expected:
+        diverge = next(
+            (i for i, (a, b) in enumerate(zip(written, expected, strict=False)) if a != b),
+            min(map(len, (written, expected))),
+        )
+        culprit = written[diverge - 1] if diverge > 0 else expected[0]
+        raise _injection(
+            _field(culprit, index, part),
+            f"{where}: header lines {written} written where {expected} were set",
+        )
+
+
+def _field(header: str, index: int, part: EmailMessage) -> str:
+    """The JSON field a header line came from, as ``ValidationError.problems`` names it."""
+    if index > 0:
+        return "attachments" if part.get_content_disposition() == "attachment" else "mail"
+    if header in _FIELD_OF_HEADER:
+        return _FIELD_OF_HEADER[header]
+    name = next((key for key in part if key.lower() == header), None)
+    return f"headers.{name}" if name is not None and not header.startswith(("content-", "mime-")) else "mail"
+
+
+def _injection(field: str, detail: str) -> HeaderInjection:
+    return HeaderInjection({field: f"header injection, refused: {detail}"})
 
 
 def _address_list(addresses: tuple[Address, ...]) -> str:
