@@ -50,7 +50,11 @@ ATTACHMENT_FIELDS = frozenset({"filename", "content_type", "content"})
 _ROUTE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MIME_TOKEN = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
 _CONTENT_TYPE = re.compile(rf"({_MIME_TOKEN})/({_MIME_TOKEN})")
-_MESSAGE_ID = re.compile(r"<[\x21-\x3b\x3d\x3f\x41-\x7e]+@[\x21-\x3b\x3d\x3f-\x7e]+>")
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_MESSAGE_ID = re.compile(rf"<{_DOT_ATOM}@(?:{_DOT_ATOM}|\[[\x21-\x5a\x5e-\x7e]*\])>")
+"""RFC 5322 §3.6.4 msg-id: dot-atom-text "@" (dot-atom-text / no-fold-literal). Anything looser is written
+by the email package as something else (``<a:b@x>`` becomes ``<a``), and the ledger is keyed on it."""
 
 T = TypeVar("T")
 
