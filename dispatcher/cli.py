@@ -1,6 +1,7 @@
 """``enqueue.py``: send one mail, bulk-load JSON Lines, show a send's status, retry failures.
 
-Exit codes: 0 done; 1 some bulk lines were invalid; 2 bad input or usage; 3 Redis unreachable.
+Exit codes: 0 done; 1 some bulk lines were invalid; 2 bad input or usage; 3 Redis unreachable;
+4 the send's record is unreadable (``status``: what can be read of it goes to stderr).
 Results go to stdout (ids, JSON); problems to stderr, one ``field: problem`` per line.
 """
 
@@ -25,11 +26,12 @@ from dispatcher.logs import configure_logging
 from dispatcher.mail.fields import PRIORITIES
 from dispatcher.queue.operations import FailureFilter, Operations
 from dispatcher.queue.producer import BATCH, Enqueued, Producer, connect
+from dispatcher.queue.recovery import UNREADABLE, describe_unreadable
 from dispatcher.queue.states import FAILURE_STATES, RETRYABLE_STATES
-from dispatcher.queue.store import SendStore
+from dispatcher.queue.store import SendStore, send_key
 from dispatcher.settings import load_settings
 
-EXIT_INVALID_LINES, EXIT_USAGE, EXIT_UNAVAILABLE = 1, 2, 3
+EXIT_INVALID_LINES, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_UNREADABLE = 1, 2, 3, 4
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -184,12 +186,31 @@ def cmd_bulk(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    rec = SendStore(connect(args.redis_url)).load(args.job_id)
+    connection = connect(args.redis_url)
+    try:
+        rec = SendStore(connection).load(args.job_id)
+    except UNREADABLE as exc:  # say what can be said of it, never a traceback
+        raw: dict[bytes, bytes] = connection.hgetall(send_key(args.job_id))  # type: ignore[assignment]
+        state = raw.get(b"state", b"?").decode("utf-8", "replace")
+        err.write(f"error: send {args.job_id!r} has an unreadable record ({describe_unreadable(exc)}); "
+                  f"state {state}\n")  # fmt: skip
+        reason = _stored_reason(raw.get(b"record"))
+        if reason:
+            err.write(f"reason: {reason}\n")
+        return EXIT_UNREADABLE
     if rec is None:
         err.write(f"no send with id {args.job_id!r}\n")
         return EXIT_USAGE
     out.write(json.dumps(rec.status(), indent=2, ensure_ascii=False) + "\n")
     return 0
+
+
+def _stored_reason(value: bytes | None) -> str | None:
+    try:
+        record = json.loads(value or b"{}")
+        return str(record["reason"]["text"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def cmd_retry(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

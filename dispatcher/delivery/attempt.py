@@ -31,6 +31,7 @@ from dispatcher.errors import ConfigurationError, SmtpError, ValidationError
 from dispatcher.mail.message import Mail
 from dispatcher.mail.mime import build_message
 from dispatcher.queue.producer import attempt_job_id, schedule_attempt
+from dispatcher.queue.recovery import UNREADABLE, describe_unreadable, fail_unreadable, load_readable
 from dispatcher.queue.states import FINAL_STATES, SendState
 from dispatcher.queue.store import (
     INFLIGHT,
@@ -82,8 +83,16 @@ class Attempt:
     def prepare(self) -> dict[str, Any] | None:
         """Load the send and begin the attempt (in flight, ledger read). Returns the attempt's summary when
         there is nothing to send (missing, stale job, every recipient already accepted); otherwise None,
-        and ``rec`` / ``pending`` / ``context`` say what to send."""
-        rec = self.store.load(self.send_id)
+        and ``rec`` / ``pending`` / ``context`` say what to send.
+
+        A record that cannot be read (``queue.recovery.UNREADABLE``), or whose stored mail is not UTF-8
+        JSON, is failed permanently with the reason ``unreadable record: …`` — never handed back to be
+        requeued (a hot loop of jobs)."""
+        try:
+            rec = load_readable(self.store, self.send_id)
+        except UNREADABLE as exc:
+            error = describe_unreadable(exc)
+            return fail_unreadable(self.redis, self.send_id, error, job_id=self.job_id)
         if rec is None:
             logger.warning("mail_missing", send_id=self.send_id, job_id=self.job_id)
             return {"id": self.send_id, "state": "missing"}
@@ -108,14 +117,26 @@ class Attempt:
             return self._finish(rec, {}, "", self.started)
         if rec.raw is None:
             try:
-                rec.raw = build_message(
-                    Mail.from_dict(json.loads(source or "null"))
-                )
-            except (ValidationError, ValueError, TypeError, IndexError) as exc:
+                if source is None:
+                    raise ValueError("the stored mail is missing")
+                data = json.loads(source.decode())
+            except ValueError as exc:  # not UTF-8 (UnicodeDecodeError), not JSON, or gone
+                detail = f"unreadable record: {describe_unreadable(exc)}"
+                verdict = Verdict(RecipientStatus.PERMANENT, None, None, "record", detail)
+                return self._finish(rec, dict.fromkeys(self.pending, verdict), "", self.started)
+            try:
+                rec.raw = build_message(Mail.from_dict(data))
+            except (ValidationError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
                 detail = f"cannot be written as MIME: {exc}"
                 verdict = Verdict(RecipientStatus.PERMANENT, None, None, "message", detail)
                 return self._finish(rec, dict.fromkeys(self.pending, verdict), "", self.started)
         return None
+
+    def data_going_out(self) -> None:
+        """Called right before the first byte of this attempt's data is written: from here on the message
+        may be delivered, so that is durable first (a worker killed now leaves the send *unknown*, never
+        sent again blindly — ``queue.recovery``)."""
+        self.store.mark_data_out(self.send_id, self.rec.attempts)
 
     def bind(self) -> None:
         """This attempt's fields on every log event from here on."""
@@ -158,9 +179,9 @@ class Attempt:
         verdict = Verdict(status, None, None, "interrupted", detail)
         return self._finish(self.rec, dict.fromkeys(self.pending, verdict), conn_id, self.started)
 
-    def _begin(self, rec: SendRecord, now: float) -> tuple[set[str], str | None]:
+    def _begin(self, rec: SendRecord, now: float) -> tuple[set[str], bytes | None]:
         """Mark the send in flight under a lease; read its ledger and (unless the MIME bytes are stored)
-        the mail to build them from — in one transaction."""
+        the mail to build them from, as stored (bytes: ``prepare`` decodes it) — in one transaction."""
         rec.move(SendState.SENDING)
         rec.attempts += 1
         rec.record.setdefault("first_attempt_at", now)
@@ -171,7 +192,7 @@ class Attempt:
         self.store.stage_save(pipe, rec, now=now)
         pipe.zadd(INFLIGHT, {rec.send_id: now + self.runtime.settings.lease_seconds})
         members, source = pipe.execute()[:2]
-        return {text(m).casefold() for m in members}, text(source) if source is not None else None
+        return {text(m).casefold() for m in members}, source
 
     def _send(self, rec: SendRecord, pending: list[str]) -> tuple[dict[str, Verdict], str]:
         settings = self.runtime.settings
@@ -192,7 +213,7 @@ class Attempt:
                 logger.info("mail_failover", primary=rec.route, fallback=route)
             try:
                 with gate.using(client):
-                    result = client.send(rec.sender, pending, rec.raw)
+                    result = client.send(rec.sender, pending, rec.raw, before_data=self.data_going_out)
             except SmtpError as exc:
                 # Only a connection-level failure (before MAIL FROM: nothing offered) may move the send on.
                 if gate.failed(route, client, exc):

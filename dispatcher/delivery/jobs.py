@@ -113,7 +113,10 @@ class Batch:
         try:
             while not source.finished or prepared:
                 progressed = False
-                for message, outcome in client.send_stream(iter(source), source.may_follow):
+                stream = client.send_stream(
+                    iter(source), source.may_follow, before_data=lambda m: prepared[m.key].data_going_out()
+                )
+                for message, outcome in stream:
                     attempt = prepared.pop(message.key)
                     if isinstance(outcome, SendResult):
                         self.gate.answered(route, client)

@@ -5,22 +5,145 @@ killed, the leases of the send it was delivering and of the ones its job had not
 any live worker's maintenance requeues them — each in a job of its own. Recipients the ledger holds are
 skipped by the next attempt, so only the ones not yet accepted are sent again. The dead job can never run
 a send afterwards: ``deliver`` ignores a job that is not the send's current one.
+
+Except once its data may be out: an attempt records ``data_out`` (durably, before the first byte of the
+message data is written — ``delivery.attempt.data_going_out``), so a send whose worker died past that
+point is not requeued but settled *unknown* (``settle_unknown``): the server may have accepted it, and a
+resend could deliver it twice. The operator sees why and decides.
+
+Unreadable records are failed once, never requeued: a record whose hash does not parse, or whose mail
+cannot be read (not UTF-8, not JSON, fields of the wrong shape), can never be sent, so requeueing it only
+makes a hot loop of rq jobs. Whoever meets one first — the attempt (``delivery.attempt``) or recovery
+here — fails it permanently with the reason ``unreadable record: …`` (``fail_unreadable``: through the
+state table, ``→ sending → failed``, as an attempt that could not begin) and drops its lease, so the
+reaper does not meet it again.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import redis
 import structlog
 
+from dispatcher.mail.fields import PRIORITIES
 from dispatcher.queue.producer import attempt_job_id, schedule_attempt
 from dispatcher.queue.states import SendState
-from dispatcher.queue.store import INFLIGHT, SendStore, send_key, text
+from dispatcher.queue.store import (
+    INFLIGHT,
+    RECORD_TTL,
+    SendRecord,
+    SendStore,
+    send_key,
+    source_key,
+    state_key,
+    text,
+)
 
 logger = structlog.get_logger("dispatcher.queue.recovery")
 LOST_STATES = (SendState.SENDING, SendState.QUEUED)
+UNREADABLE = (ValueError, KeyError, TypeError, AttributeError)
+"""What reading a corrupt record raises (``UnicodeDecodeError`` and ``JSONDecodeError`` are ValueErrors)."""
+
+
+def describe_unreadable(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def check_readable(rec: SendRecord) -> None:
+    """Raise one of ``UNREADABLE`` unless every field an attempt reads has its shape."""
+    if not isinstance(rec.mail, dict) or not isinstance(rec.record, dict):
+        raise TypeError("the record's mail and record fields must be JSON objects")
+    recipients = rec.recipients
+    if not isinstance(rec.message_id, str) or not isinstance(rec.sender, str):
+        raise TypeError("message_id and sender must be strings")
+    if not all(isinstance(r, str) for r in recipients):
+        raise TypeError("recipients must be strings")
+    if not isinstance(rec.outcomes, dict) or not isinstance(rec.record.get("history", []), list):
+        raise TypeError("outcomes must be an object and history a list")
+
+
+def load_readable(store: SendStore, send_id: str) -> SendRecord | None:
+    """``store.load``, and ``check_readable`` on what it found; raises one of ``UNREADABLE``."""
+    rec = store.load(send_id)
+    if rec is not None:
+        check_readable(rec)
+    return rec
+
+
+def fail_unreadable(
+    connection: redis.Redis, send_id: str, error: str, *, job_id: str | None, now: float | None = None
+) -> dict[str, Any]:
+    """Fail a send whose record cannot be read, permanently, with the reason ``unreadable record:
+    <error>``, touching only the fields that can be written without reading the rest; drop its lease.
+    A record already final, or whose stored state is not a state at all, is left as it is (logged).
+    Atomic (WATCH on the record). Returns the attempt-style summary."""
+    now = time.time() if now is None else now
+    reason = f"unreadable record: {error}"
+    key = send_key(send_id)
+    with connection.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                pipe.watch(key)  # type: ignore[no-untyped-call]
+                raw = pipe.hgetall(key)
+                stored = _state_of(raw)
+                pipe.multi()
+                pipe.zrem(INFLIGHT, send_id)
+                if stored is None or stored.final:
+                    pipe.execute()
+                    state = stored.value if stored is not None else ("missing" if not raw else "unreadable")
+                    logger.error("mail_unreadable", send_id=send_id, job_id=job_id, state=state, error=error)
+                    return {"id": send_id, "state": state, "reason": reason}
+                # As an attempt that could not begin: the state table's own moves, no new edge.
+                target = stored.to(SendState.FAILED) if stored is SendState.SENDING else (
+                    stored.to(SendState.SENDING).to(SendState.FAILED)
+                )
+                record = _json_object(raw.get(b"record"))
+                record["reason"] = {"kind": "record", "stage": None, "code": None, "enhanced": None,
+                                    "text": reason}  # fmt: skip
+                history = record.get("history")
+                history = history if isinstance(history, list) else []
+                history.append({"at": now, "event": "unreadable_record", "job_id": job_id, "error": error})
+                record["history"] = history[-50:]
+                pipe.hset(key, mapping={"state": target.value, "updated_at": repr(now), "next_attempt_at": "",
+                                        "record": json.dumps(record, separators=(",", ":"))})  # fmt: skip
+                pipe.expire(key, RECORD_TTL)
+                pipe.expire(source_key(send_id), RECORD_TTL)
+                for priority in (None, *PRIORITIES):  # the mail (and its priority) may be what is unreadable
+                    pipe.zrem(state_key(stored, priority), send_id)
+                pipe.zadd(state_key(target), {send_id: now})
+                priority_of = _priority_of(raw)
+                if priority_of is not None:
+                    pipe.zadd(state_key(target, priority_of), {send_id: now})
+                pipe.execute()
+                state = target.value
+                logger.error("mail_unreadable", send_id=send_id, job_id=job_id, state=state, error=error)
+                return {"id": send_id, "state": state, "reason": reason}
+            except redis.WatchError:
+                continue
+
+
+def _state_of(raw: dict[Any, Any]) -> SendState | None:
+    try:
+        return SendState(raw[b"state"].decode())
+    except (KeyError, ValueError, AttributeError):
+        return None
+
+
+def _json_object(value: object) -> dict[str, Any]:
+    try:
+        loaded = json.loads(value) if isinstance(value, bytes | str) else None
+    except ValueError:
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _priority_of(raw: dict[Any, Any]) -> str | None:
+    priority = _json_object(raw.get(b"mail")).get("priority", "default")
+    return priority if priority in PRIORITIES else None
 
 
 def requeue(
@@ -34,11 +157,23 @@ def requeue(
         while True:
             try:
                 pipe.watch(INFLIGHT, send_key(send_id))  # type: ignore[no-untyped-call]
-                rec = store.load(send_id)
+                try:
+                    rec = load_readable(store, send_id)
+                except UNREADABLE as exc:  # never requeue it: fail it once, with the reason
+                    pipe.reset()
+                    fail_unreadable(connection, send_id, describe_unreadable(exc), job_id=from_job, now=now)
+                    return False
                 pipe.multi()
                 pipe.zrem(INFLIGHT, send_id)
                 lost = rec is not None and rec.state in LOST_STATES
                 if rec is not None and lost and (from_job is None or rec.rq_job == from_job):
+                    if rec.state is SendState.SENDING and rec.data_out == rec.attempts:
+                        settle_unknown(rec, now)
+                        store.stage_save(pipe, rec, now=now)
+                        pipe.execute()
+                        attempt = rec.attempts
+                        logger.warning("mail_unknown_after_worker_loss", send_id=send_id, attempt=attempt)
+                        return False
                     rec.move(SendState.QUEUED)
                     event: dict[str, object] = {"attempt": rec.attempts, "generation": rec.generation}
                     event.update(at=now, event=reason)
@@ -52,6 +187,30 @@ def requeue(
                 return False
             except redis.WatchError:
                 continue
+
+
+def settle_unknown(rec: SendRecord, now: float) -> None:
+    """The worker of ``rec``'s attempt died after that attempt's data went out (``data_out``): the server
+    may have accepted it, so every recipient still open is *unknown* — never sent again blindly."""
+    detail = (
+        f"the worker died after the data of attempt {rec.attempts} went out: "
+        "the message may have been delivered (not resent)"
+    )
+    for recipient in rec.recipients:
+        outcome = rec.outcomes.get(recipient, {})
+        if outcome.get("status", "pending") in ("pending", "transient"):
+            rec.outcomes[recipient] = {
+                "status": "unknown", "stage": "data_end", "code": None, "enhanced": None, "text": detail,
+                "kind": "unknown", "at": now,
+            }  # fmt: skip
+    rec.record["reason"] = {"kind": "unknown", "stage": "data_end", "code": None, "enhanced": None,
+                            "text": detail}  # fmt: skip
+    rec.record.setdefault("history", []).append(
+        {"attempt": rec.attempts, "generation": rec.generation, "at": now, "event": "worker_lost_after_data"}
+    )
+    rec.data_out = None
+    rec.next_attempt_at = None
+    rec.move(SendState.UNKNOWN)
 
 
 def requeue_unstarted(connection: redis.Redis, send_ids: Iterable[str], job_id: str) -> list[str]:
@@ -77,7 +236,7 @@ def reap_abandoned(connection: redis.Redis, *, now: float | None = None) -> list
         try:
             if requeue(connection, send_id, from_job=None, reason="worker_lost", now=now):
                 requeued.append(send_id)
-        except (ValueError, KeyError, TypeError) as exc:  # one broken record must not stop the others
+        except UNREADABLE as exc:  # one broken record must not stop the others
             logger.exception("recovery_skipped", send_id=send_id, error=str(exc))
     if requeued:
         logger.warning("mail_requeued_after_worker_loss", sends=requeued)

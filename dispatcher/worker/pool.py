@@ -1,7 +1,14 @@
 """``worker.py --concurrency N``: N worker processes (``process.run_one``) under one supervisor.
 
 SIGTERM/SIGINT is passed on once (each child finishes its current send, QUITs and exits 0); a second
-signal is passed on too and aborts them; a child that dies is started again unless we are stopping.
+signal is passed on too and aborts them.
+
+The invariant kept here: **while the pool is not stopping, every slot has a child or a restart due.** A
+child that exits for any reason — a crash, a signal (SIGKILL included), or exit 0 without being asked
+to stop — is started again after ``RestartBackoff``'s delay: exponential from ``BASE``, capped at ``CAP``,
+jittered, and back to ``BASE`` once a child had run ``HEALTHY`` seconds, so a child that cannot start
+(Redis away) is restarted at most once every ``CAP`` seconds once its delay has grown, not hundreds of
+times in 15 s (issue 13). In ``--burst`` a child that exits 0 is done, and none is restarted.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
 import signal
 import time
 from collections.abc import Sequence
@@ -60,6 +68,28 @@ class Child:
             os.kill(self.pid, signum)
 
 
+class RestartBackoff:
+    """The delays before restarting one slot's child: ``BASE·2^(n-1)`` for the n-th death in a row,
+    capped at ``CAP``, times ``uniform(0.5, 1)`` — the jitter keeps a pool's children from restarting in
+    step, and halving at most keeps every delay below the cap at least as long as the one before. A child
+    that ran ``HEALTHY`` seconds before it died starts the count again."""
+
+    BASE = 0.5
+    CAP = 5.0
+    HEALTHY = 30.0
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.rng = rng or random.Random()
+        self.failures = 0
+
+    def delay(self, ran_for: float) -> float:
+        if ran_for >= self.HEALTHY:
+            self.failures = 0
+        self.failures += 1
+        ceiling = min(self.CAP, self.BASE * 2.0 ** min(self.failures - 1, 32))
+        return ceiling * self.rng.uniform(0.5, 1.0)
+
+
 class Supervisor:
     """Starts N worker processes, forwards stop signals, restarts the ones that die."""
 
@@ -84,20 +114,49 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._signal)
         signal.signal(signal.SIGINT, self._signal)
         self.children = [self._spawn() for _ in range(self.concurrency)]
+        started = [time.monotonic()] * self.concurrency
+        backoffs = [RestartBackoff() for _ in range(self.concurrency)]
+        due: dict[int, float] = {}  # slot → when its dead child is started again
         logger.info("pool_started", processes=self.concurrency, pids=[c.pid for c in self.children])
         while True:
             running = 0
             for index, child in enumerate(self.children):
+                if index in due:  # its child is dead: start another when the delay is over
+                    if self.stopping:
+                        del due[index]
+                        continue
+                    running += 1
+                    if time.monotonic() >= due[index]:
+                        del due[index]
+                        self.children[index] = self._spawn()
+                        started[index] = time.monotonic()
+                        logger.info(
+                            "worker_process_restarted",
+                            slot=index,
+                            pid=self.children[index].pid,
+                            previous_pid=child.pid,
+                        )
+                    continue
                 code = child.poll()
                 if code is None:
                     running += 1
-                elif code != 0 and not self.stopping and not self.burst:
-                    logger.warning("worker_process_died", pid=child.pid, exit_code=code)
-                    self.children[index] = self._spawn()
+                elif not self.stopping and not self.burst:  # any exit, 0 included
+                    ran_for = time.monotonic() - started[index]
+                    delay = backoffs[index].delay(ran_for)
+                    due[index] = time.monotonic() + delay
+                    logger.warning(
+                        "worker_process_died",
+                        slot=index,
+                        pid=child.pid,
+                        exit_code=code,
+                        ran_for=round(ran_for, 3),
+                        restart_in=round(delay, 3),
+                    )
                     running += 1
             if not running:
                 break
-            time.sleep(0.2)
+            nearest = min(due.values(), default=time.monotonic() + 0.2) - time.monotonic()
+            time.sleep(min(0.2, max(0.01, nearest)))
         codes = [child.returncode for child in self.children]
         logger.info("pool_stopped", exit_codes=codes)
         # A child still starting when we passed SIGTERM on dies of it before rq installs its handler.

@@ -5,6 +5,18 @@ rq's default ``Worker`` forks a work-horse per job, so a connection opened in a 
 ``MailWorker`` adds: the per-process runtime, a job timeout derived from the routes' stage deadlines,
 crash recovery in the maintenance loop, and QUIT at teardown (burst end, warm or cold shutdown).
 
+The invariant kept here: **a worker runs only our job functions, and never dies of a job.** Anyone who
+can write to Redis can push a job, and rq resolves a job's function by importing the name it finds there
+(``Job.func``), so ``MailWorker.execute_job`` checks every job before rq touches ``job.func``: its
+function must be ``deliver`` or ``deliver_batch`` (``ALLOWED_FUNCTIONS``), its arguments one send id or a
+list of 1..``JOB_BATCH_SIZE`` send ids of the producer's shape, with no keyword arguments, no instance,
+no callbacks and no webhooks (rq imports callbacks by name too). Anything else — a function not ours,
+pickled or undecodable data, a job hash rq cannot even load — is failed with its reason (rq's failed
+registry keeps it, ``job_refused`` is logged) without running anything, and the worker takes the next job.
+rq's registry maintenance runs an abandoned job's failure callback, so the same check vets the expired
+entries of the started registries first (``clean_registries``).
+A worker loop that ends without being asked to stop exits non-zero, so the pool restarts it.
+
 Several of them, supervised, are ``dispatcher.worker.pool``'s.
 """
 
@@ -13,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import signal
 import time
+import zlib
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
@@ -22,13 +36,16 @@ from typing import Any
 import redis
 import structlog
 from rq import Queue, SimpleWorker
-from rq.exceptions import StopRequested
+from rq.exceptions import DeserializationError, NoSuchJobError, StopRequested
 from rq.job import Job
+from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.utils import current_timestamp, now, utcformat
+from rq.worker import WorkerStatus
 
-from dispatcher.queue.producer import BATCH_FUNCTION, connect
+from dispatcher.queue.producer import BATCH_FUNCTION, FAILURE_TTL, JOB_BATCH_SIZE, JOB_FUNCTION, connect
 from dispatcher.queue.recovery import reap_abandoned
-from dispatcher.queue.store import worker_key
+from dispatcher.queue.store import text, worker_key
 from dispatcher.settings import load_settings
 from dispatcher.worker.runtime import Runtime
 
@@ -37,6 +54,60 @@ MAINTENANCE_INTERVAL = 10
 WORKER_TTL = 35
 #: rq's own worker key lives worker_ttl + 60 s; an idle worker refreshes its status only between dequeues.
 STATUS_TTL = WORKER_TTL + 60
+#: The only functions a worker runs; every other job is failed before rq imports anything by name.
+ALLOWED_FUNCTIONS = (JOB_FUNCTION, BATCH_FUNCTION)
+#: A send id as ``queue.store.new_send_id`` makes them.
+SEND_ID = re.compile(r"mail-[0-9a-f]{32}")
+_CALLBACKS = ("_success_callback_name", "_failure_callback_name", "_stopped_callback_name")
+
+
+def _is_send_id(value: object) -> bool:
+    return isinstance(value, str) and SEND_ID.fullmatch(value) is not None
+
+
+def job_refusal(job: Job) -> str | None:
+    """Why ``job`` must not run on a worker, or None when it is one of ours with well-formed arguments.
+
+    Reads only what rq decoded from the job's JSON data (rq's JSON serializer: no pickle); never resolves
+    or imports the function name, never raises.
+    """
+    try:
+        func_name, instance, args, kwargs = job.func_name, job.instance, job.args, job.kwargs
+    except DeserializationError as exc:
+        cause = exc.__cause__ or exc
+        return f"undecodable job data ({type(cause).__name__}: {str(cause)[:200]})"
+    except Exception as exc:  # a hash rq decodes into something it cannot unpack
+        return f"undecodable job data ({type(exc).__name__}: {str(exc)[:200]})"
+    if func_name not in ALLOWED_FUNCTIONS:
+        ours = ", ".join(ALLOWED_FUNCTIONS)
+        return f"function {str(func_name)[:200]!r} is not a dispatcher job function ({ours})"
+    if instance is not None:
+        return "the job names a method of an instance; dispatcher jobs are plain functions"
+    if kwargs != {}:
+        return "unexpected keyword arguments; dispatcher jobs take none"
+    callbacks = [str(name)[:200] for attr in _CALLBACKS if (name := getattr(job, attr, None))]
+    if callbacks:
+        return f"the job carries a callback ({', '.join(callbacks)}), which rq would import by name"
+    if getattr(job, "webhooks", None):
+        return "the job carries webhooks; dispatcher jobs have none"
+    if not isinstance(args, list | tuple) or len(args) != 1:
+        return "expected exactly one argument: a send id, or a list of send ids for a batch"
+    (arg,) = args
+    if func_name == JOB_FUNCTION:
+        return None if _is_send_id(arg) else "the argument is not a send id (mail-<32 hex digits>)"
+    if not isinstance(arg, list) or not 1 <= len(arg) <= JOB_BATCH_SIZE:
+        return f"a batch takes a list of 1 to {JOB_BATCH_SIZE} send ids"
+    if not all(_is_send_id(item) for item in arg):
+        return "a batch item is not a send id (mail-<32 hex digits>)"
+    return None
+
+
+def _func_label(job: Job) -> str | None:
+    """The job's function name for a log line, or None when its data does not decode."""
+    try:
+        return str(job.func_name)[:200]
+    except Exception:
+        return None
 
 
 class MailWorker(SimpleWorker):
@@ -59,8 +130,91 @@ class MailWorker(SimpleWorker):
             for signum in STOP_SIGNALS:  # and a second signal is a cold stop, as in rq's request_stop
                 signal.signal(signum, self.request_force_stop)
 
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Run ``job`` only if it is one of ours (``job_refusal``); fail it with the reason otherwise."""
+        reason = job_refusal(job)
+        if reason is None:
+            super().execute_job(job, queue)
+        else:
+            self.refuse(job, queue, reason)
+
+    def refuse(self, job: Job, queue: Queue, reason: str) -> None:
+        """Fail ``job`` in rq's failed registry with ``reason``, running nothing of it: no function, no
+        callback, no webhook, no rq retry. Never raises into the work loop."""
+        logger.warning("job_refused", job_id=job.id, queue=queue.name, func=_func_label(job), reason=reason)
+        try:
+            job.webhooks = []  # never call out on behalf of a job we did not write
+            for attr in _CALLBACKS:
+                setattr(job, attr, None)
+            job.retries_left = None
+            self.prepare_execution(job)
+            job.started_at = job.ended_at = now()
+            self.handle_job_failure(job, queue, exc_string=f"refused by dispatcher: {reason}")
+        except redis.RedisError:
+            raise
+        except Exception as exc:  # the job's own fields broke rq's bookkeeping: fail it by its id alone
+            self.fail_job_id(job.id, queue, f"{reason}; {type(exc).__name__}: {exc}")
+        finally:
+            self.set_state(WorkerStatus.IDLE)
+
+    def fail_job_id(self, job_id: str, queue: Queue, reason: str) -> None:
+        """Fail a job rq cannot load as a ``Job``: status, reason and rq's failed registry, by id."""
+        key = Job.key_for(job_id)
+        with self.connection.pipeline() as pipe:
+            pipe.hset(key, mapping={
+                "status": "failed", "ended_at": utcformat(now()),
+                "exc_info": zlib.compress(f"refused by dispatcher: {reason}".encode()),
+            })  # fmt: skip
+            pipe.expire(key, FAILURE_TTL)
+            registry = FailedJobRegistry(queue.name, connection=self.connection, serializer=JSONSerializer)
+            pipe.zadd(registry.key, {job_id: time.time() + FAILURE_TTL})
+            pipe.execute()
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        """rq's dequeue, except that a job whose hash rq cannot load is failed by id instead of ending
+        the work loop (rq re-raises it with ``job_id`` and ``queue`` attached)."""
+        while True:
+            try:
+                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            except (redis.RedisError, StopRequested):
+                raise
+            except Exception as exc:
+                job_id, queue = getattr(exc, "job_id", None), getattr(exc, "queue", None)
+                if not isinstance(job_id, str) or not isinstance(queue, Queue):
+                    raise
+                reason = f"undecodable job ({type(exc).__name__}: {str(exc)[:200]})"
+                logger.warning("job_refused", job_id=job_id, queue=queue.name, func=None, reason=reason)
+                self.fail_job_id(job_id, queue, reason)
+
+    def clean_registries(self) -> None:
+        """rq's registry maintenance, once the expired entries of each started registry are vetted: rq
+        fails an abandoned job by calling its failure callback, imported by name, so a job that is not
+        ours (or that rq cannot load) is failed here first, by id, with nothing imported."""
+        for queue in self.queues:
+            registry = StartedJobRegistry(queue.name, connection=self.connection, serializer=JSONSerializer)
+            for raw in self.connection.zrangebyscore(registry.key, 0, current_timestamp()):
+                entry = text(raw)
+                job_id = registry.parse_job_id(entry)
+                try:
+                    job = Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
+                    reason = job_refusal(job)
+                except NoSuchJobError:
+                    continue
+                except redis.RedisError:
+                    raise
+                except Exception as exc:
+                    reason = f"undecodable job ({type(exc).__name__}: {str(exc)[:200]})"
+                if reason is not None:
+                    logger.warning("job_refused", job_id=job_id, queue=queue.name, func=None, reason=reason)
+                    self.connection.zrem(registry.key, entry)
+                    self.fail_job_id(job_id, queue, reason)
+        super().clean_registries()  # type: ignore[no-untyped-call]
+
     def perform_job(self, job: Job, queue: Queue) -> bool:
-        sends = len(job.args[0]) if job.func_name == BATCH_FUNCTION and job.args else 1
+        # execute_job let only our jobs through: the argument is a send id or a list of them
+        sends = len(job.args[0]) if job.func_name == BATCH_FUNCTION else 1
         job.timeout = int(self.runtime.settings.job_timeout() * sends)
         try:
             return bool(super().perform_job(job, queue))
@@ -87,7 +241,12 @@ class MailWorker(SimpleWorker):
             self.publish_status(limits=True)
         except redis.RedisError as exc:
             logger.warning("worker_status_failed", error=str(exc))
-        super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
+        try:
+            super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
+        except (StopRequested, redis.RedisError):
+            raise
+        except Exception as exc:  # rq's registry cleanup tripping on a job: log it, keep working
+            logger.exception("maintenance_failed", error=str(exc))
         try:
             reap_abandoned(self.connection)
         except StopRequested:  # rq's warm stop, raised from its signal handler while idle: let it through
@@ -133,5 +292,9 @@ def run_one(queue_names: Sequence[str], *, burst: bool) -> int:
         with_scheduler=True,
         logging_level=logging.getLevelName(logging.getLogger("rq").getEffectiveLevel()),
     )
+    asked = worker._stop_requested or worker._shutdown_requested_date is not None
+    if not burst and not asked:  # rq left its work loop on an error of its own
+        logger.error("worker_loop_ended", worker=worker.name)
+        return 1
     logger.info("worker_stopped", worker=worker.name)
     return 0
