@@ -29,28 +29,25 @@ Scripted = Callable[..., ScriptedSmtpServer]
 MakeRedis = Callable[..., RedisServer]
 
 
-def test_kill_9_mid_send_resumes_for_recipients_not_yet_accepted(
+def test_kill_9_before_the_data_resumes_for_recipients_not_yet_accepted(
     scripted_server: Scripted, redis_url: str, redis_client: redis.Redis, start_worker: StartWorker
 ) -> None:
     first, second = "first@example.test", "second@example.test"
-    # Connection 1: the 2nd RCPT gets 450 (attempt 1 delivers to `first` only); the 2nd final dot is
-    # never answered (attempt 2, to `second`, stalls there until the worker is killed).
+    # Connection 1: the 2nd RCPT gets 450 (attempt 1 delivers to `first` only); attempt 2's MAIL is never
+    # answered: the worker waits there, before any data, until it is killed.
     server = scripted_server(
         faults={
             "rcpt": Fault("reply", b"450 4.2.0 busy\r\n", occurrence=2),
-            "data_end": Fault("hang", occurrence=2),
+            "mail": Fault("hang", occurrence=2),
         },
         faults_on_connection=1,
     )
     done = Producer(redis_client).enqueue(mail([first, second]))
-    env = env_for(redis_url, smtp_url(server.port, timeout_data_end=120), DISPATCH_LEASE_SECONDS="3")
+    env = env_for(redis_url, smtp_url(server.port, timeout=120), DISPATCH_LEASE_SECONDS="3")
     victim = start_worker(env)
-    wait_until(
-        lambda: unanswered(server.messages)[(done.message_id, second)] == 1,
-        30,
-        message="the worker never reached the stalled final dot",
-    )
+    wait_until(lambda: _mails_sent(server) == 2, 30, message="the worker never reached attempt 2's MAIL")
     assert load(redis_client, done.id).state == "sending"
+    assert load(redis_client, done.id).data_out is None  # nothing of attempt 2's data went out
     victim.kill9()
     killed_at = time.monotonic()
     start_worker(env)  # the survivor: its maintenance finds the expired lease and requeues the send
@@ -59,8 +56,7 @@ def test_kill_9_mid_send_resumes_for_recipients_not_yet_accepted(
         90,
         message="the send did not resume within 90 s of kill -9",
     )
-    resumed_in = time.monotonic() - killed_at
-    print(f"resumed and delivered {resumed_in:.1f} s after kill -9")
+    print(f"resumed and delivered {time.monotonic() - killed_at:.1f} s after kill -9")
     rec = load(redis_client, done.id)
     assert any(h.get("event") == "worker_lost" for h in rec.record["history"])
     accepted = deliveries(server.messages, only_final=b"250")
@@ -68,6 +64,39 @@ def test_kill_9_mid_send_resumes_for_recipients_not_yet_accepted(
     assert accepted[(done.message_id, second)] == 1
     rcpts = [line for line in server.lines() if line.upper().startswith(b"RCPT")]
     assert sum(first.encode() in line for line in rcpts) == 1, "an accepted recipient was sent to again"
+
+
+def test_kill_9_after_the_final_dot_leaves_the_send_unknown_and_never_resends_it(
+    scripted_server: Scripted, redis_url: str, redis_client: redis.Redis, start_worker: StartWorker
+) -> None:
+    """Issue 13: killed past the final dot, the mail was delivered twice (recovery resent it as never
+    sent). The record says the data went out before its first byte did: the send ends *unknown*."""
+    recipients = [f"r{i}@example.test" for i in range(3)]
+    server = scripted_server(faults={"data_end": Fault("hang")}, faults_on_connection=1)
+    done = Producer(redis_client).enqueue(mail(recipients))
+    env = env_for(redis_url, smtp_url(server.port, timeout=120), DISPATCH_LEASE_SECONDS="3")
+    victim = start_worker(env)
+    wait_until(
+        lambda: unanswered(server.messages)[(done.message_id, recipients[0])] == 1,
+        30,
+        message="the worker never reached the stalled final dot",
+    )
+    assert load(redis_client, done.id).data_out == 1
+    victim.kill9()
+    start_worker(env)
+    wait_until(lambda: state_of(redis_client, done.id) == "unknown", 60, message="not marked unknown")
+    rec = load(redis_client, done.id)
+    assert [rec.outcomes[r]["status"] for r in recipients] == ["unknown"] * 3
+    assert "may have been delivered" in rec.record["reason"]["text"]
+    assert rec.data_out is None
+    assert any(h.get("event") == "worker_lost_after_data" for h in rec.record["history"])
+    # Nothing was sent again: one MAIL on the whole server, on the first connection.
+    assert _mails_sent(server) == 1
+    assert len(server.messages) == 1
+
+
+def _mails_sent(server: ScriptedSmtpServer) -> int:
+    return sum(1 for line in server.lines() if line.upper().startswith(b"MAIL"))
 
 
 def test_redis_restart_with_aof_loses_no_job(
