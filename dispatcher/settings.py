@@ -36,6 +36,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "DISPATCH_RESEND_UNKNOWN": ("false", "resend when no reply came after the final dot (risks duplicates)"),
     "DISPATCH_MAX_MESSAGE_BYTES": (str(DEFAULT_MAX_BYTES), "largest MIME message accepted at enqueue"),
     "DISPATCH_LEASE_SECONDS": ("30", "in-flight lease; a dead worker's send is requeued after it expires"),
+    "DISPATCH_RECONCILE_AFTER": ("60", "seconds a waiting send may lack an rq job before it gets a new one"),
     "DISPATCH_JOB_TIMEOUT_MARGIN": ("60", "seconds added to the routes' summed deadlines: rq's job timeout"),
     "DISPATCH_LOG_LEVEL": ("INFO", "log level of dispatcher's events"),
     "DISPATCH_LOG_FORMAT": ("json off a TTY", "json or console"),
@@ -73,6 +74,7 @@ class Settings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     max_message_bytes: int = DEFAULT_MAX_BYTES
     lease_seconds: float = 30.0
+    reconcile_after: float = 60.0
     job_timeout_margin: float = 60.0
 
     def route(self, name: str) -> SmtpConfig:
@@ -153,5 +155,6 @@ def load_settings(env: Mapping[str, str] | None = None, *, need_routes: bool = F
         retry=retry,
         max_message_bytes=int(_number(env, "DISPATCH_MAX_MESSAGE_BYTES", DEFAULT_MAX_BYTES, minimum=1024)),
         lease_seconds=_number(env, "DISPATCH_LEASE_SECONDS", 30.0, minimum=2.0),
+        reconcile_after=_number(env, "DISPATCH_RECONCILE_AFTER", 60.0, minimum=1.0),
         job_timeout_margin=_number(env, "DISPATCH_JOB_TIMEOUT_MARGIN", 60.0, minimum=1.0),
     )

@@ -12,6 +12,7 @@ recipient's outcome, so retries, the CLI and the dashboard never depend on rq's 
     dispatch:inflight           zset   send ids being sent, scored by lease expiry (crash recovery)
     dispatch:delivered:<minute> string messages delivered in that minute (overview chart)
     dispatch:worker:<name>      string JSON: a live worker's routes and SMTP connection states
+    dispatch:reconciler         string the lock of the worker reconciling sends this round (30 s)
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ def source_key(send_id: str) -> str:
 
 def worker_key(name: str) -> str:
     return f"{PREFIX}:worker:{name}"
+
+
+def reconciler_lock_key() -> str:
+    """Held (SET NX EX) by the one worker whose maintenance reconciles sends this round."""
+    return f"{PREFIX}:reconciler"
 
 
 def delivered_key(minute: int) -> str:

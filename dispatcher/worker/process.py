@@ -44,6 +44,7 @@ from rq.utils import current_timestamp, now, utcformat
 from rq.worker import WorkerStatus
 
 from dispatcher.queue.producer import BATCH_FUNCTION, FAILURE_TTL, JOB_BATCH_SIZE, JOB_FUNCTION, connect
+from dispatcher.queue.reconcile import reconcile
 from dispatcher.queue.recovery import reap_abandoned
 from dispatcher.queue.store import text, worker_key
 from dispatcher.settings import load_settings
@@ -249,6 +250,7 @@ class MailWorker(SimpleWorker):
             logger.exception("maintenance_failed", error=str(exc))
         try:
             reap_abandoned(self.connection)
+            reconcile(self.connection, older_than=self.runtime.settings.reconcile_after)
         except StopRequested:  # rq's warm stop, raised from its signal handler while idle: let it through
             raise
         except Exception as exc:  # recovery must never take the worker down with it

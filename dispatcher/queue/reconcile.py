@@ -1,0 +1,139 @@
+"""Every send that is not final has exactly one live owner; the reconciler gives an owner to one that lost it.
+
+The owners of a send that is not final (``queued``, ``scheduled``, ``deferred`` or ``sending``):
+
+    queued in an rq queue list      rq:queue:mail-<p>                      the job waits for a worker
+    scheduled                       rq:scheduled:mail-<p>                  rq's scheduler releases it when due
+    being started by rq             rq:intermediate:… / rq:wip:mail-<p>    rq's own in-flight bookkeeping
+    leased by a worker              dispatch:inflight                      ``recovery`` reaps expired leases
+
+rq dequeues several queues with ``BLPOP``: a job popped by a worker that dies before rq records it as
+started is in no list and no registry, and its sends (up to 20 for a batch) would wait forever. The
+reconciler, run in every worker's maintenance round (one worker at a time, under a short lock), looks at
+sends that have been ``queued``/``scheduled``/``deferred`` for longer than ``older_than`` seconds, takes one
+snapshot of every owner above, and gives each send that has none a job of its own (``reconciled`` in its
+history). It never takes a send from a live owner: the send is moved only if its record still names the
+job it was waiting on (WATCH), and a job that later runs anyway finds the record moved on to another job
+and does nothing — so the worst a race can cost is a short delay, never a second delivery.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import redis
+import structlog
+from rq.intermediate_queue import IntermediateQueue
+from rq.registry import ScheduledJobRegistry, StartedJobRegistry
+
+from dispatcher.mail.fields import PRIORITIES
+from dispatcher.queue.producer import attempt_job_id, rq_queue, schedule_attempt
+from dispatcher.queue.states import SendState
+from dispatcher.queue.store import (
+    INFLIGHT,
+    SendRecord,
+    SendStore,
+    reconciler_lock_key,
+    send_key,
+    state_key,
+    text,
+)
+
+logger = structlog.get_logger("dispatcher.queue.reconcile")
+
+WAITING_STATES = (SendState.QUEUED, SendState.SCHEDULED, SendState.DEFERRED)
+LOCK_SECONDS = 30
+DEFAULT_LIMIT = 500
+
+
+def owned_jobs(connection: redis.Redis) -> set[str]:
+    """Every rq job id that a queue list, rq's in-flight bookkeeping or a registry holds right now."""
+    pipe = connection.pipeline(transaction=False)
+    for priority in PRIORITIES:
+        queue = rq_queue(connection, priority)
+        pipe.lrange(queue.key, 0, -1)
+        pipe.lrange(IntermediateQueue.get_intermediate_queue_key(queue.key), 0, -1)
+        pipe.zrange(StartedJobRegistry(queue=queue).key, 0, -1)
+        pipe.zrange(ScheduledJobRegistry(queue=queue).key, 0, -1)  # type: ignore[no-untyped-call]
+    return {text(job_id).split(":", 1)[0] for ids in pipe.execute() for job_id in ids}
+
+
+def reconcile(
+    connection: redis.Redis, *, older_than: float, now: float | None = None, limit: int = DEFAULT_LIMIT
+) -> list[str]:
+    """Give a new job to every send (at most ``limit`` a round) waiting longer than ``older_than`` seconds
+    with no owner; returns their ids. A no-op while another worker holds the reconciler's lock."""
+    now = time.time() if now is None else now
+    token = uuid.uuid4().hex
+    if not connection.set(reconciler_lock_key(), token, nx=True, ex=LOCK_SECONDS):
+        return []
+    try:
+        candidates: list[str] = []
+        for state in WAITING_STATES:
+            ids = connection.zrangebyscore(state_key(state), "-inf", now - older_than, start=0, num=limit)
+            candidates.extend(text(i) for i in ids)
+        if not candidates:
+            return []
+        jobs = owned_jobs(connection)
+        leased = {text(i) for i in connection.zrange(INFLIGHT, 0, -1)}
+        orphans = [
+            rec.send_id
+            for rec in _readable(connection, candidates)
+            if rec.state in WAITING_STATES and rec.send_id not in leased and (rec.rq_job or "") not in jobs
+        ]
+        done = [send_id for send_id in orphans[:limit] if _adopt(connection, send_id, jobs, now)]
+        if done:
+            logger.warning("mail_reconciled", sends=done, reason="no queued, scheduled or running job")
+        return done
+    finally:
+        if text(connection.get(reconciler_lock_key()) or b"") == token:
+            connection.delete(reconciler_lock_key())
+
+
+def _readable(connection: redis.Redis, send_ids: list[str]) -> list[SendRecord]:
+    """The records of ``send_ids`` that can be read (an unreadable one is the attempt's and the reaper's
+    to fail: ``recovery``)."""
+    pipe = connection.pipeline(transaction=False)
+    for send_id in send_ids:
+        pipe.hgetall(send_key(send_id))
+    found = []
+    for send_id, raw in zip(send_ids, pipe.execute(), strict=True):
+        if raw:
+            try:
+                found.append(SendRecord.from_hash(send_id, raw))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return found
+
+
+def _adopt(connection: redis.Redis, send_id: str, jobs: set[str], now: float) -> bool:
+    """A job of its own for ``send_id`` if its record still waits on a job nobody holds. Atomic."""
+    store = SendStore(connection)
+    with connection.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                pipe.watch(send_key(send_id), INFLIGHT)  # type: ignore[no-untyped-call]
+                rec = store.load(send_id)
+                if (
+                    rec is None
+                    or rec.state not in WAITING_STATES
+                    or (rec.rq_job or "") in jobs
+                    or pipe.zscore(INFLIGHT, send_id) is not None
+                ):
+                    pipe.reset()
+                    return False
+                lost_job = rec.rq_job
+                pipe.multi()  # the state stays what it is: only the job that owns the send changes
+                rec.record.setdefault("history", []).append(
+                    {"attempt": rec.attempts, "generation": rec.generation, "at": now, "event": "reconciled",
+                     "lost_job": lost_job}
+                )  # fmt: skip
+                job_id = attempt_job_id(send_id, rec.generation, rec.attempts + 1, f"-r{int(now * 1000)}")
+                when = rec.next_attempt_at if rec.next_attempt_at and rec.next_attempt_at > now else None
+                schedule_attempt(pipe, connection, rec, job_id, when)
+                store.stage_save(pipe, rec, now=now)
+                pipe.execute()
+                return True
+            except redis.WatchError:
+                continue

@@ -1,0 +1,78 @@
+"""Every send that is not final has an owner (issue 13, invariant 1): the reconciler finds the ones that lost
+theirs — a job popped the way rq pops several queues (BLPOP) by a worker that died before it began — and
+gives each a job of its own, never one that a live owner holds."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import redis
+from helpers import wait_until
+from retrykit import StartWorker, deliveries, env_for, load, mail, smtp_url, state_of
+from servers import RecordingSmtpServer
+
+from dispatcher.queue.producer import Producer, rq_queue
+from dispatcher.queue.reconcile import owned_jobs, reconcile
+from dispatcher.queue.store import INFLIGHT
+
+Sink = Callable[..., RecordingSmtpServer]
+
+
+def pop_like_a_dying_worker(client: redis.Redis, priority: str = "default") -> str:
+    """What rq's BLPOP over several queues does before the worker records anything: the job id leaves the
+    queue list, and the worker is gone."""
+    job_id = client.lpop(rq_queue(client, priority).key)
+    assert job_id is not None, "nothing queued"
+    return job_id.decode()
+
+
+def test_a_popped_job_whose_worker_died_gets_a_new_owner(redis_client: redis.Redis) -> None:
+    done = Producer(redis_client).enqueue(mail(["lost@example.test"]))
+    lost = pop_like_a_dying_worker(redis_client)
+    assert lost not in owned_jobs(redis_client)
+    assert reconcile(redis_client, older_than=60) == []  # too recent: it may still be on its way
+    assert reconcile(redis_client, older_than=60, now=time.time() + 61) == [done.id]
+    rec = load(redis_client, done.id)
+    assert rec.state == "queued" and rec.rq_job != lost and rec.rq_job in owned_jobs(redis_client)
+    last = rec.record["history"][-1]
+    assert last["event"] == "reconciled" and last["lost_job"] == lost
+    assert reconcile(redis_client, older_than=60, now=time.time() + 61) == []  # owned again: nothing to do
+
+
+def test_a_lost_batch_job_gives_each_of_its_sends_a_job(redis_client: redis.Redis) -> None:
+    sends = Producer(redis_client).enqueue_many([mail([f"b{i}@example.test"]) for i in range(5)])
+    pop_like_a_dying_worker(redis_client)
+    adopted = reconcile(redis_client, older_than=1, now=time.time() + 2)
+    assert sorted(adopted) == sorted(s.id for s in sends if not isinstance(s, Exception))
+
+
+def test_sends_with_a_live_owner_are_left_alone(redis_client: redis.Redis) -> None:
+    producer = Producer(redis_client)
+    leased = producer.enqueue(mail(["leased@example.test"]))
+    waiting = producer.enqueue(mail(["waiting@example.test"]))
+    scheduled = producer.enqueue(mail(["later@example.test"], send_at=time.time() + 3600))
+    pop_like_a_dying_worker(redis_client)  # `leased`'s job: popped, but a live worker holds its lease
+    redis_client.zadd(INFLIGHT, {leased.id: time.time() + 30})
+    assert reconcile(redis_client, older_than=1, now=time.time() + 2) == []
+    assert load(redis_client, waiting.id).rq_job in owned_jobs(redis_client)  # still in the queue list
+    assert load(redis_client, scheduled.id).rq_job in owned_jobs(redis_client)  # in rq's scheduled registry
+
+
+def test_end_to_end_the_worker_delivers_a_mail_lost_in_the_dequeue_window(
+    redis_url: str, redis_client: redis.Redis, smtp_server: Sink, start_worker: StartWorker
+) -> None:
+    sink = smtp_server()
+    single = Producer(redis_client).enqueue(mail(["single@example.test"]))
+    batch = Producer(redis_client).enqueue_many([mail([f"batch{i}@example.test"]) for i in range(3)])
+    pop_like_a_dying_worker(redis_client)  # the single mail's job
+    pop_like_a_dying_worker(redis_client)  # the batch's job
+    ids = [single.id, *(s.id for s in batch if not isinstance(s, Exception))]
+    start_worker(env_for(redis_url, smtp_url(sink.port), DISPATCH_RECONCILE_AFTER="1"))
+    wait_until(
+        lambda: all(state_of(redis_client, i) == "delivered" for i in ids),
+        40,
+        message="mail lost in the dequeue window was never delivered",
+    )
+    counts = deliveries(sink.messages)
+    assert sorted(counts.values()) == [1, 1, 1, 1]
