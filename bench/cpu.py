@@ -67,6 +67,18 @@ def tree_cpu_s(pid: int) -> float:
     return sum(stat_cpu_s(Path(f"/proc/{p}/stat"), waited_children=True) for p in [pid, *descendants(pid)])
 
 
+def pss_kb(pid: int) -> int:
+    """Proportional set size of one process (``/proc/<pid>/smaps_rollup``), 0 if gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def process_cpu_s(pid: int) -> float:
     return stat_cpu_s(Path(f"/proc/{pid}/stat"))
 
@@ -112,11 +124,24 @@ class CpuSampler:
     roots: list[int] = field(default_factory=list)
     final: dict[int, float] = field(default_factory=dict)  # exact rusage of reaped roots
     samples: list[tuple[float, dict[str, float]]] = field(default_factory=list)
+    peak_pss_kb: int = 0  # max over samples of the summed PSS of every live worker process
+    peak_procs: int = 0  # max over samples of the number of live worker processes (roots + descendants)
 
     def sample(self, now: float, force: bool = False) -> None:
         if not force and self.samples and now - self.samples[-1][0] < self.interval_s:
             return
-        workers = sum(self.final[p] if p in self.final else tree_cpu_s(p) for p in self.roots)
+        workers = 0.0
+        pss = procs = 0
+        for root in self.roots:
+            if root in self.final:
+                workers += self.final[root]
+                continue
+            tree = [root, *descendants(root)]
+            workers += sum(stat_cpu_s(Path(f"/proc/{p}/stat"), waited_children=True) for p in tree)
+            pss += sum(pss_kb(p) for p in tree)
+            procs += len(tree)
+        self.peak_pss_kb = max(self.peak_pss_kb, pss)
+        self.peak_procs = max(self.peak_procs, procs)
         self.samples.append((now, {"workers": workers, **self.watch.read()}))
 
     def window(self, start: float | None, end: float | None) -> tuple[dict[str, float], float] | None:

@@ -86,6 +86,9 @@ class DrainResult:
     steady_cpu_split_ms: dict[str, float] = field(default_factory=dict)  # same, first..last mail only
     steady_busy_cores: float | None = None
     steady_window_s: float | None = None
+    peak_pss_mb: float | None = None  # max sampled sum of PSS over all worker processes (every ~100 ms)
+    peak_procs: int | None = None  # max sampled number of live worker processes (a pool's children too)
+    round: int = 1  # scenario 5 runs each cell in rounds
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -275,6 +278,8 @@ class Lab:
             steady_cpu_split_ms=window[0] if window else {},
             steady_busy_cores=sum(window[0].values()) / 1000 / window[1] if window else None,
             steady_window_s=window[1] if window else None,
+            peak_pss_mb=sampler.peak_pss_kb / 1024 if sampler.peak_pss_kb else None,
+            peak_procs=sampler.peak_procs or None,
         )
 
     def probe_rtt_ms(self, rtt_ms: float, rounds: int = 20) -> float:

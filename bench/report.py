@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import DrainResult, EnqueueResult
-from bench.scenarios import base_name
+from bench.scenarios import BULLMQ, CELERY, base_name
 from bench.targets import checks
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -91,6 +91,85 @@ def cpu_split_table(results: Sequence[DrainResult], markdown: bool = False) -> s
                      _fmt(r.steady_window_s, ".2f"), _fmt(r.steady_busy_cores, ".2f"),
                      *(_fmt(split.get(k), ".0f") for k in SPLIT_KEYS),
                      _fmt(100 * split.get("workers", 0) / total if total else None, ".0f")])
+    return _table(headers, rows, markdown)
+
+
+# --- scenario 5: peers of issue 15 ---------------------------------------------------------------------
+
+OURS = "dispatcher"
+PEER_ORDER = (OURS, BULLMQ, CELERY)
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    have = sorted(v for v in values if v is not None)
+    if not have:
+        return None
+    mid = len(have) // 2
+    return have[mid] if len(have) % 2 else (have[mid - 1] + have[mid]) / 2
+
+
+def _cells(results: Sequence[DrainResult]) -> list[tuple[float, int]]:
+    return list(dict.fromkeys((r.rtt_ms, r.workers) for r in results))
+
+
+def _runs(results: Sequence[DrainResult], name: str, cell: tuple[float, int]) -> list[DrainResult]:
+    return [r for r in results if r.scenario == name and (r.rtt_ms, r.workers) == cell]
+
+
+def _med(runs: Sequence[DrainResult], key: str) -> float | None:
+    return _median([getattr(r, key) for r in runs])
+
+
+def _per_round(ours: Sequence[DrainResult], peer: Sequence[DrainResult]) -> str:
+    by_round = {r.round: r.msgs_per_s for r in peer}
+    ratios = [_ratio(r.msgs_per_s, by_round.get(r.round)) for r in ours]
+    return " / ".join(_fmt(x, ".2f") for x in ratios)
+
+
+def _rate_cell(value: float | None, runs: Sequence[DrainResult]) -> str:
+    """Median msg/s of a contender's runs in one cell; "(!)" when a run had a problem; "-" if not run."""
+    return ("-" if not runs else _fmt(value)) + (" (!)" if any(not r.ok for r in runs) else "")
+
+
+def peer_table(results: Sequence[DrainResult], markdown: bool = False) -> str:
+    """Issue 15's table: drain msg/s per RTT x C (median over rounds), ours / peer ratios."""
+    rounds = max((r.round for r in results), default=1)
+    headers = ["RTT ms", "C", f"{OURS} msg/s", f"{BULLMQ} msg/s", "ratio", "steady ratio", f"{CELERY} msg/s",
+               "ratio vs Celery", *(["ratio per round (vs BullMQ)"] if rounds > 1 else [])]
+    rows = []
+    for cell in _cells(results):
+        ours, bull, cel = (_runs(results, name, cell) for name in PEER_ORDER)
+        o, b, c = (_med(x, "msgs_per_s") for x in (ours, bull, cel))
+        steady = _ratio(_med(ours, "steady_msgs_per_s"), _med(bull, "steady_msgs_per_s"))
+        rows.append([_fmt(cell[0], ".0f"), str(cell[1]), _rate_cell(o, ours), _rate_cell(b, bull),
+                     _fmt(_ratio(o, b), ".2f") + "x", _fmt(steady, ".2f") + "x", _rate_cell(c, cel),
+                     _fmt(_ratio(o, c), ".2f") + "x", *([_per_round(ours, bull)] if rounds > 1 else [])])
+    text = _table(headers, rows, markdown)
+    problems = [f"  {r.scenario} @ {r.rtt_ms:.0f} ms x{r.workers} round {r.round}: {r.error}"
+                for r in results if not r.ok]
+    return text + ("\n\nproblems ((!) above):\n" + "\n".join(problems) if problems else "")
+
+
+def peer_cost_table(results: Sequence[DrainResult], markdown: bool = False) -> str:
+    """Per contender and cell (median over rounds): worker CPU per mail, memory, processes, connections.
+
+    Memory is the peak of the summed PSS of all worker processes (sampled every ~100 ms), not ``rss MB``:
+    a child's ``ru_maxrss`` starts at the RSS of the harness that forked it.
+    """
+    headers = ["RTT ms", "C", "contender", "msg/s", "steady", "cpu ms/msg", "net cpu", "procs", "pss MB sum",
+               "conns"]
+    rows = []
+    for cell in _cells(results):
+        for name in PEER_ORDER:
+            runs = _runs(results, name, cell)
+            if not runs:
+                continue
+            procs = _median([r.peak_procs for r in runs])
+            rows.append([_fmt(cell[0], ".0f"), str(cell[1]), name, _fmt(_med(runs, "msgs_per_s")),
+                         _fmt(_med(runs, "steady_msgs_per_s")), _fmt(_med(runs, "cpu_ms_per_msg"), ".2f"),
+                         _fmt(_med(runs, "cpu_ms_per_msg_net"), ".2f"), _fmt(procs, ".0f"),
+                         _fmt(_med(runs, "peak_pss_mb")),
+                         str(int(_median([r.connections for r in runs]) or 0))])
     return _table(headers, rows, markdown)
 
 
@@ -177,6 +256,14 @@ def render(doc: dict[str, Any], markdown: bool) -> str:
     if "enqueue" in sc:
         parts.append(f"{h}Scenario 4: enqueue rate (producer side, no delay)\n\n"
                      f"{enqueue_table(_enqueues(sc['enqueue']), markdown)}")
+    if "peers" in sc:
+        drains = _drains(sc["peers"])
+        notes = "; ".join(meta.get("peers", []))
+        parts.append(f"{h}Scenario 5: peers of issue 15 (drain msg/s, median over rounds; "
+                     f"ratio = dispatcher / peer)\n\n{peer_table(drains, markdown)}"
+                     + (f"\n\n{notes}" if notes else ""))
+        parts.append(f"{h}Scenario 5: worker CPU and memory per contender\n\n"
+                     f"{peer_cost_table(drains, markdown)}")
     parts.append(f"{h}Targets\n\n{targets_table(doc, markdown)}")
     if markdown:
         parts.append("Columns: `msg/s` = delivered / (last mail at sink - worker spawn), start-up included; "

@@ -12,12 +12,18 @@ contender means writing two functions:
 
 ``enqueue_cases`` feed scenario 4 (producer speed); they are timed by the harness.
 
+``peer=True`` puts a scenario in scenario 5 (issue 15's RTT x C grid; the peers live in :mod:`bench.peers`).
+
 ``sink`` picks the SMTP sink: ``"aiosmtpd"`` (PIPELINING) or ``"chunking"`` (PIPELINING + CHUNKING,
 :mod:`bench.chunking_sink`). :func:`on_chunking_sink` makes the CHUNKING copy of a scenario.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -82,6 +88,7 @@ class Scenario:
     scaling: bool = False  # scenario 2 (1..16 units at 20 ms RTT)
     enqueue_cases: tuple[EnqueueCase, ...] = field(default=())
     sink: str = "aiosmtpd"  # which sink of the Lab: "aiosmtpd" or "chunking"
+    peer: bool = False  # scenario 5 (issue 15's grid: RTT x C against BullMQ + Nodemailer and Celery)
 
 
 CHUNKING_SUFFIX = " (CHUNKING sink)"
@@ -90,7 +97,7 @@ CHUNKING_SUFFIX = " (CHUNKING sink)"
 def on_chunking_sink(scenario: Scenario, *, scaling: bool = False) -> Scenario:
     """The same workers against the CHUNKING sink (our client then sends MAIL+RCPT+BDAT LAST+data at once)."""
     return replace(scenario, name=scenario.name + CHUNKING_SUFFIX, sink="chunking", scaling=scaling,
-                   description=scenario.description + "; sink offers CHUNKING", enqueue_cases=())
+                   description=scenario.description + "; sink offers CHUNKING", enqueue_cases=(), peer=False)
 
 
 def base_name(name: str) -> str:
@@ -236,6 +243,7 @@ def dispatcher_scenario() -> Scenario | None:
         enqueue=enqueue,
         queues=DISPATCHER_QUEUES,
         scaling=True,
+        peer=True,
         enqueue_cases=(
             EnqueueCase("dispatcher.enqueue (one by one)", enqueue_one_by_one, max_n=1000),
             EnqueueCase("dispatcher.enqueue_many", enqueue),
@@ -260,7 +268,94 @@ def with_unreached_rate_limit(scenario: Scenario) -> Scenario:
 
     return replace(scenario, name=scenario.name + " (rate limit not reached)", worker_cmds=cmds,
                    description=scenario.description + f"; route rate={RATE_NOT_REACHED}/s",
-                   scaling=False, enqueue_cases=())  # fmt: skip
+                   scaling=False, enqueue_cases=(), peer=False)  # fmt: skip
+
+
+# --- peers of issue 15 (bench/peers) ------------------------------------------------------------------
+
+BULLMQ = "BullMQ+Nodemailer"
+CELERY = "Celery+smtplib-kept"
+BULLMQ_QUEUE = "bench-bullmq"
+
+
+def _peer_jobs(n: int, env: BenchEnv) -> list[tuple[str, int, dict[str, Any]]]:
+    return [_job_data(env, i) for i in range(n)]
+
+
+def _run_filler(cmd: list[str], env: dict[str, str], payload: Any, cwd: Path) -> None:
+    """Run a peer's producer with the jobs as JSON on stdin; a failure says why (its stderr)."""
+    done = subprocess.run(cmd, env=env, cwd=cwd, input=json.dumps(payload), text=True, capture_output=True,
+                          timeout=120, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+
+
+def _node_env(env: BenchEnv) -> dict[str, str]:
+    from bench.peers import NODE_MODULES
+
+    return {**os.environ, **env.process_env(), "NODE_PATH": str(NODE_MODULES), "BULLMQ_QUEUE": BULLMQ_QUEUE}
+
+
+def _bullmq_enqueue(n: int, env: BenchEnv) -> None:
+    from bench.peers import NODE_SCRIPT
+
+    datas = [{"host": h, "port": p, "mail": m} for h, p, m in _peer_jobs(n, env)]
+    _run_filler([shutil.which("node") or "node", str(NODE_SCRIPT), "enqueue"], _node_env(env), datas,
+                env.project_root)
+
+
+def _bullmq_cmds(env: BenchEnv, workers: int) -> list[list[str]]:
+    from bench.peers import NODE_MODULES, NODE_SCRIPT
+
+    node = shutil.which("node") or "node"
+    # NODE_PATH and the queue name travel in the command (the harness passes only env.process_env())
+    return [["env", f"NODE_PATH={NODE_MODULES}", f"BULLMQ_QUEUE={BULLMQ_QUEUE}", node, str(NODE_SCRIPT),
+             "work", "--concurrency", str(workers), "--messages", str(env.messages)]]
+
+
+def _celery_enqueue(n: int, env: BenchEnv) -> None:
+    # in a subprocess: importing Celery here would grow the harness, and a child's ru_maxrss starts at
+    # the RSS of the process that forked it (the ``rss MB`` column's floor)
+    _run_filler([sys.executable, "-m", "bench.peers.celery_peer", "enqueue"],
+                {**os.environ, **env.process_env()}, _peer_jobs(n, env), env.project_root)
+
+
+def _celery_cmds(env: BenchEnv, workers: int) -> list[list[str]]:
+    return [[sys.executable, "-m", "bench.peers.celery_peer", "work", "--concurrency", str(workers),
+             "--messages", str(env.messages)]]
+
+
+BULLMQ_PEER = Scenario(
+    name=BULLMQ,
+    description="BullMQ Worker (concurrency C) + Nodemailer pool (maxConnections C), one Node process",
+    worker_cmds=_bullmq_cmds,
+    enqueue=_bullmq_enqueue,
+    queues=(),
+    throughput=False,
+    peer=True,
+)
+
+CELERY_PEER = Scenario(
+    name=CELERY,
+    description="Celery, Redis broker, smtplib kept per process; --pool solo (C=1) / prefork (C>1)",
+    worker_cmds=_celery_cmds,
+    enqueue=_celery_enqueue,
+    queues=(),
+    throughput=False,
+    peer=True,
+)
+
+
+def peer_scenarios() -> tuple[list[Scenario], list[str]]:
+    """The peers that can run here, and one message per peer (installed, or why it is skipped)."""
+    from bench.peers import celery_status, ensure_node_peers
+
+    out, notes = [], []
+    for scenario, status in ((BULLMQ_PEER, ensure_node_peers()), (CELERY_PEER, celery_status())):
+        notes.append(status.message)
+        if status.ready:
+            out.append(scenario)
+    return out, notes
 
 
 def all_scenarios() -> list[Scenario]:
