@@ -166,22 +166,38 @@ def cmd_bulk(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             err.write(f"\r{counts['enqueued']} enqueued, {counts['duplicate']} duplicate, "
                       f"{counts['invalid']} invalid")  # fmt: skip
 
+    outage: QueueUnavailable | None = None
     with stream:
-        for number, item in _lines(stream):
-            if isinstance(item, ValidationError):
-                counts["invalid"] += 1
-                invalid.append((number, item))
-                continue
-            batch.append((number, item))
-            if len(batch) >= BATCH:
+        try:
+            for number, item in _lines(stream):
+                if isinstance(item, ValidationError):
+                    counts["invalid"] += 1
+                    invalid.append((number, item))
+                    continue
+                batch.append((number, item))
+                if len(batch) >= BATCH:
+                    flush()
+            if batch:
                 flush()
-        if batch:
-            flush()
+        except QueueUnavailable as down:  # say exactly what was stored: a rerun must not guess
+            outage = down
     if progress:
         err.write("\n")
     for number, exc in sorted(invalid, key=lambda pair: pair[0]):
         err.write(_problems(exc, f"line {number}: "))
-    out.write(json.dumps({**counts, "invalid_lines": sorted(n for n, _ in invalid)}) + "\n")
+    summary: dict[str, Any] = {**counts, "invalid_lines": sorted(n for n, _ in invalid)}
+    if outage is not None:
+        first = batch[0][0]  # the batch being stored when Redis went away: not enqueued
+        summary["not_enqueued_from_line"] = first
+        err.write(
+            f"error: Redis became unreachable: {outage}\n"
+            f"every valid line before line {first} was enqueued ({counts['enqueued']} new, "
+            f"{counts['duplicate']} duplicate); line {first} and every line after it were not — rerun "
+            f"from line {first} (lines carrying a \"key\" are never enqueued twice)\n"
+        )
+    out.write(json.dumps(summary) + "\n")
+    if outage is not None:
+        return EXIT_UNAVAILABLE
     return EXIT_INVALID_LINES if invalid else 0
 
 

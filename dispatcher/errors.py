@@ -10,6 +10,7 @@ matching built-in (``ValueError``, ``ConnectionError``, ``TimeoutError``) so cal
     │   └── HeaderInjection                      the MIME writer wrote a header line it was not asked for
     ├── QueueError                               Redis/rq trouble seen by producers and workers
     │   └── QueueUnavailable (ConnectionError)   Redis did not answer
+    │       └── PartiallyEnqueued                … mid-way through several batches: says what was stored
     ├── IllegalTransition (RuntimeError)         a send state change the state table does not allow
     └── SmtpError                                .stage .reply .transient .route_level
         ├── InvalidCommandArgument (ValueError)  control characters etc., refused before sending
@@ -70,6 +71,19 @@ class QueueUnavailable(QueueError, ConnectionError):
     """Redis could not be reached; nothing was enqueued."""
 
 
+class PartiallyEnqueued(QueueUnavailable):
+    """Redis went away in the middle of an enqueue of several batches. ``results`` holds, per input
+    position, what was settled before the outage (the producer's ``Enqueued`` or a ``ValidationError``)
+    and ``None`` where the mail was not enqueued — ``first_not_enqueued`` is the first such position. The
+    batch being committed when the connection broke is among the ``None``s: if its commit reached Redis
+    first it may be stored after all, which is why reruns should carry idempotency keys (never twice)."""
+
+    def __init__(self, message: str, results: list[object]) -> None:
+        self.results = results
+        self.first_not_enqueued = next((i for i, r in enumerate(results) if r is None), len(results))
+        super().__init__(message)
+
+
 class IllegalTransition(DispatcherError, RuntimeError):
     """Code tried to move a send between states that ``dispatcher.queue.states.TRANSITIONS`` does not link."""
 
@@ -100,6 +114,9 @@ class SmtpError(DispatcherError):
         self.message = message
         self._route_level = self.default_route_level if route_level is None else route_level
         self.outcomes = outcomes
+        self.offered = True
+        """False when nothing of the message reached the server (a failure before its MAIL was answered):
+        the attempt costs the message nothing."""
         self.stage = stage
         self.reply = reply
         if transient is None:
@@ -110,6 +127,16 @@ class SmtpError(DispatcherError):
     @property
     def permanent(self) -> bool:
         return not self.transient
+
+    def not_offered(self, *, route_trouble: bool = False) -> Self:
+        """A copy saying nothing of the message was offered; with ``route_trouble`` (a failure of the
+        connection's set-up: greeting, EHLO, STARTTLS, AUTH) also the route's fault (``route_level``: a
+        deferral for the message, whatever the reply's class)."""
+        copy = self.with_outcomes(self.outcomes)
+        copy.offered = False
+        if route_trouble:
+            copy._route_level = True
+        return copy
 
     def with_outcomes(self, outcomes: tuple[RecipientOutcome, ...]) -> Self:
         """The same error as a separate object carrying ``outcomes`` (each message of a broken stream

@@ -14,7 +14,7 @@ import pytest
 import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
-from servers import ScriptedSmtpServer
+from servers import Fault, ScriptedSmtpServer
 
 from dispatcher.delivery.jobs import Attempt
 from dispatcher.dev.devsink import DevSink
@@ -154,3 +154,24 @@ def test_batches_on_strict_servers_deliver_each_mail_once_under_its_own_sender(
     assert {i: s for i, s in states.items() if s != "delivered"} == (
         {refused_at: "failed"} if refused_at is not None else {}
     )
+
+
+def test_a_421_at_mail_in_a_stream_charges_no_message_an_attempt(
+    redis_url: str, scripted_server: Callable[..., ScriptedSmtpServer]
+) -> None:
+    """Issue 13: a 421 at MAIL failed every message on the wire. Nothing of those was offered: each is
+    delivered on the next connection or deferred with its attempt given back — none failed, none charged."""
+    server = scripted_server(
+        ehlo_keywords=["PIPELINING", "8BITMIME", "SIZE 10000000"],
+        faults={"mail": Fault("reply", b"421 4.7.0 too many messages, closing\r\n", occurrence=3)},
+        faults_on_connection=1,
+    )
+    connection = redis.Redis.from_url(redis_url)
+    results = Producer(connection).enqueue_many(_mails_from_distinct_senders(10))
+    run_worker_burst(redis_url, server.port)
+    store = SendStore(connection)
+    records = [store.load(r.id) for r in results if not isinstance(r, Exception)]
+    assert all(rec is not None for rec in records)
+    states = {(rec.state, rec.attempts) for rec in records if rec is not None}
+    assert states <= {("delivered", 1), ("deferred", 0)}, states
+    assert server.connection_count >= 2

@@ -18,7 +18,7 @@ from flask.typing import ResponseReturnValue
 
 from dispatcher.dashboard import context, records
 from dispatcher.dashboard.auth import check_bearer
-from dispatcher.errors import ConfigurationError, ValidationError
+from dispatcher.errors import ConfigurationError, PartiallyEnqueued, ValidationError
 from dispatcher.queue.operations import FailureFilter
 from dispatcher.queue.producer import Enqueued
 from dispatcher.queue.states import FAILURE_STATES, RETRYABLE_STATES
@@ -94,16 +94,26 @@ def _enqueue_list(items: list[Any], header: str | None) -> ResponseReturnValue:
             else item
             for index, item in enumerate(items)
         ]
-    results = context.state().producer.enqueue_many(items)
+    try:
+        results: list[object] = list(context.state().producer.enqueue_many(items))
+        outage: PartiallyEnqueued | None = None
+    except PartiallyEnqueued as exc:  # say what was stored: the client must not guess what to resend
+        results, outage = exc.results, exc
     answers: list[dict[str, Any]] = []
     for result in results:
-        if isinstance(result, ValidationError):
+        if result is None:
+            answers.append({"status": 503, "error": "redis_unavailable", "enqueued": False})
+        elif isinstance(result, ValidationError):
             answers.append({"status": 422, "error": "validation", "problems": result.problems})
-        else:
+        elif isinstance(result, Enqueued):
             answers.append({"status": 202, **_accepted(result)})
     accepted = sum(1 for a in answers if a["status"] == 202)
     logger.info("api_enqueued_batch", accepted=accepted, rejected=len(answers) - accepted)
-    body = {"accepted": accepted, "rejected": len(answers) - accepted, "results": answers}
+    body: dict[str, Any] = {"accepted": accepted, "rejected": len(answers) - accepted, "results": answers}
+    if outage is not None:
+        body.update(error="redis_unavailable", message=str(outage),
+                    first_not_enqueued=outage.first_not_enqueued)  # fmt: skip
+        return jsonify(body), 503
     return jsonify(body), 202 if accepted else 422
 
 

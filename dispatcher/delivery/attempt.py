@@ -148,13 +148,18 @@ class Attempt:
     ) -> dict[str, Any]:
         """Record a prepared attempt whose message went out in a stream (``SmtpClient.send_stream``)."""
         self.bind()
-        if isinstance(outcome, SmtpError):
-            verdicts = verdicts_after_error(outcome, self.pending, self.runtime.settings.retry)
-        else:
-            verdicts = _verdicts(outcome)
+        verdicts = self._error_verdicts(outcome) if isinstance(outcome, SmtpError) else _verdicts(outcome)
         if not all(v.status is RecipientStatus.ACCEPTED for v in verdicts.values()):
             self.rec.record["transcript"] = list(transcript)
         return self._finish(self.rec, verdicts, conn_id, self.started)
+
+    def _error_verdicts(self, exc: SmtpError) -> dict[str, Verdict]:
+        """Each pending recipient's verdict after ``exc``. Nothing of the message offered (route trouble
+        in the set-up, a 421 or a drop before MAIL was answered): the attempt is given back — the
+        message's age still runs, so a route that never recovers ends it ``exhausted`` at ``max_age``."""
+        if not exc.offered:
+            self.rec.attempts -= 1
+        return verdicts_after_error(exc, self.pending, self.runtime.settings.retry)
 
     def throttled(self, route: str, pause: RoutePause) -> dict[str, Any]:
         """Record a prepared attempt the route's limits kept from going out (streams ask per message)."""
@@ -221,7 +226,7 @@ class Attempt:
                     rec.record["transcript"] = list(client.last_transcript)
                     continue
                 rec.record["transcript"] = list(client.last_transcript)
-                return verdicts_after_error(exc, pending, settings.retry), client.conn_id
+                return self._error_verdicts(exc), client.conn_id
             except BaseException as exc:
                 # A job timeout or a cold shutdown interrupted us mid-dialogue: never reuse that connection.
                 in_flight = client.data_in_flight
@@ -236,7 +241,7 @@ class Attempt:
             return verdicts, result.conn_id
         # Every candidate failed at the connection level (nothing was offered to any of them).
         assert refused is not None
-        return dict.fromkeys(pending, verdict_for_error(refused, settings.retry)), ""
+        return self._error_verdicts(refused), ""
 
     def _finish(
         self, rec: SendRecord, verdicts: dict[str, Verdict], conn_id: str, started: float

@@ -8,7 +8,9 @@
     MAIL refused, data end     2xx (a stale envelope)         unknown           not resent
     any, before the final dot  network error, timeout, 421    transient         retry with backoff
     after the final dot        no reply (timeout, drop)       unknown           not resent (configurable)
-    route: TLS policy, AUTH    any                            transient (route) retry; blamed on the route
+    route: set-up (greeting,   any, a 5xx too                 transient (route) retry, the attempt given
+      EHLO, STARTTLS, AUTH)                                                     back; blamed on the route
+    before MAIL is answered    421, drop                      transient         the attempt given back
     local: SIZE, SMTPUTF8      refused before sending         permanent         failed now
 
 Delays: full jitter — uniform(0, min(max_delay, base_delay * 2^(attempt-1))) — unless the server said

@@ -20,7 +20,7 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from dispatcher.errors import QueueUnavailable, ValidationError
+from dispatcher.errors import PartiallyEnqueued, QueueUnavailable, ValidationError
 from dispatcher.mail.fields import PRIORITIES
 from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
 from dispatcher.mail.mime import validated
@@ -142,7 +142,20 @@ class Producer:
                 results.append(exc)
         for start in range(0, len(valid), BATCH):
             chunk = valid[start : start + BATCH]
-            for (index, _), done in zip(chunk, self.enqueue_valid([m for _, m in chunk]), strict=True):
+            try:
+                stored = self.enqueue_valid([m for _, m in chunk])
+            except QueueUnavailable as exc:
+                if start == 0:
+                    raise  # nothing was enqueued
+                settled: list[object] = list(results)
+                for index, _ in valid[start:]:
+                    settled[index] = None
+                raise PartiallyEnqueued(
+                    f"Redis became unreachable after {start} of {len(valid)} valid mails were enqueued "
+                    f"(items from [{valid[start][0]}] on were not): {exc}",
+                    settled,
+                ) from exc
+            for (index, _), done in zip(chunk, stored, strict=True):
                 results[index] = done
         return results
 

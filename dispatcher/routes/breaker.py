@@ -19,14 +19,13 @@ from collections.abc import Iterator, Mapping
 import redis
 import structlog
 
-from dispatcher.errors import ConnectError, ConnectionLost, ReplyError, SmtpError, StageTimeout, TlsError
+from dispatcher.errors import ConnectError, SmtpError, ThrottleTimeout, TlsError
 from dispatcher.routes.clock import LUA_NOW_MS, redis_now_ms
 from dispatcher.routes.config import RoutePolicy, route_key
-from dispatcher.smtp.stages import Stage
+from dispatcher.smtp.stages import SETUP_STAGES
 
 logger = structlog.get_logger("dispatcher.routes.breaker")
 
-_PRE_GREETING = frozenset({Stage.CONNECT, Stage.GREETING, Stage.TLS_HANDSHAKE})
 
 _NOW = LUA_NOW_MS
 
@@ -71,13 +70,12 @@ def probe_key(route: str) -> str:
 def is_connection_failure(exc: BaseException) -> bool:
     """Did ``exc`` happen because the route could not be reached or refused to talk? (Then the message was
     never offered: MAIL FROM comes after all of these.)"""
-    if not isinstance(exc, SmtpError):
-        return False
+    if not isinstance(exc, SmtpError) or isinstance(exc, ThrottleTimeout):
+        return False  # waiting for our own connection cap is not the route failing
     if isinstance(exc, ConnectError | TlsError):
         return True
-    if isinstance(exc, ReplyError) and exc.stage is Stage.GREETING:
-        return True  # 421 / 554 instead of 220
-    return isinstance(exc, ConnectionLost | StageTimeout) and exc.stage in _PRE_GREETING
+    # Refused, dropped or timed out during the set-up (greeting, EHLO, STARTTLS, AUTH): not usable now.
+    return exc.stage in SETUP_STAGES
 
 
 class Breaker:

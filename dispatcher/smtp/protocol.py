@@ -184,6 +184,10 @@ class Transaction:
         )
 
     @property
+    def mail_answered(self) -> bool:
+        return self._mail_reply is not None
+
+    @property
     def envelope_accepted(self) -> bool:
         """MAIL FROM won a positive reply: from here on, a failure is the message's, not the connection's."""
         return self._mail_reply is not None and self._mail_reply.is_positive
@@ -311,6 +315,8 @@ def error_after_break(tx: Transaction, exc: SmtpError) -> SmtpError:
         return UnknownOutcome(
             f"message data sent but no reply came back: {exc.message}", stage=exc.stage, outcomes=outcomes
         )
+    if not tx.mail_answered and not tx.data_sent:  # a 421 or a drop before MAIL got its reply
+        return exc.with_outcomes(outcomes).not_offered()
     return exc.with_outcomes(outcomes)
 
 

@@ -270,8 +270,11 @@ class SmtpClient:
         config = self.config
         try:
             conn = Connection.open(config, implicit_tls=config.tls is TlsMode.IMPLICIT)
-        except BaseException:
+        except SmtpError as exc:
             self._discard(SessionState.CLOSED)  # gives the permit back: no connection holds it
+            raise exc.not_offered(route_trouble=True) from exc
+        except BaseException:
+            self._discard(SessionState.CLOSED)
             raise
         channel = self._channel = Channel(conn, self._transcript, config, self.conn_id)
         self.connections_opened += 1
@@ -284,6 +287,9 @@ class SmtpClient:
             self._learn(channel, self._hello(channel))
             self._negotiate_tls(channel)
             self._authenticate(channel)
+        except SmtpError as exc:  # the route is not usable now: its trouble, never the message's
+            self._discard(SessionState.CLOSED)
+            raise exc.not_offered(route_trouble=True) from exc
         except BaseException:
             self._discard(SessionState.CLOSED)
             raise

@@ -22,3 +22,9 @@ class Stage(enum.StrEnum):
     RSET = "rset"
     NOOP = "noop"
     QUIT = "quit"
+
+
+SETUP_STAGES = frozenset(
+    {Stage.CONNECT, Stage.GREETING, Stage.EHLO, Stage.HELO, Stage.STARTTLS, Stage.TLS_HANDSHAKE, Stage.AUTH}
+)
+"""The connection's set-up: a failure here is the route's, and nothing of any message was offered yet."""
