@@ -6,7 +6,6 @@ Redis, a recording SMTP server; the bad jobs are pushed with rq's API and with a
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import zlib
 from collections.abc import Callable
@@ -14,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
-from helpers import wait_until
+from helpers import alive, wait_until
 from queue_support import WorkerRun, smtp_url
 from rq import Callback, Queue
 from rq.job import Job
@@ -64,14 +63,6 @@ def failed_ids(client: redis.Redis, queue: str = "mail-default") -> set[str]:
 
 def refused(run: WorkerRun) -> dict[str, dict[str, object]]:
     return {str(e["job_id"]): e for e in run.events() if e.get("event") == "job_refused"}
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_a_job_naming_any_other_function_is_failed_never_run_and_the_worker_goes_on(

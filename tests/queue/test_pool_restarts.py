@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 import redis
-from helpers import free_port, wait_until
+from helpers import alive, free_port, wait_until
 from queue_support import WorkerRun, smtp_url
 from servers import RecordingSmtpServer
 
@@ -28,14 +28,6 @@ SmtpServer = Callable[..., RecordingSmtpServer]
 def ready_workers(client: redis.Redis) -> int:
     states = [client.hget(key, "state") for key in client.smembers("rq:workers")]
     return sum(state in (b"idle", b"busy") for state in states)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def events(run: WorkerRun, name: str) -> list[dict[str, Any]]:
