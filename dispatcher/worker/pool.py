@@ -28,6 +28,7 @@ from dispatcher.errors import ConfigurationError
 from dispatcher.logs import configure_logging
 from dispatcher.queue.producer import QUEUE_NAMES
 from dispatcher.settings import load_settings
+from dispatcher.worker.lineage import die_with_parent
 from dispatcher.worker.process import STOP_SIGNALS, note_early_stop, run_one
 
 logger = structlog.get_logger("dispatcher.worker.pool")
@@ -48,6 +49,7 @@ class Child:
             code = 1
             try:
                 os.setsid()  # own session: a terminal's Ctrl-C reaches only the supervisor (it passes it on)
+                die_with_parent()  # a supervisor killed with kill -9 takes its workers with it (warm stop)
                 code = run_one(queue_names, burst=burst)
             except BaseException:
                 logger.exception("worker_process_crashed")

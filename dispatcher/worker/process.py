@@ -48,6 +48,7 @@ from dispatcher.queue.reconcile import reconcile
 from dispatcher.queue.recovery import reap_abandoned
 from dispatcher.queue.store import text, worker_key
 from dispatcher.settings import load_settings
+from dispatcher.worker.lineage import OwnedScheduler
 from dispatcher.worker.runtime import Runtime
 
 logger = structlog.get_logger("dispatcher.worker.process")
@@ -188,6 +189,31 @@ class MailWorker(SimpleWorker):
                 reason = f"undecodable job ({type(exc).__name__}: {str(exc)[:200]})"
                 logger.warning("job_refused", job_id=job_id, queue=queue.name, func=None, reason=reason)
                 self.fail_job_id(job_id, queue, reason)
+
+    def _start_scheduler(
+        self, burst: bool = False, logging_level: str | None = "INFO", *args: Any, **kwargs: Any
+    ) -> None:
+        """rq's own start-up of its scheduler, with a scheduler process that dies with this worker
+        (``lineage``): rq builds an ``RQScheduler`` here and forks it when it wins the lock."""
+        scheduler: Any = OwnedScheduler(  # rq's scheduler methods are untyped
+            self.queues,
+            connection=self.connection,
+            logging_level=logging_level if logging_level is not None else self.log.level,
+            serializer=self.serializer,
+        )
+        self.scheduler = scheduler
+        scheduler.acquire_locks()
+        if not scheduler.acquired_locks:
+            return
+        if burst:
+            try:
+                scheduler.register_birth()
+                scheduler.enqueue_scheduled_jobs()
+            finally:
+                scheduler.release_locks()
+                scheduler.register_death()
+        else:
+            scheduler.start()
 
     def clean_registries(self) -> None:
         """rq's registry maintenance, once the expired entries of each started registry are vetted: rq

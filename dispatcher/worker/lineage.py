@@ -1,0 +1,40 @@
+"""No process of a worker outlives the process that owns it.
+
+``worker.py --concurrency N`` forks N workers; each runs rq's scheduler in a process it forks itself.
+Killed with ``kill -9``, an owner cannot stop its children, and they went on with PPID 1 — a scheduler
+kept rq's scheduler lock, a worker kept working for a supervisor that no longer existed. So every child
+asks Linux to signal it when its parent dies (``prctl(PR_SET_PDEATHSIG)``): a worker gets ``SIGTERM``
+when the supervisor dies (a warm stop: it finishes its send), rq's scheduler gets ``SIGTERM`` when its
+worker dies (it releases its lock and stops). Elsewhere than Linux this is a no-op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+from rq.scheduler import RQScheduler
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Have ``signum`` delivered to this process when its parent dies; at once if it already has."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent or parent == 1:  # the parent died before the request was in place
+        os.kill(os.getpid(), signum)
+
+
+class OwnedScheduler(RQScheduler):
+    """rq's scheduler, in a process that stops when the worker that forked it dies."""
+
+    def work(self) -> None:
+        die_with_parent()
+        super().work()  # type: ignore[no-untyped-call]
