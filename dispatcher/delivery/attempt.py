@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -270,11 +271,7 @@ class Attempt:
         })  # fmt: skip
         del history[:-50]
         accepted = [r.casefold() for r, v in verdicts.items() if v.status is RecipientStatus.ACCEPTED]
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.multi()  # explicit before rq sees the pipeline: its enqueue calls multi() when it is not
-        if accepted:
-            pipe.sadd(ledger_key(rec.message_id), *accepted)
-            pipe.expire(ledger_key(rec.message_id), LEDGER_TTL)
+        next_job: tuple[str, float] | None = None
         if rec.state == "deferred":
             hints = [h for v in failed if (h := retry_hint(v.reply)) is not None]
             delay = backoff_delay(policy, rec.attempts, max(hints) if hints else None, _rng)
@@ -285,16 +282,27 @@ class Attempt:
             job_id = attempt_job_id(rec.send_id, rec.generation, rec.attempts + 1)
             if job_id == self.job_id:  # a throttled attempt was given back: never reuse the running job's id
                 job_id = attempt_job_id(rec.send_id, rec.generation, rec.attempts + 1, f"-{int(now * 1000)}")
-            schedule_attempt(pipe, self.redis, rec, job_id, now + delay)
+            next_job = (job_id, now + delay)
         else:
             rec.next_attempt_at = None
-        if rec.state == "delivered":
-            minute = int(now // 60)
-            pipe.incr(delivered_key(minute))
-            pipe.expire(delivered_key(minute), STATS_TTL)
-        self.store.stage_save(pipe, rec, now=now)
-        pipe.zrem(INFLIGHT, rec.send_id)
-        pipe.execute()
+        rec.data_out = None
+        stored_state = rec.stored_state
+
+        def stage(pipe: Any) -> None:
+            rec.stored_state = stored_state  # each try stages the same move between the state indexes
+            if accepted:
+                pipe.sadd(ledger_key(rec.message_id), *accepted)
+                pipe.expire(ledger_key(rec.message_id), LEDGER_TTL)
+            if next_job is not None:
+                schedule_attempt(pipe, self.redis, rec, *next_job)
+            if rec.state == "delivered":
+                minute = int(now // 60)
+                pipe.incr(delivered_key(minute))
+                pipe.expire(delivered_key(minute), STATS_TTL)
+            self.store.stage_save(pipe, rec, now=now)
+            pipe.zrem(INFLIGHT, rec.send_id)
+
+        self._commit(stage)
         summary = {
             "id": rec.send_id,
             "state": rec.state,
@@ -316,6 +324,27 @@ class Attempt:
             reason=rec.record.get("reason"),
         )
         return summary
+
+    def _commit(self, stage: Callable[[Any], None]) -> None:
+        """Write an attempt's outcome in one MULTI. An outcome, once known, is not dropped because Redis
+        is away for a moment: the write is tried again (backoff to 2 s) for up to half the lease, while
+        this worker's lease still keeps the reaper off the send; past that the error goes up and the
+        send's ``data_out`` marker makes recovery settle it *unknown* (never a blind resend)."""
+        deadline = time.monotonic() + self.runtime.settings.lease_seconds / 2
+        delay = 0.1
+        while True:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.multi()  # explicit before rq sees the pipeline: its enqueue calls multi() when it is not
+            stage(pipe)
+            try:
+                pipe.execute()
+                return
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("outcome_write_retry", send_id=self.send_id, error=str(exc), retry_in=delay)
+                time.sleep(delay)  # Redis is away: wait before the next try (bounded by the deadline)
+                delay = min(delay * 2, 2.0)
 
     @staticmethod
     def _reason(rec: SendRecord) -> dict[str, Any] | None:
