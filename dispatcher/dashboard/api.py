@@ -27,6 +27,8 @@ from dispatcher.queue.store import SendRecord
 logger = structlog.get_logger("dispatcher.dashboard.api")
 blueprint = Blueprint("api", __name__, url_prefix="/api/v1")
 MAX_BATCH = 1000
+MAX_JSON_DEPTH = 32
+"""A mail is at most a few levels deep (a list of mails, a mail, its attachments or metadata)."""
 RETRY_FIELDS = frozenset({"code", "domain", "since", "states", "ids", "all", "dry_run"})
 
 
@@ -40,11 +42,31 @@ def _authenticate() -> ResponseReturnValue | None:
 
 
 def _json_body() -> tuple[Any, ResponseReturnValue | None]:
-    data = request.get_json(force=True, silent=True)  # raises 413 first when the body is too large
+    try:
+        data = request.get_json(force=True, silent=True)  # raises 413 first when the body is too large
+    except RecursionError:  # json's decoder recurses per level: a hostile body can nest 60,000 deep
+        message = f"the body is nested too deeply (at most {MAX_JSON_DEPTH} levels)"
+        return None, (jsonify(error="invalid_json", message=message), 400)
+    if data is not None and _depth(data) > MAX_JSON_DEPTH:
+        message = f"the body is nested too deeply (at most {MAX_JSON_DEPTH} levels)"
+        return None, (jsonify(error="invalid_json", message=message), 400)
     if data is None:
         message = "the body must be JSON (Content-Type: application/json)"
         return None, (jsonify(error="invalid_json", message=message), 400)
     return data, None
+
+
+def _depth(value: Any, limit: int = MAX_JSON_DEPTH + 1) -> int:
+    """How deep ``value`` nests, counted no further than ``limit`` (iterative: no recursion to exhaust)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            if level >= limit:
+                return level
+            todo.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _accepted(done: Enqueued) -> dict[str, Any]:

@@ -139,8 +139,12 @@ def parse_smtp_url(url: str) -> SmtpConfig:
     try:
         parts = urlsplit(url)
         port_in_url = parts.port
-    except ValueError as exc:
-        raise ConfigurationError(f"SMTP URL is malformed: {exc}") from None
+    except ValueError:
+        # urllib's message quotes the part it could not read, which may be a piece of the password.
+        raise ConfigurationError(
+            "SMTP URL is malformed: its port is not a number from 0 to 65535 — a password holding "
+            "'/', '?', '#' or '@' must be percent-encoded (e.g. '/' as %2F)"
+        ) from None
     if parts.scheme not in _SCHEMES:
         raise ConfigurationError(
             f"SMTP URL scheme {parts.scheme!r} is not supported; use one of {', '.join(sorted(_SCHEMES))}"

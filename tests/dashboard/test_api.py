@@ -265,3 +265,12 @@ def test_retry_filter_problems_are_422(
     assert response.status_code == 422
     assert field in response.get_json()["problems"], response.get_json()
     assert state_of(redis_url, send_id) == "failed"
+
+
+def test_a_deeply_nested_body_is_a_400_not_a_500(client: FlaskClient, redis_client: redis.Redis) -> None:
+    """Issue 14: a 60,000-deep nested JSON body answered 500 with a traceback."""
+    deep = "[" * 60_000 + "]" * 60_000
+    response = client.post("/api/v1/messages", data=deep, headers=AUTH, content_type="application/json")
+    assert response.status_code == 400, response.get_data(as_text=True)[:300]
+    assert response.get_json()["error"] == "invalid_json" and "nested" in response.get_json()["message"]
+    assert send_keys(redis_client) == []
