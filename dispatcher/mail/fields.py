@@ -343,3 +343,34 @@ def _plain_unstructured(lowered_name: str, value: str) -> bool:
     """A header the email package treats as unstructured text, with nothing in it to encode or parse."""
     registry = email_policy.SMTP.header_factory.registry  # type: ignore[attr-defined]
     return lowered_name not in registry and value.isascii() and value.isprintable() and "=?" not in value
+
+
+def unencodable_text(data: Mapping[str, Any]) -> dict[str, str]:
+    """Every string in ``data`` (keys too, at any depth) that UTF-8 cannot encode — a lone surrogate such
+    as ``"\\udce9"``, which a JSON decoder lets through — by field path (``metadata.k``, ``to[0]``)."""
+    problems: dict[str, str] = {}
+    todo: list[tuple[str, Any]] = [(str(key), value) for key, value in data.items()]
+    for key in data:
+        if isinstance(key, str) and _unencodable(key):
+            problems[repr(key)] = "field name is not valid Unicode text (a lone surrogate)"
+    while todo:
+        path, value = todo.pop()
+        if isinstance(value, str):
+            if _unencodable(value):
+                problems[path] = "not valid Unicode text (a lone surrogate, e.g. \\udce9)"
+        elif isinstance(value, Mapping):
+            todo.extend((f"{path}.{key}", item) for key, item in value.items())
+            problems.update({f"{path}.{key!r}": "name is not valid Unicode text (a lone surrogate)"
+                             for key in value if isinstance(key, str) and _unencodable(key)})  # fmt: skip
+        elif isinstance(value, list | tuple):
+            todo.extend((f"{path}[{index}]", item) for index, item in enumerate(value))
+    return problems
+
+
+def _unencodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+

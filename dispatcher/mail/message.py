@@ -61,6 +61,9 @@ class Mail:
         """
         if not isinstance(data, Mapping):
             raise ValidationError({"mail": "must be an object"})
+        unencodable = fields.unencodable_text(data)
+        if unencodable:  # a lone surrogate cannot be written as UTF-8 anywhere: refuse it before anything
+            raise ValidationError(unencodable)
         checker = fields.Checker(data)
         for name in data:
             if name not in FIELDS:

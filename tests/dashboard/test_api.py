@@ -274,3 +274,18 @@ def test_a_deeply_nested_body_is_a_400_not_a_500(client: FlaskClient, redis_clie
     assert response.status_code == 400, response.get_data(as_text=True)[:300]
     assert response.get_json()["error"] == "invalid_json" and "nested" in response.get_json()["message"]
     assert send_keys(redis_client) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "fields"),
+    [("subject", {"subject": "\udce9"}), ("headers.X-A", {"headers": {"X-A": "\udce9"}}),
+     ("metadata.k", {"metadata": {"k": "\udce9"}})],
+)  # fmt: skip
+def test_a_lone_surrogate_is_a_field_error_not_a_500(
+    client: FlaskClient, redis_client: redis.Redis, path: str, fields: dict[str, Any]
+) -> None:
+    body = json.dumps({**mail(), **fields})  # json.dumps writes it as \udce9: valid JSON text
+    response = client.post("/api/v1/messages", data=body, headers=AUTH, content_type="application/json")
+    assert response.status_code == 422, response.get_data(as_text=True)[:200]
+    assert path in response.get_json()["problems"]
+    assert send_keys(redis_client) == []
