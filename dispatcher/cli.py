@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 import redis
 
@@ -130,8 +130,19 @@ def cmd_send(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
-def _lines(stream: TextIO) -> Iterator[tuple[int, dict[str, Any] | ValidationError]]:
-    for number, line in enumerate(stream, start=1):
+def _lines(stream: IO[Any]) -> Iterator[tuple[int, dict[str, Any] | ValidationError]]:
+    """Each non-blank line's mail object or what is wrong with the line; a line that is not UTF-8 is one
+    bad line (reported with its number), never the end of the run."""
+    for number, raw in enumerate(stream, start=1):
+        if isinstance(raw, bytes):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                problem = f"not UTF-8 (byte {exc.start + 1} is 0x{raw[exc.start]:02x})"
+                yield number, ValidationError({"line": problem})
+                continue
+        else:
+            line = raw
         if not line.strip():
             continue
         try:
@@ -147,7 +158,9 @@ def _lines(stream: TextIO) -> Iterator[tuple[int, dict[str, Any] | ValidationErr
 
 def cmd_bulk(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     producer = Producer(connect(args.redis_url), max_bytes=args.max_bytes)
-    stream: TextIO = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
+    # Bytes, decoded line by line: one line that is not UTF-8 must not stop the others.
+    stdin: IO[Any] = getattr(sys.stdin, "buffer", sys.stdin)
+    stream: IO[Any] = stdin if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
     counts = {"enqueued": 0, "duplicate": 0, "invalid": 0}
     invalid: list[tuple[int, ValidationError]] = []
     progress = err.isatty()
@@ -247,7 +260,10 @@ def cmd_retry(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         ids = [rec.send_id for rec in ops.find(flt)]
     results = ops.retry(ids, dry_run=args.dry_run)
     out.write(json.dumps({"dry_run": args.dry_run, "results": results}, indent=2) + "\n")
-    return 0
+    unknown = [send_id for send_id, result in results.items() if result == "not found"]
+    for send_id in unknown:
+        err.write(f"error: no send with id {send_id!r}\n")
+    return EXIT_USAGE if unknown else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,7 +326,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout, err: TextI
         err.write(f"error: {exc}\n")
         return EXIT_USAGE
     except (QueueUnavailable, redis.ConnectionError, redis.TimeoutError) as exc:
-        err.write(f"error: Redis is unreachable: {exc}\n")
+        text = str(exc)
+        err.write(f"error: {text if text.startswith('Redis') else f'Redis is unreachable: {text}'}\n")
         return EXIT_UNAVAILABLE
     except OSError as exc:
         err.write(f"error: {exc}\n")
