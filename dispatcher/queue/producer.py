@@ -245,9 +245,18 @@ def enqueue(mail: Mapping[str, Any], *, connection: redis.Redis) -> str:
 
 
 def enqueue_many(mails: Iterable[Mapping[str, Any]], *, connection: redis.Redis) -> list[str]:
-    """Validate every mail first; if any is invalid raise its ``ValidationError`` and enqueue nothing."""
+    """Validate every mail first; if any is invalid raise a ``ValidationError`` naming every problem of
+    every bad item by its index (``[3].to[0]``) and enqueue nothing."""
     producer = Producer(connection)
-    validated = [producer.validate(m) for m in mails]
+    validated: list[Mail] = []
+    problems: dict[str, str] = {}
+    for index, item in enumerate(mails):
+        try:
+            validated.append(producer.validate(item))
+        except ValidationError as exc:
+            problems.update({f"[{index}].{field}": problem for field, problem in exc.problems.items()})
+    if problems:
+        raise ValidationError(problems)
     ids: list[str] = []
     for start in range(0, len(validated), BATCH):
         ids.extend(e.id for e in producer.enqueue_valid(validated[start : start + BATCH]))

@@ -93,7 +93,8 @@ def test_enqueue_many_keeps_the_valid_mails_of_a_mixed_batch(redis_client: redis
     redis_client.flushall()
     with pytest.raises(ValidationError) as caught:
         enqueue_many(batch, connection=redis_client)
-    assert "subject" in caught.value.problems
+    # Every bad item, named by its index (issue 14: the problems did not say which item).
+    assert set(caught.value.problems) == {"[1].subject", "[3].colour"}
     assert stored_keys(redis_client) == []
 
 
