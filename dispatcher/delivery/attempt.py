@@ -64,6 +64,8 @@ class Attempt:
         self.send_id = send_id
         self.started = time.time()
         self.pause: RoutePause | None = None
+        self.write_retries = 0
+        """How often writing the outcome had to be tried again (Redis away; ``outcome_write_retry``)."""
         """Set when the route held this attempt back (``_throttled``)."""
 
     def run(self) -> dict[str, Any]:
@@ -342,6 +344,7 @@ class Attempt:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() + delay > deadline:
                     raise
+                self.write_retries += 1
                 logger.warning("outcome_write_retry", send_id=self.send_id, error=str(exc), retry_in=delay)
                 time.sleep(delay)  # Redis is away: wait before the next try (bounded by the deadline)
                 delay = min(delay * 2, 2.0)
