@@ -16,12 +16,9 @@ from dataclasses import dataclass
 import structlog
 
 from dispatcher.queue.operations import FailureFilter, Operations
-from dispatcher.queue.store import SendRecord, SendStore, send_key
+from dispatcher.queue.store import DECODE_ERRORS, SendRecord, SendStore
 
 logger = structlog.get_logger("dispatcher.dashboard.records")
-# What ``SendRecord.from_hash`` raises on a bad hash (UnicodeDecodeError and JSONDecodeError are
-# ValueErrors; KeyError for a missing field).
-DECODE_ERRORS = (ValueError, KeyError, TypeError, AttributeError)
 _MAX_REASON = 200
 
 
@@ -43,19 +40,8 @@ def reason_of(exc: BaseException) -> str:
 
 def load_many(store: SendStore, send_ids: Iterable[str]) -> tuple[list[SendRecord], list[Unreadable]]:
     """The records of ``send_ids`` that exist (one round trip), split into readable and unreadable."""
-    ids = list(send_ids)
-    pipe = store.redis.pipeline(transaction=False)
-    for send_id in ids:
-        pipe.hgetall(send_key(send_id))
-    readable: list[SendRecord] = []
-    unreadable: list[Unreadable] = []
-    for send_id, raw in zip(ids, pipe.execute(), strict=True):
-        if not raw:
-            continue
-        try:
-            readable.append(SendRecord.from_hash(send_id, raw))
-        except DECODE_ERRORS as exc:
-            unreadable.append(Unreadable(send_id, reason_of(exc)))
+    readable, failures = store.load_many_tolerant(send_ids)
+    unreadable = [Unreadable(send_id, reason_of(exc)) for send_id, exc in failures]
     for bad in unreadable:
         logger.warning("dashboard_unreadable_record", send_id=bad.send_id, reason=bad.reason)
     return readable, unreadable

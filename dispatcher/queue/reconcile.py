@@ -32,7 +32,6 @@ from dispatcher.queue.producer import attempt_job_id, rq_queue, schedule_attempt
 from dispatcher.queue.states import SendState
 from dispatcher.queue.store import (
     INFLIGHT,
-    SendRecord,
     SendStore,
     reconciler_lock_key,
     send_key,
@@ -79,7 +78,7 @@ def reconcile(
         leased = {text(i) for i in connection.zrange(INFLIGHT, 0, -1)}
         orphans = [
             rec.send_id
-            for rec in _readable(connection, candidates)
+            for rec in SendStore(connection).load_many_tolerant(candidates)[0]  # the bad: recovery's
             if rec.state in WAITING_STATES and rec.send_id not in leased and (rec.rq_job or "") not in jobs
         ]
         done = [send_id for send_id in orphans[:limit] if _adopt(connection, send_id, jobs, now)]
@@ -89,22 +88,6 @@ def reconcile(
     finally:
         if text(connection.get(reconciler_lock_key()) or b"") == token:
             connection.delete(reconciler_lock_key())
-
-
-def _readable(connection: redis.Redis, send_ids: list[str]) -> list[SendRecord]:
-    """The records of ``send_ids`` that can be read (an unreadable one is the attempt's and the reaper's
-    to fail: ``recovery``)."""
-    pipe = connection.pipeline(transaction=False)
-    for send_id in send_ids:
-        pipe.hgetall(send_key(send_id))
-    found = []
-    for send_id, raw in zip(send_ids, pipe.execute(), strict=True):
-        if raw:
-            try:
-                found.append(SendRecord.from_hash(send_id, raw))
-            except (ValueError, KeyError, TypeError):
-                continue
-    return found
 
 
 def _adopt(connection: redis.Redis, send_id: str, jobs: set[str], now: float) -> bool:

@@ -33,6 +33,7 @@ from dispatcher.mail.fields import PRIORITIES
 from dispatcher.queue.producer import attempt_job_id, schedule_attempt
 from dispatcher.queue.states import SendState
 from dispatcher.queue.store import (
+    DECODE_ERRORS,
     INFLIGHT,
     RECORD_TTL,
     SendRecord,
@@ -45,8 +46,8 @@ from dispatcher.queue.store import (
 
 logger = structlog.get_logger("dispatcher.queue.recovery")
 LOST_STATES = (SendState.SENDING, SendState.QUEUED)
-UNREADABLE = (ValueError, KeyError, TypeError, AttributeError)
-"""What reading a corrupt record raises (``UnicodeDecodeError`` and ``JSONDecodeError`` are ValueErrors)."""
+UNREADABLE = DECODE_ERRORS
+"""What reading a corrupt record raises (the store's decode errors)."""
 
 
 def describe_unreadable(exc: BaseException) -> str:

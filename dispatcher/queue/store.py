@@ -32,6 +32,9 @@ from dispatcher.mail.message import Mail
 from dispatcher.queue.states import FINAL_STATES, SendState
 
 PREFIX = "dispatch"
+DECODE_ERRORS = (ValueError, KeyError, TypeError, AttributeError)
+"""What decoding a bad record hash raises (``UnicodeDecodeError``, ``JSONDecodeError`` are ValueErrors;
+KeyError for a missing field; an unknown state is a ValueError of ``SendState``)."""
 STATES = tuple(SendState)
 LEDGER_TTL = 30 * 86400
 KEY_TTL = 30 * 86400
@@ -239,6 +242,26 @@ class SendStore:
     def load(self, send_id: str) -> SendRecord | None:
         raw = self.redis.hgetall(send_key(send_id))
         return SendRecord.from_hash(send_id, raw) if raw else None
+
+    def load_many_tolerant(
+        self, send_ids: Iterable[str]
+    ) -> tuple[list[SendRecord], list[tuple[str, BaseException]]]:
+        """The records of ``send_ids`` that exist (one round trip), each decoded on its own: those that
+        cannot be decoded come back apart with what was wrong, so one bad hash breaks no listing."""
+        ids = list(send_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for send_id in ids:
+            pipe.hgetall(send_key(send_id))
+        readable: list[SendRecord] = []
+        unreadable: list[tuple[str, BaseException]] = []
+        for send_id, raw in zip(ids, pipe.execute(), strict=True):
+            if not raw:
+                continue
+            try:
+                readable.append(SendRecord.from_hash(send_id, raw))
+            except DECODE_ERRORS as exc:
+                unreadable.append((send_id, exc))
+        return readable, unreadable
 
     def load_many(self, send_ids: Iterable[str]) -> list[SendRecord]:
         ids = list(send_ids)
