@@ -121,7 +121,12 @@ def login() -> ResponseReturnValue:
     if request.method == "POST":
         failures_key = f"{PREFIX}:login-failures:{request.remote_addr}"
         redis = context.state().redis
-        if int(redis.get(failures_key) or 0) >= MAX_LOGIN_FAILURES:
+        # Every guess takes its place in the count (atomically) before the password is looked at, so
+        # concurrent guesses cannot all pass a check made before any of them was counted.
+        pipe = redis.pipeline(transaction=True)
+        pipe.incr(failures_key)
+        pipe.expire(failures_key, LOGIN_LOCK_SECONDS)
+        if int(pipe.execute()[0]) > MAX_LOGIN_FAILURES:
             logger.warning("dashboard_login_locked", remote=request.remote_addr)
             error = (
                 f"Too many failed logins from your address: try again in {LOGIN_LOCK_SECONDS // 60} minutes."
@@ -129,11 +134,6 @@ def login() -> ResponseReturnValue:
             return render_template("login.html", error=error, next=target), 429
         user_ok = _same(request.form.get("username", ""), config.user)
         password_ok = _same(request.form.get("password", ""), config.password)
-        if not (user_ok and password_ok):
-            pipe = redis.pipeline(transaction=True)
-            pipe.incr(failures_key)
-            pipe.expire(failures_key, LOGIN_LOCK_SECONDS)
-            pipe.execute()
         if user_ok and password_ok:
             redis.delete(failures_key)
             session.clear()  # a fresh session (and CSRF token) after login: no fixation

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -331,3 +332,29 @@ def test_pages_send_a_content_security_policy(logged_in: FlaskClient) -> None:
     headers = logged_in.get("/").headers
     assert "script-src 'self'" in headers["Content-Security-Policy"]
     assert headers["X-Frame-Options"] == "DENY"
+
+
+def test_concurrent_guesses_never_get_past_the_lockout(app: Flask, redis_client: redis.Redis) -> None:
+    """Issue 14: the lockout was check-then-increment, so 12 to 34 of 40 concurrent guesses were tested
+    against the password. Each guess now takes its place in the count before the password is looked at."""
+    clients = [app.test_client() for _ in range(40)]
+    tokens = []
+    for each in clients:
+        each.get("/login")
+        tokens.append(csrf_of(each))
+    start = threading.Barrier(len(clients))
+    codes: list[int] = []
+
+    def guess(each: FlaskClient, token: str) -> None:
+        start.wait()
+        wrong = {"username": USER, "password": "wrong", "csrf_token": token}
+        codes.append(each.post("/login", data=wrong).status_code)
+
+    threads = [threading.Thread(target=guess, args=pair) for pair in zip(clients, tokens, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(codes) == 40
+    assert codes.count(401) == MAX_LOGIN_FAILURES, sorted(codes)  # tested against the password
+    assert codes.count(429) == 40 - MAX_LOGIN_FAILURES
