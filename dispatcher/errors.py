@@ -7,6 +7,7 @@ matching built-in (``ValueError``, ``ConnectionError``, ``TimeoutError``) so cal
     DispatcherError
     ├── ConfigurationError (ValueError)          bad SMTP/Redis URL or setting
     ├── ValidationError (ValueError)             a mail that may not be enqueued; names field + problem
+    │   └── IdempotencyConflict                  its key already names a different mail (HTTP 409)
     │   └── HeaderInjection                      the MIME writer wrote a header line it was not asked for
     ├── QueueError                               Redis/rq trouble seen by producers and workers
     │   └── QueueUnavailable (ConnectionError)   Redis did not answer
@@ -61,6 +62,15 @@ class ValidationError(DispatcherError, ValueError):
 class HeaderInjection(ValidationError):
     """``build_message`` found a header line in its own output that it did not set (a line break smuggled in
     through the email package, e.g. by an RFC 2047 encoded word it decoded): the bytes are never sent."""
+
+
+class IdempotencyConflict(ValidationError):
+    """The mail's idempotency key was used before for a different mail: a key names one mail (Stripe's
+    rule), so this one is refused instead of answered with the other mail's id."""
+
+    def __init__(self, send_id: str) -> None:
+        self.send_id = send_id
+        super().__init__({"key": f"already used for a different mail (send {send_id}); use a new key"})
 
 
 class QueueError(DispatcherError):

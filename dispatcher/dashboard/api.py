@@ -18,7 +18,7 @@ from flask.typing import ResponseReturnValue
 
 from dispatcher.dashboard import context, records
 from dispatcher.dashboard.auth import check_bearer
-from dispatcher.errors import ConfigurationError, PartiallyEnqueued, ValidationError
+from dispatcher.errors import ConfigurationError, IdempotencyConflict, PartiallyEnqueued, ValidationError
 from dispatcher.queue.operations import FailureFilter
 from dispatcher.queue.producer import Enqueued
 from dispatcher.queue.states import FAILURE_STATES, RETRYABLE_STATES
@@ -97,6 +97,8 @@ def enqueue() -> ResponseReturnValue:
         data = {**data, "key": header}
     try:
         done = producer.enqueue(data)
+    except IdempotencyConflict as exc:  # Stripe-style: one key, one mail
+        return _problems(exc.problems, 409)
     except ValidationError as exc:
         return _problems(exc.problems)
     logger.info("api_enqueued", id=done.id, duplicate=done.duplicate)
@@ -125,6 +127,8 @@ def _enqueue_list(items: list[Any], header: str | None) -> ResponseReturnValue:
     for result in results:
         if result is None:
             answers.append({"status": 503, "error": "redis_unavailable", "enqueued": False})
+        elif isinstance(result, IdempotencyConflict):
+            answers.append({"status": 409, "error": "conflict", "problems": result.problems})
         elif isinstance(result, ValidationError):
             answers.append({"status": 422, "error": "validation", "problems": result.problems})
         elif isinstance(result, Enqueued):

@@ -7,6 +7,7 @@ first send and creates nothing — rq alone would run a reused job id twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -20,7 +21,7 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from dispatcher.errors import PartiallyEnqueued, QueueUnavailable, ValidationError
+from dispatcher.errors import IdempotencyConflict, PartiallyEnqueued, QueueUnavailable, ValidationError
 from dispatcher.mail.fields import PRIORITIES
 from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
 from dispatcher.mail.mime import validated
@@ -128,7 +129,10 @@ class Producer:
 
     def enqueue(self, data: Mapping[str, Any] | Mail) -> Enqueued:
         """Validate and enqueue one mail; ``ValidationError`` names every bad field and stores nothing."""
-        return self.enqueue_valid([self.validate(data)])[0]
+        done = self.enqueue_valid([self.validate(data)])[0]
+        if isinstance(done, IdempotencyConflict):
+            raise done
+        return done
 
     def enqueue_many(self, items: Iterable[Mapping[str, Any] | Mail]) -> list[Enqueued | ValidationError]:
         """Enqueue many mails; each position holds its ``Enqueued`` or the ``ValidationError`` it got."""
@@ -159,8 +163,9 @@ class Producer:
                 results[index] = done
         return results
 
-    def enqueue_valid(self, mails: Sequence[Mail]) -> list[Enqueued]:
-        """Store and enqueue already validated mails in one transaction (retried if a key races)."""
+    def enqueue_valid(self, mails: Sequence[Mail]) -> list[Enqueued | IdempotencyConflict]:
+        """Store and enqueue already validated mails in one transaction (retried if a key races). A mail
+        whose key names a different mail already is an ``IdempotencyConflict`` in its place."""
         try:
             return self._transaction(mails)
         except redis.ConnectionError as exc:
@@ -168,7 +173,7 @@ class Producer:
         except redis.TimeoutError as exc:
             raise QueueUnavailable(f"Redis timed out, the batch may not be enqueued: {exc}") from exc
 
-    def _transaction(self, mails: Sequence[Mail]) -> list[Enqueued]:
+    def _transaction(self, mails: Sequence[Mail]) -> list[Enqueued | IdempotencyConflict]:
         keys = [idempotency_key(m.key) if m.key is not None else None for m in mails]
         watched = sorted({k for k in keys if k is not None})
         with self.redis.pipeline(transaction=True) as pipe:
@@ -188,21 +193,26 @@ class Producer:
 
     def _stage(
         self, pipe: Any, mails: Sequence[Mail], keys: Sequence[str | None], existing: dict[str, str]
-    ) -> list[Enqueued]:
+    ) -> list[Enqueued | IdempotencyConflict]:
         now = time.time()
-        results: list[Enqueued] = []
-        claimed: dict[str, Enqueued] = {}
+        results: list[Enqueued | IdempotencyConflict] = []
+        claimed: dict[str, tuple[Enqueued, str]] = {}
         batches: dict[str, list[SendRecord]] = {}
         created: list[SendRecord] = []
         for mail, key in zip(mails, keys, strict=True):
+            as_dict = mail.to_dict()
+            fingerprint = mail_fingerprint(as_dict) if key is not None else ""
             if key is not None and key in existing:
-                results.append(Enqueued(existing[key], True, ""))
+                first_id, _, first_print = existing[key].partition(" ")
+                same = not first_print or first_print == fingerprint  # keys stored before prints: trusted
+                results.append(Enqueued(first_id, True, "") if same else IdempotencyConflict(first_id))
                 continue
             if key is not None and key in claimed:
-                results.append(Enqueued(claimed[key].id, True, claimed[key].message_id))
+                first, first_print = claimed[key]
+                duplicate = Enqueued(first.id, True, first.message_id)
+                results.append(duplicate if first_print == fingerprint else IdempotencyConflict(first.id))
                 continue
             send_id = new_send_id(mail.key)
-            as_dict = mail.to_dict()
             scheduled = mail.send_at is not None and mail.send_at.timestamp() > now
             rec = SendRecord(
                 send_id=send_id,
@@ -224,15 +234,26 @@ class Producer:
                 if len(batch) == JOB_BATCH_SIZE:
                     enqueue_batch(pipe, self.redis, batches.pop(mail.priority))
             if key is not None:
-                pipe.set(key, send_id, ex=KEY_TTL)
+                pipe.set(key, f"{send_id} {fingerprint}", ex=KEY_TTL)
             done = Enqueued(send_id, False, mail.message_id)
             if key is not None:
-                claimed[key] = done
+                claimed[key] = (done, fingerprint)
             results.append(done)
         for batch in batches.values():
             enqueue_batch(pipe, self.redis, batch)
         self.store.stage_new(pipe, created, now=now)
         return results
+
+
+_NOT_FINGERPRINTED = frozenset({"message_id", "date", "send_at", "priority", "route"})
+
+
+def mail_fingerprint(as_dict: Mapping[str, Any]) -> str:
+    """What an idempotency key promises stays the same: what the mail says and to whom — not the
+    Message-ID and Date validation fills in, nor when or how it goes (``send_at``, priority, route: a
+    retried request may compute those anew)."""
+    significant = {k: v for k, v in as_dict.items() if k not in _NOT_FINGERPRINTED}
+    return hashlib.sha256(json.dumps(significant, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def connect(url: str) -> redis.Redis:
@@ -259,5 +280,8 @@ def enqueue_many(mails: Iterable[Mapping[str, Any]], *, connection: redis.Redis)
         raise ValidationError(problems)
     ids: list[str] = []
     for start in range(0, len(validated), BATCH):
-        ids.extend(e.id for e in producer.enqueue_valid(validated[start : start + BATCH]))
+        for done in producer.enqueue_valid(validated[start : start + BATCH]):
+            if isinstance(done, IdempotencyConflict):
+                raise done
+            ids.append(done.id)
     return ids

@@ -91,7 +91,7 @@ def test_idempotency_key_header_makes_a_repeat_a_duplicate(
 ) -> None:
     headers = {**AUTH, "Idempotency-Key": "order-1234"}
     first = client.post("/api/v1/messages", json=mail(), headers=headers)
-    again = client.post("/api/v1/messages", json=mail(subject="changed"), headers=headers)
+    again = client.post("/api/v1/messages", json=mail(), headers=headers)  # a changed body: 409, below
     assert (first.status_code, again.status_code) == (202, 202)
     assert again.get_json()["id"] == first.get_json()["id"]
     assert (first.get_json()["duplicate"], again.get_json()["duplicate"]) == (False, True)
@@ -289,3 +289,16 @@ def test_a_lone_surrogate_is_a_field_error_not_a_500(
     assert response.status_code == 422, response.get_data(as_text=True)[:200]
     assert path in response.get_json()["problems"]
     assert send_keys(redis_client) == []
+
+
+def test_an_idempotency_key_reused_for_a_different_mail_is_409(
+    client: FlaskClient, redis_client: redis.Redis
+) -> None:
+    """Issue 14: the second, different body was silently answered with the first mail's id."""
+    headers = {**AUTH, "Idempotency-Key": "signup-7"}
+    first = client.post("/api/v1/messages", json=mail(), headers=headers)
+    same = client.post("/api/v1/messages", json=mail(), headers=headers)
+    assert first.status_code == same.status_code == 202 and same.get_json()["duplicate"] is True
+    other = client.post("/api/v1/messages", json=mail(subject="a different mail"), headers=headers)
+    assert other.status_code == 409 and "key" in other.get_json()["problems"]
+    assert len(send_keys(redis_client)) == 1
