@@ -17,12 +17,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from interop.servers._process import greets, tail
 from interop.servers.base import DOMAIN, REFUSED_RECIPIENT, RunningServer, ServerSpec
 
 NAME = "smtp-server"
@@ -86,30 +86,6 @@ def _npm_install(prefix: Path) -> None:
         raise RuntimeError(f"npm did not install smtp-server {SMTP_SERVER_VERSION} under {prefix}")
 
 
-def _greets(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2.0) as sock:
-            sock.settimeout(5.0)
-            data = b""
-            while b"\r\n" not in data:
-                chunk = sock.recv(1024)
-                if not chunk:
-                    return False
-                data += chunk
-            with contextlib.suppress(OSError):
-                sock.sendall(b"QUIT\r\n")
-            return data.startswith(b"220")
-    except OSError:
-        return False
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 def _stop(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM its process group, wait with a deadline, then SIGKILL."""
     if process.poll() is not None:
@@ -163,13 +139,13 @@ def run(spec: ServerSpec) -> Iterator[RunningServer]:
         )
     try:
         deadline = time.monotonic() + START_TIMEOUT
-        while not _greets(spec.port):
+        while not greets(spec.port):
             if process.poll() is not None:
                 raise RuntimeError(
-                    f"node exited with {process.returncode} before greeting:\n{_tail(log_path)}"
+                    f"node exited with {process.returncode} before greeting:\n{tail(log_path)}"
                 )
             if time.monotonic() > deadline:
-                raise RuntimeError(f"smtp-server did not greet within {START_TIMEOUT}s:\n{_tail(log_path)}")
+                raise RuntimeError(f"smtp-server did not greet within {START_TIMEOUT}s:\n{tail(log_path)}")
             time.sleep(0.05)  # polling the port with a deadline
         yield RunningServer(
             name=NAME,
