@@ -29,6 +29,7 @@ from typing import Any
 import redis
 import structlog
 
+from dispatcher.delivery.verdicts import Verdict
 from dispatcher.mail.fields import PRIORITIES
 from dispatcher.queue.producer import attempt_job_id, schedule_attempt
 from dispatcher.queue.states import SendState
@@ -43,6 +44,8 @@ from dispatcher.queue.store import (
     state_key,
     text,
 )
+from dispatcher.smtp.outcomes import RecipientStatus
+from dispatcher.smtp.stages import Stage
 
 logger = structlog.get_logger("dispatcher.queue.recovery")
 LOST_STATES = (SendState.SENDING, SendState.QUEUED)
@@ -197,13 +200,10 @@ def settle_unknown(rec: SendRecord, now: float) -> None:
         f"the worker died after the data of attempt {rec.attempts} went out: "
         "the message may have been delivered (not resent)"
     )
+    verdict = Verdict(RecipientStatus.UNKNOWN, Stage.DATA_END.value, None, "unknown", detail)
     for recipient in rec.recipients:
-        outcome = rec.outcomes.get(recipient, {})
-        if outcome.get("status", "pending") in ("pending", "transient"):
-            rec.outcomes[recipient] = {
-                "status": "unknown", "stage": "data_end", "code": None, "enhanced": None, "text": detail,
-                "kind": "unknown", "at": now,
-            }  # fmt: skip
+        if rec.outcomes.get(recipient, {}).get("status", "pending") in ("pending", "transient"):
+            rec.outcomes[recipient] = verdict.to_dict(now)
     rec.record["reason"] = {"kind": "unknown", "stage": "data_end", "code": None, "enhanced": None,
                             "text": detail}  # fmt: skip
     rec.record.setdefault("history", []).append(
