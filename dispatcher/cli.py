@@ -28,7 +28,7 @@ from dispatcher.queue.operations import FailureFilter, Operations
 from dispatcher.queue.producer import BATCH, Enqueued, Producer, connect
 from dispatcher.queue.recovery import UNREADABLE, describe_unreadable
 from dispatcher.queue.states import FAILURE_STATES, RETRYABLE_STATES
-from dispatcher.queue.store import SendStore, send_key
+from dispatcher.queue.store import SendStore
 from dispatcher.settings import load_settings
 
 EXIT_INVALID_LINES, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_UNREADABLE = 1, 2, 3, 4
@@ -206,7 +206,7 @@ def cmd_bulk(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             f"error: Redis became unreachable: {outage}\n"
             f"every valid line before line {first} was enqueued ({counts['enqueued']} new, "
             f"{counts['duplicate']} duplicate); line {first} and every line after it were not — rerun "
-            f"from line {first} (lines carrying a \"key\" are never enqueued twice)\n"
+            f'from line {first} (lines carrying a "key" are never enqueued twice)\n'
         )
     out.write(json.dumps(summary) + "\n")
     if outage is not None:
@@ -215,11 +215,11 @@ def cmd_bulk(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    connection = connect(args.redis_url)
+    store = SendStore(connect(args.redis_url))
     try:
-        rec = SendStore(connection).load(args.job_id)
+        rec = store.load(args.job_id)
     except UNREADABLE as exc:  # say what can be said of it, never a traceback
-        raw: dict[bytes, bytes] = connection.hgetall(send_key(args.job_id))  # type: ignore[assignment]
+        raw = store.load_raw(args.job_id)
         state = raw.get(b"state", b"?").decode("utf-8", "replace")
         err.write(f"error: send {args.job_id!r} has an unreadable record ({describe_unreadable(exc)}); "
                   f"state {state}\n")  # fmt: skip

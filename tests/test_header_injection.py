@@ -36,8 +36,9 @@ from dispatcher.errors import HeaderInjection, ValidationError
 from dispatcher.mail.fields import Attachment
 from dispatcher.mail.message import Mail
 from dispatcher.mail.mime import build_message, check_written, compose, validated
+from dispatcher.queue.keys import source_key
 from dispatcher.queue.producer import Producer
-from dispatcher.queue.store import SendStore, source_key
+from dispatcher.queue.store import SendStore
 from dispatcher.settings import load_settings
 from dispatcher.worker.runtime import Runtime
 

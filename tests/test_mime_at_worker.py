@@ -8,8 +8,9 @@ import redis
 from servers import Fault, ScriptedSmtpServer
 
 from dispatcher.delivery.attempt import Attempt
+from dispatcher.queue.keys import send_key, source_key
 from dispatcher.queue.producer import Producer
-from dispatcher.queue.store import SendStore, send_key, source_key
+from dispatcher.queue.store import SendStore
 from dispatcher.settings import load_settings
 from dispatcher.worker.runtime import Runtime
 

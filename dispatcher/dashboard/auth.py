@@ -34,7 +34,7 @@ from flask import (
 from flask.typing import ResponseReturnValue
 
 from dispatcher.dashboard import context
-from dispatcher.queue.store import PREFIX
+from dispatcher.queue.keys import login_failures_key
 
 logger = structlog.get_logger("dispatcher.dashboard.auth")
 blueprint = Blueprint("auth", __name__)
@@ -119,7 +119,7 @@ def login() -> ResponseReturnValue:
         return redirect(target)
     error = None
     if request.method == "POST":
-        failures_key = f"{PREFIX}:login-failures:{request.remote_addr}"
+        failures_key = login_failures_key(str(request.remote_addr))
         redis = context.state().redis
         # Every guess takes its place in the count (atomically) before the password is looked at, so
         # concurrent guesses cannot all pass a check made before any of them was counted.

@@ -6,7 +6,6 @@ sizes are read with ``get_job_count(cleanup=False)``: a GET must never change an
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +19,7 @@ from dispatcher.dashboard.records import Unreadable, find
 from dispatcher.mail.fields import PRIORITIES
 from dispatcher.queue.operations import FailureFilter, describe_group, group_key
 from dispatcher.queue.producer import QUEUE_NAMES
-from dispatcher.queue.store import SendRecord, SendStore, worker_key
+from dispatcher.queue.store import SendRecord, SendStore
 
 CHART_MINUTES = 60
 
@@ -72,10 +71,10 @@ def workers(connection: redis.Redis, now: float | None = None) -> list[dict[str,
     now = now or time.time()
     rows = []
     found = Worker.all(connection=connection, serializer=JSONSerializer)
-    statuses = connection.mget([worker_key(w.name) for w in found]) if found else []
+    statuses = SendStore(connection).worker_statuses([w.name for w in found])
     for worker, raw_status in zip(found, statuses, strict=True):
         heartbeat = worker.last_heartbeat.timestamp() if worker.last_heartbeat else None
-        routes = json.loads(raw_status)["routes"] if raw_status else {}
+        routes = raw_status["routes"] if raw_status else {}
         rows.append(
             {
                 "name": worker.name,

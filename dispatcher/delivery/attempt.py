@@ -28,23 +28,13 @@ from dispatcher.delivery.verdicts import (
     verdict_for_reply,
     verdicts_after_error,
 )
-from dispatcher.errors import ConfigurationError, SmtpError, ValidationError
+from dispatcher.errors import ConfigurationError, QueueUnavailable, SmtpError, ValidationError
 from dispatcher.mail.message import Mail
 from dispatcher.mail.mime import build_message
 from dispatcher.queue.producer import attempt_job_id, schedule_attempt
 from dispatcher.queue.recovery import UNREADABLE, describe_unreadable, fail_unreadable, load_readable
 from dispatcher.queue.states import FINAL_STATES, SendState
-from dispatcher.queue.store import (
-    INFLIGHT,
-    LEDGER_TTL,
-    STATS_TTL,
-    SendRecord,
-    SendStore,
-    delivered_key,
-    ledger_key,
-    source_key,
-    text,
-)
+from dispatcher.queue.store import SendRecord, SendStore
 from dispatcher.routes.gate import RoutePause
 from dispatcher.smtp.outcomes import RecipientStatus, SendResult
 from dispatcher.smtp.stream import Outgoing
@@ -193,14 +183,7 @@ class Attempt:
         rec.move(SendState.SENDING)
         rec.attempts += 1
         rec.record.setdefault("first_attempt_at", now)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.multi()  # explicit before rq sees the pipeline: its enqueue calls multi() when it is not
-        pipe.smembers(ledger_key(rec.message_id))
-        pipe.get(source_key(rec.send_id))
-        self.store.stage_save(pipe, rec, now=now)
-        pipe.zadd(INFLIGHT, {rec.send_id: now + self.runtime.settings.lease_seconds})
-        members, source = pipe.execute()[:2]
-        return {text(m).casefold() for m in members}, source
+        return self.store.begin_attempt(rec, now=now, lease_seconds=self.runtime.settings.lease_seconds)
 
     def _send(self, rec: SendRecord, pending: list[str]) -> tuple[dict[str, Verdict], str]:
         settings = self.runtime.settings
@@ -292,17 +275,9 @@ class Attempt:
 
         def stage(pipe: Any) -> None:
             rec.stored_state = stored_state  # each try stages the same move between the state indexes
-            if accepted:
-                pipe.sadd(ledger_key(rec.message_id), *accepted)
-                pipe.expire(ledger_key(rec.message_id), LEDGER_TTL)
             if next_job is not None:
                 schedule_attempt(pipe, self.redis, rec, *next_job)
-            if rec.state == "delivered":
-                minute = int(now // 60)
-                pipe.incr(delivered_key(minute))
-                pipe.expire(delivered_key(minute), STATS_TTL)
-            self.store.stage_save(pipe, rec, now=now)
-            pipe.zrem(INFLIGHT, rec.send_id)
+            self.store.stage_outcome(pipe, rec, accepted, now=now)
 
         self._commit(stage)
         summary = {
@@ -335,13 +310,12 @@ class Attempt:
         deadline = time.monotonic() + self.runtime.settings.lease_seconds / 2
         delay = 0.1
         while True:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.multi()  # explicit before rq sees the pipeline: its enqueue calls multi() when it is not
+            pipe = self.store.transaction()
             stage(pipe)
             try:
-                pipe.execute()
+                self.store.execute(pipe)
                 return
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except QueueUnavailable as exc:
                 if time.monotonic() + delay > deadline:
                     raise
                 self.write_retries += 1

@@ -19,15 +19,7 @@ import structlog
 from dispatcher.errors import ConfigurationError
 from dispatcher.queue.producer import attempt_job_id, schedule_attempt
 from dispatcher.queue.states import FAILURE_STATES, RETRYABLE_STATES, SendState
-from dispatcher.queue.store import (
-    INFLIGHT,
-    SendRecord,
-    SendStore,
-    ledger_key,
-    send_key,
-    source_key,
-    state_key,
-)
+from dispatcher.queue.store import SendRecord, SendStore
 
 logger = structlog.get_logger("dispatcher.queue.operations")
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
@@ -130,10 +122,10 @@ class Operations:
         return {send_id: self._retry_one(send_id, dry_run) for send_id in dict.fromkeys(send_ids)}
 
     def _retry_one(self, send_id: str, dry_run: bool) -> str:
-        with self.redis.pipeline(transaction=True) as pipe:
+        with self.store.watching() as pipe:
             while True:
                 try:
-                    pipe.watch(send_key(send_id))  # type: ignore[no-untyped-call]
+                    self.store.watch_send(pipe, send_id, leases=False)
                     rec = self.store.load(send_id)
                     if rec is None:
                         return "not found"
@@ -149,7 +141,7 @@ class Operations:
                     if dry_run:
                         return f"would retry {len(pending)} recipient(s)"
                     self._stage_retry(pipe, rec, pending)
-                    pipe.execute()
+                    self.store.execute(pipe)
                     logger.info("mail_retry_requested", send_id=send_id, generation=rec.generation,
                                 recipients=pending)  # fmt: skip
                     return f"queued: {len(pending)} recipient(s)"
@@ -181,13 +173,8 @@ class Operations:
             if rec.state is SendState.SENDING:
                 done[send_id] = "skipped: sending"
                 continue
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.delete(send_key(send_id), source_key(send_id))
-            for state in (rec.state, *RETRYABLE_STATES):
-                pipe.zrem(state_key(state), send_id)
-                pipe.zrem(state_key(state, rec.priority), send_id)
-            pipe.zrem(INFLIGHT, send_id)
-            pipe.delete(ledger_key(rec.message_id))
-            pipe.execute()
+            pipe = self.store.transaction()
+            self.store.stage_delete(pipe, rec, (rec.state, *RETRYABLE_STATES))
+            self.store.execute(pipe)
             done[send_id] = "deleted"
         return done

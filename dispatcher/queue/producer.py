@@ -26,15 +26,7 @@ from dispatcher.mail.fields import PRIORITIES
 from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
 from dispatcher.mail.mime import validated
 from dispatcher.queue.states import initial_state
-from dispatcher.queue.store import (
-    KEY_TTL,
-    SendRecord,
-    SendStore,
-    idempotency_key,
-    mail_summary,
-    new_send_id,
-    text,
-)
+from dispatcher.queue.store import SendRecord, SendStore, mail_summary, new_send_id
 
 JOB_FUNCTION = "dispatcher.delivery.jobs.deliver"
 BATCH_FUNCTION = "dispatcher.delivery.jobs.deliver_batch"
@@ -168,25 +160,22 @@ class Producer:
         whose key names a different mail already is an ``IdempotencyConflict`` in its place."""
         try:
             return self._transaction(mails)
-        except redis.ConnectionError as exc:
-            raise QueueUnavailable(f"Redis is unreachable, nothing was enqueued: {exc}") from exc
-        except redis.TimeoutError as exc:
-            raise QueueUnavailable(f"Redis timed out, the batch may not be enqueued: {exc}") from exc
+        except QueueUnavailable as exc:
+            if isinstance(exc.__cause__, redis.TimeoutError):
+                raise QueueUnavailable(
+                    f"Redis timed out, the batch may not be enqueued: {exc.__cause__}"
+                ) from exc
+            raise QueueUnavailable(f"Redis is unreachable, nothing was enqueued: {exc.__cause__}") from exc
 
     def _transaction(self, mails: Sequence[Mail]) -> list[Enqueued | IdempotencyConflict]:
-        keys = [idempotency_key(m.key) if m.key is not None else None for m in mails]
-        watched = sorted({k for k in keys if k is not None})
-        with self.redis.pipeline(transaction=True) as pipe:
+        keys = [m.key for m in mails]
+        with self.store.watching() as pipe:
             while True:
                 try:
-                    existing: dict[str, str] = {}
-                    if watched:
-                        pipe.watch(*watched)  # type: ignore[no-untyped-call]
-                        values = pipe.mget(watched)
-                        existing = {k: text(v) for k, v in zip(watched, values, strict=True) if v is not None}
+                    existing = self.store.watch_idempotency(pipe, (k for k in keys if k is not None))
                     pipe.multi()
                     results = self._stage(pipe, mails, keys, existing)
-                    pipe.execute()
+                    self.store.execute(pipe)
                     return results
                 except redis.WatchError:
                     continue
@@ -234,7 +223,7 @@ class Producer:
                 if len(batch) == JOB_BATCH_SIZE:
                     enqueue_batch(pipe, self.redis, batches.pop(mail.priority))
             if key is not None:
-                pipe.set(key, f"{send_id} {fingerprint}", ex=KEY_TTL)
+                self.store.stage_claim(pipe, key, send_id, fingerprint)
             done = Enqueued(send_id, False, mail.message_id)
             if key is not None:
                 claimed[key] = (done, fingerprint)

@@ -30,20 +30,11 @@ import redis
 import structlog
 
 from dispatcher.delivery.verdicts import Verdict
+from dispatcher.errors import QueueUnavailable
 from dispatcher.mail.fields import PRIORITIES
 from dispatcher.queue.producer import attempt_job_id, schedule_attempt
 from dispatcher.queue.states import SendState
-from dispatcher.queue.store import (
-    DECODE_ERRORS,
-    INFLIGHT,
-    RECORD_TTL,
-    SendRecord,
-    SendStore,
-    send_key,
-    source_key,
-    state_key,
-    text,
-)
+from dispatcher.queue.store import DECODE_ERRORS, SendRecord, SendStore
 from dispatcher.smtp.outcomes import RecipientStatus
 from dispatcher.smtp.stages import Stage
 
@@ -87,23 +78,25 @@ def fail_unreadable(
     Atomic (WATCH on the record). Returns the attempt-style summary."""
     now = time.time() if now is None else now
     reason = f"unreadable record: {error}"
-    key = send_key(send_id)
-    with connection.pipeline(transaction=True) as pipe:
+    store = SendStore(connection)
+    with store.watching() as pipe:
         while True:
             try:
-                pipe.watch(key)  # type: ignore[no-untyped-call]
-                raw = pipe.hgetall(key)
+                store.watch_send(pipe, send_id, leases=False)
+                raw = store.load_raw(send_id)
                 stored = _state_of(raw)
                 pipe.multi()
-                pipe.zrem(INFLIGHT, send_id)
+                store.stage_release(pipe, send_id)
                 if stored is None or stored.final:
-                    pipe.execute()
+                    store.execute(pipe)
                     state = stored.value if stored is not None else ("missing" if not raw else "unreadable")
                     logger.error("mail_unreadable", send_id=send_id, job_id=job_id, state=state, error=error)
                     return {"id": send_id, "state": state, "reason": reason}
                 # As an attempt that could not begin: the state table's own moves, no new edge.
-                target = stored.to(SendState.FAILED) if stored is SendState.SENDING else (
-                    stored.to(SendState.SENDING).to(SendState.FAILED)
+                target = (
+                    stored.to(SendState.FAILED)
+                    if stored is SendState.SENDING
+                    else (stored.to(SendState.SENDING).to(SendState.FAILED))
                 )
                 record = _json_object(raw.get(b"record"))
                 record["reason"] = {"kind": "record", "stage": None, "code": None, "enhanced": None,
@@ -112,17 +105,12 @@ def fail_unreadable(
                 history = history if isinstance(history, list) else []
                 history.append({"at": now, "event": "unreadable_record", "job_id": job_id, "error": error})
                 record["history"] = history[-50:]
-                pipe.hset(key, mapping={"state": target.value, "updated_at": repr(now), "next_attempt_at": "",
-                                        "record": json.dumps(record, separators=(",", ":"))})  # fmt: skip
-                pipe.expire(key, RECORD_TTL)
-                pipe.expire(source_key(send_id), RECORD_TTL)
-                for priority in (None, *PRIORITIES):  # the mail (and its priority) may be what is unreadable
-                    pipe.zrem(state_key(stored, priority), send_id)
-                pipe.zadd(state_key(target), {send_id: now})
-                priority_of = _priority_of(raw)
-                if priority_of is not None:
-                    pipe.zadd(state_key(target, priority_of), {send_id: now})
-                pipe.execute()
+                fields = {"state": target.value, "updated_at": repr(now), "next_attempt_at": "",
+                          "record": json.dumps(record, separators=(",", ":"))}  # fmt: skip
+                store.stage_fields(
+                    pipe, send_id, fields, moved=(stored, target), priority=_priority_of(raw), now=now
+                )
+                store.execute(pipe)
                 state = target.value
                 logger.error("mail_unreadable", send_id=send_id, job_id=job_id, state=state, error=error)
                 return {"id": send_id, "state": state, "reason": reason}
@@ -157,10 +145,10 @@ def requeue(
     it (``from_job``, or any job when None); drop it from the in-flight set either way. Atomic."""
     now = time.time() if now is None else now
     store = SendStore(connection)
-    with connection.pipeline(transaction=True) as pipe:
+    with store.watching() as pipe:
         while True:
             try:
-                pipe.watch(INFLIGHT, send_key(send_id))  # type: ignore[no-untyped-call]
+                store.watch_send(pipe, send_id)
                 try:
                     rec = load_readable(store, send_id)
                 except UNREADABLE as exc:  # never requeue it: fail it once, with the reason
@@ -168,13 +156,13 @@ def requeue(
                     fail_unreadable(connection, send_id, describe_unreadable(exc), job_id=from_job, now=now)
                     return False
                 pipe.multi()
-                pipe.zrem(INFLIGHT, send_id)
+                store.stage_release(pipe, send_id)
                 lost = rec is not None and rec.state in LOST_STATES
                 if rec is not None and lost and (from_job is None or rec.rq_job == from_job):
                     if rec.state is SendState.SENDING and rec.data_out == rec.attempts:
                         settle_unknown(rec, now)
                         store.stage_save(pipe, rec, now=now)
-                        pipe.execute()
+                        store.execute(pipe)
                         attempt = rec.attempts
                         logger.warning("mail_unknown_after_worker_loss", send_id=send_id, attempt=attempt)
                         return False
@@ -185,9 +173,9 @@ def requeue(
                     job_id = attempt_job_id(send_id, rec.generation, rec.attempts + 1, f"-{int(now * 1000)}")
                     schedule_attempt(pipe, connection, rec, job_id, None)
                     store.stage_save(pipe, rec, now=now)
-                    pipe.execute()
+                    store.execute(pipe)
                     return True
-                pipe.execute()
+                store.execute(pipe)
                 return False
             except redis.WatchError:
                 continue
@@ -221,7 +209,7 @@ def requeue_unstarted(connection: redis.Redis, send_ids: Iterable[str], job_id: 
         try:
             if requeue(connection, send_id, from_job=job_id, reason="batch_stopped"):
                 done.append(send_id)
-        except redis.RedisError as exc:  # their leases expire; the reaper gets them
+        except (redis.RedisError, QueueUnavailable) as exc:  # their leases expire; the reaper gets them
             logger.warning("requeue_failed", send_id=send_id, error=str(exc))
     if done:
         logger.info("mail_requeued_from_stopped_batch", sends=done, job_id=job_id)
@@ -231,7 +219,7 @@ def requeue_unstarted(connection: redis.Redis, send_ids: Iterable[str], job_id: 
 def reap_abandoned(connection: redis.Redis, *, now: float | None = None) -> list[str]:
     """Requeue every send whose in-flight lease has expired; returns their ids."""
     now = time.time() if now is None else now
-    expired = [text(m) for m in connection.zrangebyscore(INFLIGHT, "-inf", now)]
+    expired = SendStore(connection).expired_leases(now)
     requeued: list[str] = []
     for send_id in expired:
         try:

@@ -23,7 +23,6 @@ Several of them, supervised, are ``dispatcher.worker.pool``'s.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import signal
@@ -43,10 +42,11 @@ from rq.serializers import JSONSerializer
 from rq.utils import current_timestamp, now, utcformat
 from rq.worker import WorkerStatus
 
+from dispatcher.errors import QueueUnavailable
 from dispatcher.queue.producer import BATCH_FUNCTION, FAILURE_TTL, JOB_BATCH_SIZE, JOB_FUNCTION, connect
 from dispatcher.queue.reconcile import reconcile
 from dispatcher.queue.recovery import reap_abandoned
-from dispatcher.queue.store import text, worker_key
+from dispatcher.queue.store import SendStore, text
 from dispatcher.settings import load_settings
 from dispatcher.worker.lineage import OwnedScheduler
 from dispatcher.worker.runtime import Runtime
@@ -259,14 +259,14 @@ class MailWorker(SimpleWorker):
             route["limits"] = self._limits.get(name, {})
         status = {"routes": routes, "updated_at": time.time()}
         try:
-            self.connection.set(worker_key(self.name), json.dumps(status), ex=STATUS_TTL)
-        except redis.RedisError as exc:
+            SendStore(self.connection).publish_worker(self.name, status, STATUS_TTL)
+        except (redis.RedisError, QueueUnavailable) as exc:
             logger.warning("worker_status_failed", error=str(exc))
 
     def run_maintenance_tasks(self) -> None:
         try:
             self.publish_status(limits=True)
-        except redis.RedisError as exc:
+        except (redis.RedisError, QueueUnavailable) as exc:
             logger.warning("worker_status_failed", error=str(exc))
         try:
             super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
@@ -284,8 +284,8 @@ class MailWorker(SimpleWorker):
 
     def teardown(self) -> None:
         self.runtime.close()
-        with contextlib.suppress(redis.RedisError):
-            self.connection.delete(worker_key(self.name))
+        with contextlib.suppress(redis.RedisError, QueueUnavailable):
+            SendStore(self.connection).forget_worker(self.name)
         super().teardown()  # type: ignore[no-untyped-call]
 
 

@@ -11,7 +11,7 @@ import redis
 from dashboard_support import AUTH, csrf_of, state_of
 from flask.testing import FlaskClient
 
-from dispatcher.queue.store import send_key
+from dispatcher.queue.keys import send_key
 
 # Three ways a record hash goes bad: bytes that are not UTF-8, a mail that is not JSON, a state we do not
 # know (a newer or older writer, a hand edit, a bit flip).

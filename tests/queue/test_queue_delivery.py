@@ -20,8 +20,9 @@ from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 from servers import RecordingSmtpServer
 
+from dispatcher.queue.keys import state_key
 from dispatcher.queue.producer import Producer
-from dispatcher.queue.store import SendStore, state_key
+from dispatcher.queue.store import SendStore
 
 StartWorkers = Callable[..., WorkerRun]
 SmtpServer = Callable[..., RecordingSmtpServer]

@@ -13,9 +13,10 @@ from helpers import wait_until
 from queue_support import WorkerRun, smtp_url
 from servers import RecordingSmtpServer
 
+from dispatcher.queue.keys import INFLIGHT, send_key, source_key, state_key
 from dispatcher.queue.producer import Producer
 from dispatcher.queue.recovery import reap_abandoned
-from dispatcher.queue.store import INFLIGHT, SendStore, send_key, source_key, state_key
+from dispatcher.queue.store import SendStore
 
 StartWorkers = Callable[..., WorkerRun]
 SmtpServer = Callable[..., RecordingSmtpServer]

@@ -12,9 +12,9 @@ from helpers import wait_until
 from retrykit import StartWorker, deliveries, env_for, load, mail, smtp_url, state_of
 from servers import RecordingSmtpServer
 
+from dispatcher.queue.keys import INFLIGHT
 from dispatcher.queue.producer import Producer, rq_queue
 from dispatcher.queue.reconcile import owned_jobs, reconcile
-from dispatcher.queue.store import INFLIGHT
 
 Sink = Callable[..., RecordingSmtpServer]
 

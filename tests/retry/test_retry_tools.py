@@ -28,8 +28,8 @@ from retrykit import (
 )
 from servers import RecordingSmtpServer, Rule
 
+from dispatcher.queue.keys import ledger_key
 from dispatcher.queue.producer import Producer
-from dispatcher.queue.store import ledger_key
 
 Sink = Callable[..., RecordingSmtpServer]
 FINAL = ("delivered", "failed", "unknown")

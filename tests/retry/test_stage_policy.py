@@ -18,8 +18,8 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 from servers import Fault, Rule, ScriptedSmtpServer
 
+from dispatcher.queue.keys import ledger_key
 from dispatcher.queue.producer import Producer, attempt_job_id
-from dispatcher.queue.store import ledger_key
 
 Scripted = Callable[..., ScriptedSmtpServer]
 STAGES = ("mail", "rcpt", "data", "data_end")
