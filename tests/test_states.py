@@ -16,6 +16,7 @@ LEGAL = {
     (S.SENDING, S.DELIVERED), (S.SENDING, S.DEFERRED), (S.SENDING, S.FAILED), (S.SENDING, S.UNKNOWN),
     (S.SENDING, S.QUEUED), (S.DEFERRED, S.SENDING), (S.DEFERRED, S.QUEUED),
     (S.FAILED, S.QUEUED), (S.UNKNOWN, S.QUEUED),
+    (S.QUEUED, S.BROKEN), (S.SCHEDULED, S.BROKEN), (S.SENDING, S.BROKEN), (S.DEFERRED, S.BROKEN),
 }  # fmt: skip
 PAIRS = list(itertools.product(SendState, SendState))
 
@@ -38,6 +39,7 @@ def test_the_table_is_the_list_above_and_covers_every_state() -> None:
 
 def test_delivered_is_the_end_and_only_an_operator_retry_leaves_failed_or_unknown() -> None:
     assert TRANSITIONS[S.DELIVERED] == frozenset()
+    assert TRANSITIONS[S.BROKEN] == frozenset()  # quarantined: only a delete removes it
     assert all(TRANSITIONS[s] <= {S.QUEUED} for s in FINAL_STATES)
     assert initial_state(True) is S.SCHEDULED and initial_state(False) is S.QUEUED
 

@@ -32,7 +32,7 @@ from dispatcher.errors import ConfigurationError, QueueUnavailable, SmtpError, V
 from dispatcher.mail.message import Mail
 from dispatcher.mail.mime import build_message
 from dispatcher.queue.producer import attempt_job_id, schedule_attempt
-from dispatcher.queue.recovery import UNREADABLE, describe_unreadable, fail_unreadable, load_readable
+from dispatcher.queue.recovery import UNREADABLE, describe_unreadable, load_readable, quarantine
 from dispatcher.queue.states import FINAL_STATES, SendState
 from dispatcher.queue.store import SendRecord, SendStore
 from dispatcher.routes.gate import RoutePause
@@ -79,13 +79,13 @@ class Attempt:
         and ``rec`` / ``pending`` / ``context`` say what to send.
 
         A record that cannot be read (``queue.recovery.UNREADABLE``), or whose stored mail is not UTF-8
-        JSON, is failed permanently with the reason ``unreadable record: …`` — never handed back to be
-        requeued (a hot loop of jobs)."""
+        JSON, is quarantined as ``broken`` with the reason ``unreadable record: …`` — never handed back to
+        be requeued (a hot loop of jobs)."""
         try:
             rec = load_readable(self.store, self.send_id)
         except UNREADABLE as exc:
             error = describe_unreadable(exc)
-            return fail_unreadable(self.redis, self.send_id, error, job_id=self.job_id)
+            return quarantine(self.redis, self.send_id, error, job_id=self.job_id)
         if rec is None:
             logger.warning("mail_missing", send_id=self.send_id, job_id=self.job_id)
             return {"id": self.send_id, "state": "missing"}
@@ -114,9 +114,7 @@ class Attempt:
                     raise ValueError("the stored mail is missing")
                 data = json.loads(source.decode())
             except ValueError as exc:  # not UTF-8 (UnicodeDecodeError), not JSON, or gone
-                detail = f"unreadable record: {describe_unreadable(exc)}"
-                verdict = Verdict(RecipientStatus.PERMANENT, None, None, "record", detail)
-                return self._finish(rec, dict.fromkeys(self.pending, verdict), "", self.started)
+                return quarantine(self.redis, self.send_id, describe_unreadable(exc), job_id=self.job_id)
             try:
                 rec.raw = build_message(Mail.from_dict(data))
             except (ValidationError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:

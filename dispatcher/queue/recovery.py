@@ -11,12 +11,12 @@ message data is written — ``delivery.attempt.data_going_out``), so a send whos
 point is not requeued but settled *unknown* (``settle_unknown``): the server may have accepted it, and a
 resend could deliver it twice. The operator sees why and decides.
 
-Unreadable records are failed once, never requeued: a record whose hash does not parse, or whose mail
-cannot be read (not UTF-8, not JSON, fields of the wrong shape), can never be sent, so requeueing it only
-makes a hot loop of rq jobs. Whoever meets one first — the attempt (``delivery.attempt``) or recovery
-here — fails it permanently with the reason ``unreadable record: …`` (``fail_unreadable``: through the
-state table, ``→ sending → failed``, as an attempt that could not begin) and drops its lease, so the
-reaper does not meet it again.
+Unreadable records are quarantined once, never requeued: a record whose hash does not parse, or whose
+mail cannot be read (not UTF-8, not JSON, fields of the wrong shape), can never be sent, so requeueing it
+only makes a hot loop of rq jobs. Whoever meets one first — the attempt (``delivery.attempt``) or
+recovery here — moves it to ``broken`` with the reason ``unreadable record: …`` (``quarantine``) and
+drops its lease, so the reaper does not meet it again; the dashboard and ``status`` show it, only a
+delete removes it.
 """
 
 from __future__ import annotations
@@ -69,10 +69,10 @@ def load_readable(store: SendStore, send_id: str) -> SendRecord | None:
     return rec
 
 
-def fail_unreadable(
+def quarantine(
     connection: redis.Redis, send_id: str, error: str, *, job_id: str | None, now: float | None = None
 ) -> dict[str, Any]:
-    """Fail a send whose record cannot be read, permanently, with the reason ``unreadable record:
+    """Move a send whose record cannot be read to ``broken``, with the reason ``unreadable record:
     <error>``, touching only the fields that can be written without reading the rest; drop its lease.
     A record already final, or whose stored state is not a state at all, is left as it is (logged).
     Atomic (WATCH on the record). Returns the attempt-style summary."""
@@ -92,12 +92,7 @@ def fail_unreadable(
                     state = stored.value if stored is not None else ("missing" if not raw else "unreadable")
                     logger.error("mail_unreadable", send_id=send_id, job_id=job_id, state=state, error=error)
                     return {"id": send_id, "state": state, "reason": reason}
-                # As an attempt that could not begin: the state table's own moves, no new edge.
-                target = (
-                    stored.to(SendState.FAILED)
-                    if stored is SendState.SENDING
-                    else (stored.to(SendState.SENDING).to(SendState.FAILED))
-                )
+                target = stored.to(SendState.BROKEN)
                 record = _json_object(raw.get(b"record"))
                 record["reason"] = {"kind": "record", "stage": None, "code": None, "enhanced": None,
                                     "text": reason}  # fmt: skip
@@ -151,9 +146,9 @@ def requeue(
                 store.watch_send(pipe, send_id)
                 try:
                     rec = load_readable(store, send_id)
-                except UNREADABLE as exc:  # never requeue it: fail it once, with the reason
+                except UNREADABLE as exc:  # never requeue it: quarantine it once, with the reason
                     pipe.reset()
-                    fail_unreadable(connection, send_id, describe_unreadable(exc), job_id=from_job, now=now)
+                    quarantine(connection, send_id, describe_unreadable(exc), job_id=from_job, now=now)
                     return False
                 pipe.multi()
                 store.stage_release(pipe, send_id)

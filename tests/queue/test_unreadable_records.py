@@ -1,5 +1,6 @@
-"""A record that cannot be read or built (issue 14 item 4, issue 13 "a record with a corrupt field"): it is
-failed permanently the first time, with the reason "unreadable record: …", and never requeued in a loop
+"""A record that cannot be read (issue 14 item 4, issue 13 "a record with a corrupt field", invariant 5): it
+is quarantined — state ``broken`` — the first time, with the reason "unreadable record: …", and never
+requeued in a loop
 (issue 14 saw ~1,000 rq jobs in 10 s for one send whose source was not UTF-8); the reaper and
 ``enqueue.py status`` handle it without a traceback. Real worker processes, a real Redis."""
 
@@ -36,7 +37,7 @@ def stored_state(client: redis.Redis, send_id: str) -> bytes | None:
     return client.hget(send_key(send_id), "state")
 
 
-def test_a_source_that_is_not_utf8_fails_once_with_its_reason_and_is_never_requeued(
+def test_a_source_that_is_not_utf8_is_quarantined_once_with_its_reason_and_never_requeued(
     redis_client: redis.Redis, smtp_server: SmtpServer, start_workers: StartWorkers
 ) -> None:
     sink = smtp_server()
@@ -50,7 +51,7 @@ def test_a_source_that_is_not_utf8_fails_once_with_its_reason_and_is_never_reque
 
     def failed_without_a_loop() -> bool:
         assert len(rq_jobs_of(redis_client, poison)) <= 1, "the poison send is being requeued in a loop"
-        return stored_state(redis_client, poison) == b"failed"
+        return stored_state(redis_client, poison) == b"broken"
 
     wait_until(failed_without_a_loop, timeout=20, message=worker.text())
     rec = SendStore(redis_client).load(poison)
@@ -63,7 +64,7 @@ def test_a_source_that_is_not_utf8_fails_once_with_its_reason_and_is_never_reque
     assert worker.proc.poll() is None
 
 
-def test_a_record_hash_that_cannot_be_parsed_is_failed_by_the_worker_once(
+def test_a_record_hash_that_cannot_be_parsed_is_quarantined_by_the_worker_once(
     redis_client: redis.Redis, smtp_server: SmtpServer, start_workers: StartWorkers
 ) -> None:
     sink = smtp_server()
@@ -74,8 +75,8 @@ def test_a_record_hash_that_cannot_be_parsed_is_failed_by_the_worker_once(
     worker = start_workers(smtp_url(sink.port))
 
     sink.wait_for_messages(1, timeout=30)
-    wait_until(lambda: stored_state(redis_client, broken) == b"failed", timeout=20, message=worker.text())
-    assert redis_client.zscore(state_key("failed"), broken) is not None
+    wait_until(lambda: stored_state(redis_client, broken) == b"broken", timeout=20, message=worker.text())
+    assert redis_client.zscore(state_key("broken"), broken) is not None
     assert redis_client.zscore(state_key("queued"), broken) is None
     assert redis_client.zscore(INFLIGHT, broken) is None
     assert len(rq_jobs_of(redis_client, broken)) == 1
@@ -83,7 +84,7 @@ def test_a_record_hash_that_cannot_be_parsed_is_failed_by_the_worker_once(
     assert any(e.get("event") == "mail_unreadable" and e.get("send_id") == broken for e in worker.events())
 
 
-def test_the_reaper_fails_an_expired_unreadable_record_once_without_an_error(
+def test_the_reaper_quarantines_an_expired_unreadable_record_once_without_an_error(
     redis_client: redis.Redis,
 ) -> None:
     broken = Producer(redis_client).enqueue(mail(5)).id
@@ -92,7 +93,8 @@ def test_the_reaper_fails_an_expired_unreadable_record_once_without_an_error(
 
     assert reap_abandoned(redis_client) == []
     assert redis_client.zscore(INFLIGHT, broken) is None  # not looked at again every round
-    assert stored_state(redis_client, broken) == b"failed"
+    assert stored_state(redis_client, broken) == b"broken"
+    assert redis_client.zscore(state_key("broken"), broken) is not None
     assert b"unreadable record" in (redis_client.hget(send_key(broken), "record") or b"")
     assert reap_abandoned(redis_client) == []
 
