@@ -38,6 +38,10 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "DISPATCH_LEASE_SECONDS": ("30", "in-flight lease; a dead worker's send is requeued after it expires"),
     "DISPATCH_RECONCILE_AFTER": ("60", "seconds a waiting send may lack an rq job before it gets a new one"),
     "DISPATCH_JOB_TIMEOUT_MARGIN": ("60", "seconds added to the routes' summed deadlines: rq's job timeout"),
+    "DISPATCH_JOURNAL_DIR": (
+        "$XDG_STATE_HOME/dispatcher/journal (~/.local/state/…)",
+        "where a worker keeps outcomes Redis could not take in half a lease; replayed when it returns",
+    ),
     "DISPATCH_LOG_LEVEL": ("INFO", "log level of dispatcher's events"),
     "DISPATCH_LOG_FORMAT": ("json off a TTY", "json or console"),
     "DISPATCH_RQ_LOG_LEVEL": ("WARNING", "log level of rq's own per-job messages"),
@@ -76,6 +80,7 @@ class Settings:
     lease_seconds: float = 30.0
     reconcile_after: float = 60.0
     job_timeout_margin: float = 60.0
+    journal_dir: str = ""
 
     def route(self, name: str) -> SmtpConfig:
         try:
@@ -157,4 +162,13 @@ def load_settings(env: Mapping[str, str] | None = None, *, need_routes: bool = F
         lease_seconds=_number(env, "DISPATCH_LEASE_SECONDS", 30.0, minimum=2.0),
         reconcile_after=_number(env, "DISPATCH_RECONCILE_AFTER", 60.0, minimum=1.0),
         job_timeout_margin=_number(env, "DISPATCH_JOB_TIMEOUT_MARGIN", 60.0, minimum=1.0),
+        journal_dir=env.get("DISPATCH_JOURNAL_DIR") or default_journal_dir(env),
     )
+
+
+def default_journal_dir(env: Mapping[str, str]) -> str:
+    """``$XDG_STATE_HOME/dispatcher/journal``, or under ``~/.local/state`` (state that must survive a
+    reboot: not /tmp)."""
+    state = env.get("XDG_STATE_HOME") or os.environ.get("XDG_STATE_HOME")
+    state = state or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "dispatcher", "journal")

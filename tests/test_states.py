@@ -17,6 +17,7 @@ LEGAL = {
     (S.SENDING, S.QUEUED), (S.DEFERRED, S.SENDING), (S.DEFERRED, S.QUEUED),
     (S.FAILED, S.QUEUED), (S.UNKNOWN, S.QUEUED),
     (S.QUEUED, S.BROKEN), (S.SCHEDULED, S.BROKEN), (S.SENDING, S.BROKEN), (S.DEFERRED, S.BROKEN),
+    (S.UNKNOWN, S.DELIVERED), (S.UNKNOWN, S.FAILED), (S.UNKNOWN, S.DEFERRED),  # a journaled outcome
 }  # fmt: skip
 PAIRS = list(itertools.product(SendState, SendState))
 
@@ -40,7 +41,8 @@ def test_the_table_is_the_list_above_and_covers_every_state() -> None:
 def test_delivered_is_the_end_and_only_an_operator_retry_leaves_failed_or_unknown() -> None:
     assert TRANSITIONS[S.DELIVERED] == frozenset()
     assert TRANSITIONS[S.BROKEN] == frozenset()  # quarantined: only a delete removes it
-    assert all(TRANSITIONS[s] <= {S.QUEUED} for s in FINAL_STATES)
+    assert all(TRANSITIONS[s] <= {S.QUEUED} for s in FINAL_STATES - {S.UNKNOWN})
+    assert TRANSITIONS[S.UNKNOWN] == {S.QUEUED, S.DELIVERED, S.FAILED, S.DEFERRED}
     assert initial_state(True) is S.SCHEDULED and initial_state(False) is S.QUEUED
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import redis
 import structlog
 
+from dispatcher.delivery.journal import Entry
 from dispatcher.delivery.verdicts import (
     Verdict,
     backoff_delay,
@@ -56,6 +57,8 @@ class Attempt:
         self.pause: RoutePause | None = None
         self.write_retries = 0
         """How often writing the outcome had to be tried again (Redis away; ``outcome_write_retry``)."""
+        self.journaled = False
+        """Whether the outcome went to the outcome journal (Redis away past half the lease)."""
         """Set when the route held this attempt back (``_throttled``)."""
 
     def run(self) -> dict[str, Any]:
@@ -277,7 +280,7 @@ class Attempt:
                 schedule_attempt(pipe, self.redis, rec, *next_job)
             self.store.stage_outcome(pipe, rec, accepted, now=now)
 
-        self._commit(stage)
+        self._commit(stage, lambda: Entry.of(rec, self.job_id, accepted, next_job, now))
         summary = {
             "id": rec.send_id,
             "state": rec.state,
@@ -300,11 +303,12 @@ class Attempt:
         )
         return summary
 
-    def _commit(self, stage: Callable[[Any], None]) -> None:
+    def _commit(self, stage: Callable[[Any], None], entry: Callable[[], Entry]) -> None:
         """Write an attempt's outcome in one MULTI. An outcome, once known, is not dropped because Redis
-        is away for a moment: the write is tried again (backoff to 2 s) for up to half the lease, while
-        this worker's lease still keeps the reaper off the send; past that the error goes up and the
-        send's ``data_out`` marker makes recovery settle it *unknown* (never a blind resend)."""
+        is away: the write is tried again (backoff to 2 s) for up to half the lease, while this worker's
+        lease still keeps recovery off the send; past that it goes to the host's outcome journal
+        (``delivery.journal``), replayed once Redis answers — the send's ``data_out`` marker meanwhile
+        keeps recovery from resending it."""
         deadline = time.monotonic() + self.runtime.settings.lease_seconds / 2
         delay = 0.1
         while True:
@@ -315,7 +319,9 @@ class Attempt:
                 return
             except QueueUnavailable as exc:
                 if time.monotonic() + delay > deadline:
-                    raise
+                    self.runtime.journal().append(entry())
+                    self.journaled = True
+                    return
                 self.write_retries += 1
                 logger.warning("outcome_write_retry", send_id=self.send_id, error=str(exc), retry_in=delay)
                 time.sleep(delay)  # Redis is away: wait before the next try (bounded by the deadline)

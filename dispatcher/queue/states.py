@@ -4,12 +4,14 @@
     (new) ──► scheduled ──┼──► sending ──► deferred ──► sending …
                 deferred ─┘        ├──► failed   ──► queued (operator retry, fresh budget)
                                    ├──► unknown  ──► queued (operator retry)
+                                   │             └──► delivered · failed · deferred (journal replay)
                                    └──► queued   (crash recovery, or handed back by a stopping batch)
     queued · scheduled · sending · deferred ──► broken   (its record cannot be read: quarantined)
 
 ``sending`` means a worker holds the send under a lease in ``dispatch:inflight``; every other state has no
 owner but its rq job. ``delivered``, ``failed`` and ``unknown`` are final: no job acts on them, only an
-operator's retry (failed, unknown) moves them on. ``broken`` is a quarantine: a record that cannot be read
+operator's retry (failed, unknown) moves them on — or, for ``unknown``, the replay of an outcome its
+worker journaled while Redis was away. ``broken`` is a quarantine: a record that cannot be read
 (its hash does not parse, its stored mail is not UTF-8 JSON) can never be sent, so it is kept with the
 parse error as its reason, shown by the dashboard and ``status``, skipped by the reaper, and left only by
 deletion. Every change of a send's state in the code goes through
@@ -66,11 +68,15 @@ TRANSITIONS: dict[SendState, frozenset[SendState]] = {
     SendState.DEFERRED: frozenset({SendState.SENDING, SendState.QUEUED, SendState.BROKEN}),
     SendState.DELIVERED: frozenset(),
     SendState.FAILED: frozenset({SendState.QUEUED}),
-    SendState.UNKNOWN: frozenset({SendState.QUEUED}),
+    SendState.UNKNOWN: frozenset(
+        {SendState.QUEUED, SendState.DELIVERED, SendState.FAILED, SendState.DEFERRED}
+    ),
     SendState.BROKEN: frozenset(),
 }
 """Each state's legal next states. queued → queued: a crash-recovery requeue of a send whose job was
-lost before it began (a new job, the same state)."""
+lost before it began (a new job, the same state). unknown → delivered / failed / deferred: the outcome
+its worker knew, journaled while Redis was away, reaches Redis after recovery settled the send unknown
+(``delivery.journal``)."""
 
 
 def initial_state(scheduled: bool) -> SendState:

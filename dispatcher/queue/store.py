@@ -470,15 +470,20 @@ class SendStore:
     def stage_outcome(self, pipe: Any, rec: SendRecord, accepted: Sequence[str], *, now: float) -> None:
         """Queue the writes recording an attempt's outcome: ``accepted`` recipients (casefolded) into the
         ledger, the delivery count when ``rec`` is delivered, the record, and the lease dropped."""
-        if accepted:
-            pipe.sadd(ledger_key(rec.message_id), *accepted)
-            pipe.expire(ledger_key(rec.message_id), LEDGER_TTL)
+        self.stage_ledger(pipe, rec.message_id, accepted)
         if rec.state is SendState.DELIVERED:
             minute = int(now // 60)
             pipe.incr(delivered_key(minute))
             pipe.expire(delivered_key(minute), STATS_TTL)
         self.stage_save(pipe, rec, now=now)
         self.stage_release(pipe, rec.send_id)
+
+    @staticmethod
+    def stage_ledger(pipe: Any, message_id: str, accepted: Sequence[str]) -> None:
+        """Queue adding ``accepted`` recipients (casefolded) to the ledger of ``message_id``."""
+        if accepted:
+            pipe.sadd(ledger_key(message_id), *accepted)
+            pipe.expire(ledger_key(message_id), LEDGER_TTL)
 
     # -- leases ---------------------------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import random
 import signal
 import time
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from dispatcher.errors import ConfigurationError
 from dispatcher.logs import configure_logging
 from dispatcher.queue.producer import QUEUE_NAMES
 from dispatcher.settings import load_settings
+from dispatcher.worker.backoff import RestartBackoff
 from dispatcher.worker.lineage import die_with_parent
 from dispatcher.worker.process import STOP_SIGNALS, note_early_stop, run_one
 
@@ -68,28 +68,6 @@ class Child:
     def send_signal(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signum)
-
-
-class RestartBackoff:
-    """The delays before restarting one slot's child: ``BASE·2^(n-1)`` for the n-th death in a row,
-    capped at ``CAP``, times ``uniform(0.5, 1)`` — the jitter keeps a pool's children from restarting in
-    step, and halving at most keeps every delay below the cap at least as long as the one before. A child
-    that ran ``HEALTHY`` seconds before it died starts the count again."""
-
-    BASE = 0.5
-    CAP = 5.0
-    HEALTHY = 30.0
-
-    def __init__(self, rng: random.Random | None = None) -> None:
-        self.rng = rng or random.Random()
-        self.failures = 0
-
-    def delay(self, ran_for: float) -> float:
-        if ran_for >= self.HEALTHY:
-            self.failures = 0
-        self.failures += 1
-        ceiling = min(self.CAP, self.BASE * 2.0 ** min(self.failures - 1, 32))
-        return ceiling * self.rng.uniform(0.5, 1.0)
 
 
 class Supervisor:

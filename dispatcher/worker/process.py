@@ -48,6 +48,7 @@ from dispatcher.queue.reconcile import reconcile
 from dispatcher.queue.recovery import reap_abandoned
 from dispatcher.queue.store import SendStore, text
 from dispatcher.settings import load_settings
+from dispatcher.worker.backoff import RestartBackoff
 from dispatcher.worker.lineage import OwnedScheduler
 from dispatcher.worker.runtime import Runtime
 
@@ -275,6 +276,7 @@ class MailWorker(SimpleWorker):
         except Exception as exc:  # rq's registry cleanup tripping on a job: log it, keep working
             logger.exception("maintenance_failed", error=str(exc))
         try:
+            self.runtime.journal().replay(self.connection)  # first: before recovery settles those sends
             reap_abandoned(self.connection)
             reconcile(self.connection, older_than=self.runtime.settings.reconcile_after)
         except StopRequested:  # rq's warm stop, raised from its signal handler while idle: let it through
@@ -286,7 +288,10 @@ class MailWorker(SimpleWorker):
         self.runtime.close()
         with contextlib.suppress(redis.RedisError, QueueUnavailable):
             SendStore(self.connection).forget_worker(self.name)
-        super().teardown()  # type: ignore[no-untyped-call]
+        try:
+            super().teardown()  # type: ignore[no-untyped-call]
+        except redis.RedisError as exc:  # Redis away: rq's registration expires by itself
+            logger.warning("worker_teardown_incomplete", worker=self.name, error=str(exc))
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -298,31 +303,51 @@ def note_early_stop(signum: int, frame: FrameType | None) -> None:
 
 
 def run_one(queue_names: Sequence[str], *, burst: bool) -> int:
-    """Run one worker in this process until it stops; 0 on a clean stop."""
+    """Run one worker in this process until it is asked to stop; 0 on a clean stop.
+
+    rq leaves its work loop on any error of its own (Redis gone in the middle of a job's bookkeeping, for
+    one): then the worker is started again here, in the same process, after ``RestartBackoff``'s delay —
+    a lone ``worker.py`` has no supervisor to do it, and a pool's child keeps its place."""
     for signum in STOP_SIGNALS:  # until rq installs its own handlers in work()
         signal.signal(signum, note_early_stop)
     settings = load_settings(need_routes=True)
     connection = connect(settings.redis_url)
     queues = [Queue(name, connection=connection, serializer=JSONSerializer) for name in queue_names]
-    worker = MailWorker(queues, connection=connection, runtime=Runtime(settings))
-    logger.info(
-        "worker_started",
-        worker=worker.name,
-        queues=list(queue_names),
-        burst=burst,
-        routes={name: cfg.redacted_url() for name, cfg in settings.routes.items()},
-    )
-    if _stop_before_start:
-        logger.info("worker_stopped_before_start", worker=worker.name)
-        return 0
-    worker.work(
-        burst=burst,
-        with_scheduler=True,
-        logging_level=logging.getLevelName(logging.getLogger("rq").getEffectiveLevel()),
-    )
-    asked = worker._stop_requested or worker._shutdown_requested_date is not None
-    if not burst and not asked:  # rq left its work loop on an error of its own
-        logger.error("worker_loop_ended", worker=worker.name)
-        return 1
-    logger.info("worker_stopped", worker=worker.name)
-    return 0
+    backoff = RestartBackoff()
+    while True:
+        worker = MailWorker(queues, connection=connection, runtime=Runtime(settings))
+        logger.info(
+            "worker_started",
+            worker=worker.name,
+            queues=list(queue_names),
+            burst=burst,
+            routes={name: cfg.redacted_url() for name, cfg in settings.routes.items()},
+        )
+        if _stop_before_start:
+            logger.info("worker_stopped_before_start", worker=worker.name)
+            return 0
+        started = time.monotonic()
+        worker.work(
+            burst=burst,
+            with_scheduler=True,
+            logging_level=logging.getLevelName(logging.getLogger("rq").getEffectiveLevel()),
+        )
+        asked = worker._stop_requested or worker._shutdown_requested_date is not None
+        if burst or asked:
+            logger.info("worker_stopped", worker=worker.name)
+            return 0
+        for signum in STOP_SIGNALS:  # rq's handlers belong to the worker that just ended
+            signal.signal(signum, note_early_stop)
+        delay = backoff.delay(time.monotonic() - started)
+        logger.error("worker_loop_ended", worker=worker.name, restart_in=round(delay, 2))
+        if _stopped_within(delay):
+            logger.info("worker_stopped", worker=worker.name)
+            return 0
+
+
+def _stopped_within(seconds: float) -> bool:
+    """Wait ``seconds`` unless a stop signal comes first; whether one came."""
+    deadline = time.monotonic() + seconds
+    while not _stop_before_start and time.monotonic() < deadline:
+        time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+    return bool(_stop_before_start)

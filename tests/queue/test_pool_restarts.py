@@ -19,7 +19,7 @@ from queue_support import WorkerRun, smtp_url
 from servers import RecordingSmtpServer
 
 from dispatcher.queue.producer import Producer
-from dispatcher.worker.pool import RestartBackoff
+from dispatcher.worker.backoff import RestartBackoff
 
 StartWorkers = Callable[..., WorkerRun]
 SmtpServer = Callable[..., RecordingSmtpServer]
