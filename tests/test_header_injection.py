@@ -332,5 +332,5 @@ def test_the_worker_fails_a_hostile_source_permanently_and_sends_nothing(
     finally:
         runtime.close()
     rec = SendStore(redis_client).load(send_id)
-    assert rec is not None and "encoded word" in rec.record["reason"]["text"]
+    assert rec is not None and "encoded word" in rec.status()["reason"]["text"]
     assert server.connection_count == 0 and not server.messages

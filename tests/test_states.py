@@ -7,8 +7,8 @@ import itertools
 import pytest
 
 from dispatcher.errors import IllegalTransition
+from dispatcher.queue.records import SendRecord
 from dispatcher.queue.states import FINAL_STATES, TRANSITIONS, SendState, initial_state
-from dispatcher.queue.store import SendRecord
 
 S = SendState
 LEGAL = {

@@ -21,8 +21,8 @@ from dispatcher.dashboard.auth import check_bearer
 from dispatcher.errors import ConfigurationError, IdempotencyConflict, PartiallyEnqueued, ValidationError
 from dispatcher.queue.operations import FailureFilter
 from dispatcher.queue.producer import Enqueued
+from dispatcher.queue.records import SendRecord
 from dispatcher.queue.states import FAILURE_STATES, RETRYABLE_STATES
-from dispatcher.queue.store import SendRecord
 
 logger = structlog.get_logger("dispatcher.dashboard.api")
 blueprint = Blueprint("api", __name__, url_prefix="/api/v1")

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import structlog
 
 from dispatcher.queue.operations import FailureFilter, Operations
+from dispatcher.queue.records import SendRecord
 from dispatcher.queue.states import SendState
-from dispatcher.queue.store import DECODE_ERRORS, SendRecord, SendStore
+from dispatcher.queue.store import DECODE_ERRORS, SendStore
 
 logger = structlog.get_logger("dispatcher.dashboard.records")
 _MAX_REASON = 200
@@ -72,7 +73,7 @@ def find(
 
 
 def _quarantine_reason(rec: SendRecord) -> str:
-    text = str((rec.record.get("reason") or {}).get("text") or "quarantined")
+    text = rec.reason.text if rec.reason is not None and rec.reason.text else "quarantined"
     return text.removeprefix("unreadable record: ")
 
 

@@ -19,7 +19,8 @@ from dispatcher.dashboard.records import Unreadable, find
 from dispatcher.mail.fields import PRIORITIES
 from dispatcher.queue.operations import FailureFilter, describe_group, group_key
 from dispatcher.queue.producer import QUEUE_NAMES
-from dispatcher.queue.store import SendRecord, SendStore
+from dispatcher.queue.records import SendRecord
+from dispatcher.queue.store import SendStore
 
 CHART_MINUTES = 60
 
@@ -132,10 +133,10 @@ def failure_groups(store: SendStore, flt: FailureFilter) -> tuple[list[Group], l
         group = groups.get(key)
         if group is None:
             group = groups[key] = Group(key, describe_group(key))
-            group.sample = (rec.record.get("reason") or {}).get("text")
+            group.sample = rec.reason.text if rec.reason is not None else None
         group.sends.append(rec)
     return sorted(groups.values(), key=lambda g: (-g.count, g.key)), unreadable
 
 
 def failed_recipients(rec: SendRecord) -> list[str]:
-    return sorted(r for r, o in rec.outcomes.items() if o.get("status") != "accepted") or sorted(rec.outcomes)
+    return sorted(r for r, o in rec.outcomes.items() if o.status != "accepted") or sorted(rec.outcomes)

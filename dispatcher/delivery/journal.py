@@ -40,8 +40,9 @@ import structlog
 
 from dispatcher.errors import QueueUnavailable
 from dispatcher.queue.producer import schedule_attempt
+from dispatcher.queue.records import HistoryEntry, SendRecord
 from dispatcher.queue.states import SendState
-from dispatcher.queue.store import DECODE_ERRORS, SendRecord, SendStore
+from dispatcher.queue.store import DECODE_ERRORS, SendStore
 
 logger = structlog.get_logger("dispatcher.delivery.journal")
 SUFFIX = ".jsonl"
@@ -57,6 +58,7 @@ class Entry:
     job_id: str
     state: str
     record: dict[str, Any]
+    """The record's JSON as the attempt staged it (``SendRecord.record_json``)."""
     accepted: list[str]
     next_job: tuple[str, float] | None
     at: float
@@ -65,7 +67,7 @@ class Entry:
     def of(
         cls, rec: SendRecord, job_id: str, accepted: list[str], next_job: tuple[str, float] | None, at: float
     ) -> Entry:
-        return cls(rec.send_id, rec.generation, rec.attempts, job_id, rec.state.value, rec.record,
+        return cls(rec.send_id, rec.generation, rec.attempts, job_id, rec.state.value, rec.record_json(),
                    list(accepted), next_job, at)  # fmt: skip
 
     @classmethod
@@ -190,11 +192,9 @@ def replay_entry(store: SendStore, entry: Entry) -> str:
                 target = SendState(entry.state)
                 if rec.state is not target:
                     rec.move(target)
-                rec.record = entry.record
-                rec.record.setdefault("history", []).append(
-                    {"attempt": entry.attempts, "generation": entry.generation, "at": time.time(),
-                     "event": "outcome_replayed", "was": settled_as}
-                )  # fmt: skip
+                rec.load_record_json(entry.record)
+                rec.note(HistoryEntry(at=time.time(), event="outcome_replayed", attempt=entry.attempts,
+                                      generation=entry.generation, details={"was": settled_as}))  # fmt: skip
                 rec.data_out = None
                 rec.next_attempt_at = None
                 if entry.next_job is not None:

@@ -18,8 +18,9 @@ import structlog
 
 from dispatcher.errors import ConfigurationError
 from dispatcher.queue.producer import attempt_job_id, schedule_attempt
+from dispatcher.queue.records import DeliveryStatus, HistoryEntry, Reason, SendRecord
 from dispatcher.queue.states import FAILURE_STATES, RETRYABLE_STATES, SendState
-from dispatcher.queue.store import SendRecord, SendStore
+from dispatcher.queue.store import SendStore
 
 logger = structlog.get_logger("dispatcher.queue.operations")
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
@@ -47,9 +48,10 @@ class FailureFilter:
             raise ConfigurationError(f"state filter {sorted(unknown)}: expected some of {RETRYABLE_STATES}")
 
     def matches(self, rec: SendRecord) -> bool:
-        reason = rec.record.get("reason") or {}
+        reason = rec.reason
         if self.code is not None:
-            code, enhanced = str(reason.get("code") or ""), str(reason.get("enhanced") or "")
+            code = str(reason.code or "") if reason is not None else ""
+            enhanced = str(reason.enhanced or "") if reason is not None else ""
             if _CLASS.fullmatch(self.code):
                 if not code.startswith(self.code[0]):
                     return False
@@ -67,16 +69,16 @@ def failed_domains(rec: SendRecord) -> set[str]:
     return {
         recipient.rpartition("@")[2].lower()
         for recipient, outcome in rec.outcomes.items()
-        if outcome.get("status") != "accepted"
+        if outcome.status is not DeliveryStatus.ACCEPTED
     }
 
 
 def group_key(rec: SendRecord) -> str:
     """The reason a failure is grouped under: stage, reply code, enhanced code, recipient domain."""
-    reason = rec.record.get("reason") or {}
+    reason = rec.reason or Reason(kind="-", text="")
     domains = ",".join(sorted(failed_domains(rec))) or "-"
-    parts = [rec.state, reason.get("kind") or "-", reason.get("stage") or "-",
-             str(reason.get("code") or "-"), reason.get("enhanced") or "-", domains]  # fmt: skip
+    parts = [rec.state, reason.kind or "-", reason.stage or "-", str(reason.code or "-"),
+             reason.enhanced or "-", domains]  # fmt: skip
     return "|".join(parts)
 
 
@@ -114,7 +116,7 @@ class Operations:
             group = groups.setdefault(key, {"key": key, **describe_group(key), "count": 0, "sample": None})
             group["count"] += 1
             if group["sample"] is None:
-                group["sample"] = (rec.record.get("reason") or {}).get("text")
+                group["sample"] = rec.reason.text if rec.reason is not None else None
         return sorted(groups.values(), key=lambda g: (-g["count"], g["key"]))
 
     def retry(self, send_ids: Iterable[str], *, dry_run: bool = False) -> dict[str, str]:
@@ -134,7 +136,7 @@ class Operations:
                     ledger = {m.casefold() for m in self.store.ledger(rec.message_id)}
                     pending = [
                         r for r, o in rec.outcomes.items()
-                        if o.get("status") != "accepted" and r.casefold() not in ledger
+                        if o.status is not DeliveryStatus.ACCEPTED and r.casefold() not in ledger
                     ]  # fmt: skip
                     if not pending:
                         return "skipped: every recipient already accepted"
@@ -153,11 +155,10 @@ class Operations:
         rec.generation += 1
         rec.attempts = 0
         rec.move(SendState.QUEUED)
-        rec.record.pop("first_attempt_at", None)
+        rec.first_attempt_at = None
         for recipient in pending:
-            rec.outcomes[recipient] = {**rec.outcomes[recipient], "status": "pending"}
-        history = rec.record.setdefault("history", [])
-        history.append({"generation": rec.generation, "at": now, "event": "retry_requested"})
+            rec.outcomes[recipient] = rec.outcomes[recipient].pending_again()
+        rec.note(HistoryEntry(at=now, event="retry_requested", generation=rec.generation))
         pipe.multi()
         schedule_attempt(pipe, self.redis, rec, attempt_job_id(rec.send_id, rec.generation, 1), None)
         self.store.stage_save(pipe, rec, now=now)

@@ -25,8 +25,9 @@ from dispatcher.errors import IdempotencyConflict, PartiallyEnqueued, QueueUnava
 from dispatcher.mail.fields import PRIORITIES
 from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
 from dispatcher.mail.mime import validated
+from dispatcher.queue.records import RecipientRecord, SendRecord, mail_summary, new_send_id
 from dispatcher.queue.states import initial_state
-from dispatcher.queue.store import SendRecord, SendStore, mail_summary, new_send_id
+from dispatcher.queue.store import SendStore
 
 JOB_FUNCTION = "dispatcher.delivery.jobs.deliver"
 BATCH_FUNCTION = "dispatcher.delivery.jobs.deliver_batch"
@@ -210,7 +211,7 @@ class Producer:
                 source=None if mail.raw else json.dumps(as_dict, separators=(",", ":")),
                 state=initial_state(scheduled),
                 created_at=now,
-                record={"outcomes": {r: {"status": "pending"} for r in mail.envelope_recipients}},
+                outcomes={r: RecipientRecord() for r in mail.envelope_recipients},
             )
             created.append(rec)
             if scheduled and mail.send_at is not None:

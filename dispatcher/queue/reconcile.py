@@ -29,8 +29,9 @@ from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
 from dispatcher.mail.fields import PRIORITIES
 from dispatcher.queue.producer import attempt_job_id, rq_queue, schedule_attempt
+from dispatcher.queue.records import HistoryEntry, text
 from dispatcher.queue.states import SendState
-from dispatcher.queue.store import SendStore, text
+from dispatcher.queue.store import SendStore
 
 logger = structlog.get_logger("dispatcher.queue.reconcile")
 
@@ -97,10 +98,8 @@ def _adopt(store: SendStore, send_id: str, jobs: set[str], now: float) -> bool:
                     return False
                 lost_job = rec.rq_job
                 pipe.multi()  # the state stays what it is: only the job that owns the send changes
-                rec.record.setdefault("history", []).append(
-                    {"attempt": rec.attempts, "generation": rec.generation, "at": now, "event": "reconciled",
-                     "lost_job": lost_job}
-                )  # fmt: skip
+                rec.note(HistoryEntry(at=now, event="reconciled", attempt=rec.attempts,
+                                      generation=rec.generation, details={"lost_job": lost_job}))  # fmt: skip
                 job_id = attempt_job_id(send_id, rec.generation, rec.attempts + 1, f"-r{int(now * 1000)}")
                 when = rec.next_attempt_at if rec.next_attempt_at and rec.next_attempt_at > now else None
                 schedule_attempt(pipe, store.redis, rec, job_id, when)

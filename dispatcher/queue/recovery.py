@@ -29,13 +29,12 @@ from typing import Any
 import redis
 import structlog
 
-from dispatcher.delivery.verdicts import Verdict
 from dispatcher.errors import QueueUnavailable
 from dispatcher.mail.fields import PRIORITIES
 from dispatcher.queue.producer import attempt_job_id, schedule_attempt
+from dispatcher.queue.records import DeliveryStatus, HistoryEntry, Reason, RecipientRecord, SendRecord
 from dispatcher.queue.states import SendState
-from dispatcher.queue.store import DECODE_ERRORS, SendRecord, SendStore
-from dispatcher.smtp.outcomes import RecipientStatus
+from dispatcher.queue.store import DECODE_ERRORS, SendStore
 from dispatcher.smtp.stages import Stage
 
 logger = structlog.get_logger("dispatcher.queue.recovery")
@@ -50,15 +49,13 @@ def describe_unreadable(exc: BaseException) -> str:
 
 def check_readable(rec: SendRecord) -> None:
     """Raise one of ``UNREADABLE`` unless every field an attempt reads has its shape."""
-    if not isinstance(rec.mail, dict) or not isinstance(rec.record, dict):
-        raise TypeError("the record's mail and record fields must be JSON objects")
+    if not isinstance(rec.mail, dict):
+        raise TypeError("the record's mail must be a JSON object")
     recipients = rec.recipients
     if not isinstance(rec.message_id, str) or not isinstance(rec.sender, str):
         raise TypeError("message_id and sender must be strings")
     if not all(isinstance(r, str) for r in recipients):
         raise TypeError("recipients must be strings")
-    if not isinstance(rec.outcomes, dict) or not isinstance(rec.record.get("history", []), list):
-        raise TypeError("outcomes must be an object and history a list")
 
 
 def load_readable(store: SendStore, send_id: str) -> SendRecord | None:
@@ -162,9 +159,8 @@ def requeue(
                         logger.warning("mail_unknown_after_worker_loss", send_id=send_id, attempt=attempt)
                         return False
                     rec.move(SendState.QUEUED)
-                    event: dict[str, object] = {"attempt": rec.attempts, "generation": rec.generation}
-                    event.update(at=now, event=reason)
-                    rec.record.setdefault("history", []).append(event)
+                    rec.note(HistoryEntry(at=now, event=reason, attempt=rec.attempts,
+                                          generation=rec.generation))  # fmt: skip
                     job_id = attempt_job_id(send_id, rec.generation, rec.attempts + 1, f"-{int(now * 1000)}")
                     schedule_attempt(pipe, connection, rec, job_id, None)
                     store.stage_save(pipe, rec, now=now)
@@ -183,15 +179,14 @@ def settle_unknown(rec: SendRecord, now: float) -> None:
         f"the worker died after the data of attempt {rec.attempts} went out: "
         "the message may have been delivered (not resent)"
     )
-    verdict = Verdict(RecipientStatus.UNKNOWN, Stage.DATA_END.value, None, "unknown", detail)
+    stage = Stage.DATA_END.value
+    unknown = RecipientRecord(DeliveryStatus.UNKNOWN, stage=stage, text=detail, kind="unknown", at=now)
     for recipient in rec.recipients:
-        if rec.outcomes.get(recipient, {}).get("status", "pending") in ("pending", "transient"):
-            rec.outcomes[recipient] = verdict.to_dict(now)
-    rec.record["reason"] = {"kind": "unknown", "stage": "data_end", "code": None, "enhanced": None,
-                            "text": detail}  # fmt: skip
-    rec.record.setdefault("history", []).append(
-        {"attempt": rec.attempts, "generation": rec.generation, "at": now, "event": "worker_lost_after_data"}
-    )
+        if rec.status_of(recipient).open:
+            rec.outcomes[recipient] = unknown
+    rec.reason = Reason(kind="unknown", text=detail, stage=stage)
+    rec.note(HistoryEntry(at=now, event="worker_lost_after_data", attempt=rec.attempts,
+                          generation=rec.generation))  # fmt: skip
     rec.data_out = None
     rec.next_attempt_at = None
     rec.move(SendState.UNKNOWN)

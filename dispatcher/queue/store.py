@@ -24,20 +24,15 @@ Invariants the store's writes keep (README "Guarantees"):
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
 import redis
 
 from dispatcher.errors import QueueUnavailable
 from dispatcher.mail.fields import PRIORITIES
-from dispatcher.mail.message import Mail
 from dispatcher.queue.keys import (
     INFLIGHT,
     KEY_TTL,
@@ -53,6 +48,7 @@ from dispatcher.queue.keys import (
     state_key,
     worker_key,
 )
+from dispatcher.queue.records import SendRecord, text
 from dispatcher.queue.states import FINAL_STATES, SendState
 
 DECODE_ERRORS = (ValueError, KeyError, TypeError, AttributeError)
@@ -64,11 +60,6 @@ OUTAGE = (redis.ConnectionError, redis.TimeoutError)
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-def text(value: object) -> str:
-    """A Redis reply value as text (the client returns bytes unless told to decode)."""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def unavailable(exc: BaseException) -> QueueUnavailable:
@@ -88,157 +79,6 @@ def _outage_is_unavailable(method: Callable[P, R]) -> Callable[P, R]:
             raise unavailable(exc) from exc
 
     return wrapper
-
-
-def mail_summary(mail: Mail, as_dict: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a record keeps of a mail for people and the worker's bookkeeping: headers, envelope,
-    attachment names (``as_dict``: ``mail.to_dict()`` when the caller has it already)."""
-    summary = dict(mail.to_dict() if as_dict is None else as_dict)
-    summary.pop("text", None)
-    summary.pop("html", None)
-    summary["attachments"] = [
-        {"filename": a.filename, "content_type": a.content_type, "size": len(a.content)}
-        for a in mail.attachments
-    ]
-    summary["envelope"] = {"sender": mail.envelope_sender, "recipients": list(mail.envelope_recipients)}
-    return summary
-
-
-def new_send_id(key: str | None) -> str:
-    """A key always maps to the same id, so a duplicate enqueue finds the first one."""
-    if key is not None:
-        return "mail-" + hashlib.sha256(key.encode()).hexdigest()[:32]
-    return "mail-" + uuid.uuid4().hex
-
-
-@dataclass
-class SendRecord:
-    """The decoded hash of one send. ``record`` holds outcomes, attempt history and the failure reason."""
-
-    send_id: str
-    mail: dict[str, Any]
-    state: SendState
-    attempts: int = 0
-    generation: int = 0
-    created_at: float = 0.0
-    updated_at: float = 0.0
-    next_attempt_at: float | None = None
-    rq_job: str | None = None
-    record: dict[str, Any] = field(default_factory=dict)
-    raw: bytes | None = field(default=None, repr=False)
-    source: str | None = field(default=None, repr=False)
-    stored_state: SendState | None = None
-    data_out: int | None = None
-    """The attempt whose message data may be on the wire: written (durably, ``mark_data_out``) right
-    before its first data byte is sent, cleared when that attempt's outcome is recorded. A record still
-    ``sending`` with ``data_out == attempts`` after its worker died may have been delivered."""
-
-    def move(self, target: SendState) -> None:
-        """Change the state by the table in ``dispatcher.queue.states`` (``IllegalTransition`` otherwise)."""
-        self.state = self.state.to(target)
-
-    @property
-    def message_id(self) -> str:
-        return str(self.mail["message_id"])
-
-    @property
-    def priority(self) -> str:
-        return str(self.mail.get("priority", "default"))
-
-    @property
-    def route(self) -> str:
-        return str(self.mail.get("route", "default"))
-
-    @property
-    def sender(self) -> str:
-        return str(self.mail["envelope"]["sender"])
-
-    @property
-    def recipients(self) -> list[str]:
-        return list(self.mail["envelope"]["recipients"])
-
-    @property
-    def outcomes(self) -> dict[str, dict[str, Any]]:
-        outcomes: dict[str, dict[str, Any]] = self.record.setdefault("outcomes", {})
-        return outcomes
-
-    @classmethod
-    def from_hash(cls, send_id: str, raw: Mapping[Any, Any]) -> SendRecord:
-        message = raw.get(b"raw")
-        fields = {text(k): text(v) for k, v in raw.items() if k != b"raw"}
-        return cls(
-            send_id=send_id,
-            mail=json.loads(fields["mail"]),
-            state=SendState(fields["state"]),
-            attempts=int(fields.get("attempts", 0)),
-            generation=int(fields.get("generation", 0)),
-            created_at=float(fields.get("created_at", 0)),
-            updated_at=float(fields.get("updated_at", 0)),
-            next_attempt_at=float(fields["next_attempt_at"]) if fields.get("next_attempt_at") else None,
-            rq_job=fields.get("rq_job") or None,
-            record=json.loads(fields.get("record") or "{}"),
-            raw=message,
-            stored_state=SendState(fields["state"]),
-            data_out=int(fields["data_out"]) if fields.get("data_out") else None,
-        )
-
-    def to_hash(self) -> dict[str, str]:
-        """The fields an update writes; the mail itself is written once, when the send is created."""
-        fields = {
-            "state": self.state,
-            "attempts": str(self.attempts),
-            "generation": str(self.generation),
-            "created_at": repr(self.created_at),
-            "updated_at": repr(self.updated_at),
-            "next_attempt_at": repr(self.next_attempt_at) if self.next_attempt_at is not None else "",
-            "rq_job": self.rq_job or "",
-            "record": json.dumps(self.record, separators=(",", ":")),
-            "data_out": str(self.data_out) if self.data_out is not None else "",
-        }
-        return fields
-
-    def to_hash_new(self) -> dict[str, str | bytes]:
-        """The fields of a send being created (the others start at their defaults), MIME bytes included."""
-        fields: dict[str, str | bytes] = {
-            "mail": json.dumps(self.mail, separators=(",", ":")),
-            "state": self.state,
-            "created_at": repr(self.created_at),
-            "updated_at": repr(self.updated_at),
-            "rq_job": self.rq_job or "",
-            "record": json.dumps(self.record, separators=(",", ":")),
-        }
-        if self.next_attempt_at is not None:
-            fields["next_attempt_at"] = repr(self.next_attempt_at)
-        if self.raw is not None:
-            fields["raw"] = self.raw
-        return fields
-
-    def status(self) -> dict[str, Any]:
-        """The JSON shown by ``enqueue.py status`` and ``GET /api/v1/messages/<id>``."""
-        return {
-            "id": self.send_id,
-            "state": self.state,
-            "message_id": self.message_id,
-            "route": self.mail.get("route", "default"),
-            "priority": self.mail.get("priority", "default"),
-            "subject": self.mail.get("subject", ""),
-            "attempts": self.attempts,
-            "generation": self.generation,
-            "created_at": _iso(self.created_at),
-            "updated_at": _iso(self.updated_at),
-            "next_attempt_at": _iso(self.next_attempt_at) if self.next_attempt_at else None,
-            "recipients": self.outcomes,
-            "last_reply": self.record.get("last_reply"),
-            "reason": self.record.get("reason"),
-            "history": self.record.get("history", []),
-            "transcript": self.record.get("transcript", []),
-        }
-
-
-def _iso(moment: float | None) -> str | None:
-    if not moment:
-        return None
-    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class SendStore:

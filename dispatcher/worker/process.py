@@ -45,8 +45,9 @@ from rq.worker import WorkerStatus
 from dispatcher.errors import QueueUnavailable
 from dispatcher.queue.producer import BATCH_FUNCTION, FAILURE_TTL, JOB_BATCH_SIZE, JOB_FUNCTION, connect
 from dispatcher.queue.reconcile import reconcile
+from dispatcher.queue.records import text
 from dispatcher.queue.recovery import reap_abandoned
-from dispatcher.queue.store import SendStore, text
+from dispatcher.queue.store import SendStore
 from dispatcher.settings import load_settings
 from dispatcher.worker.backoff import RestartBackoff
 from dispatcher.worker.lineage import OwnedScheduler

@@ -55,10 +55,10 @@ def test_a_source_that_is_not_utf8_is_quarantined_once_with_its_reason_and_never
 
     wait_until(failed_without_a_loop, timeout=20, message=worker.text())
     rec = SendStore(redis_client).load(poison)
-    assert rec is not None and rec.record["reason"]["text"].startswith("unreadable record: ")
-    assert "UTF-8" in rec.record["reason"]["text"] or "utf-8" in rec.record["reason"]["text"]
+    assert rec is not None and rec.status()["reason"]["text"].startswith("unreadable record: ")
+    assert "UTF-8" in rec.status()["reason"]["text"] or "utf-8" in rec.status()["reason"]["text"]
     assert len(rq_jobs_of(redis_client, poison)) == 1  # the one the producer made: no requeue ever
-    assert not [h for h in rec.record.get("history", []) if h.get("event") == "batch_stopped"]
+    assert not [h for h in rec.status().get("history", []) if h.get("event") == "batch_stopped"]
     assert redis_client.zscore(INFLIGHT, poison) is None
     wait_until(lambda: stored_state(redis_client, good) == b"delivered", timeout=10, message=worker.text())
     assert worker.proc.poll() is None

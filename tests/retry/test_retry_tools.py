@@ -177,7 +177,7 @@ def failures(
     run_burst(start_worker, env)
     for send_id in ids.values():
         assert state_of(redis_client, send_id) == "failed"
-    assert load(redis_client, ids["y"]).record["reason"]["kind"] == "exhausted"
+    assert load(redis_client, ids["y"]).status()["reason"]["kind"] == "exhausted"
     return ids, between, sink
 
 
