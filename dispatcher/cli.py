@@ -30,6 +30,7 @@ from dispatcher.queue.recovery import UNREADABLE, describe_unreadable
 from dispatcher.queue.states import FAILURE_STATES, RETRYABLE_STATES
 from dispatcher.queue.store import SendStore
 from dispatcher.settings import load_settings
+from dispatcher.values import parse_redis_url
 
 EXIT_INVALID_LINES, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_UNREADABLE = 1, 2, 3, 4
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
@@ -318,7 +319,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout, err: TextI
     configure_logging(level="WARNING")
     try:
         settings = load_settings()
-        args.redis_url = args.redis_url or settings.redis_url
+        given = args.redis_url
+        args.redis_url = parse_redis_url("--redis-url", given) if given else settings.redis_url
         args.max_bytes = settings.max_message_bytes
         code: int = args.handler(args, out, err)
         return code

@@ -14,7 +14,7 @@ from dispatcher.errors import ConfigurationError
 from dispatcher.mail.message import DEFAULT_MAX_BYTES
 from dispatcher.routes.config import RoutePolicy, check_fallbacks, parse_policy, split_route_url
 from dispatcher.smtp.config import SmtpConfig, parse_smtp_url
-from dispatcher.values import parse_flag, parse_number
+from dispatcher.values import parse_flag, parse_number, parse_redis_url
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 ROUTE_PREFIX = "SMTP_URL_"
@@ -149,7 +149,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, need_routes: bool = F
         resend_unknown=_flag(env, "DISPATCH_RESEND_UNKNOWN", False),
     )
     return Settings(
-        redis_url=env.get("REDIS_URL") or DEFAULT_REDIS_URL,
+        redis_url=parse_redis_url("REDIS_URL", env.get("REDIS_URL") or DEFAULT_REDIS_URL),
         routes=routes,
         policies=read_policies(env),
         retry=retry,

@@ -1,9 +1,13 @@
-"""The small values settings are made of — flags and numbers — parsed in one place, with errors that say
-where the value came from (an environment variable, a URL option) and what was expected."""
+"""The small values settings are made of — flags, numbers, Redis URLs — parsed in one place, with
+errors that say where the value came from (an environment variable, an option, a URL option) and what
+was expected."""
 
 from __future__ import annotations
 
 import math
+from urllib.parse import urlsplit
+
+from redis import ConnectionPool
 
 from dispatcher.errors import ConfigurationError
 
@@ -45,3 +49,29 @@ def parse_number(
     if maximum is not None and value > maximum:
         raise ConfigurationError(f"{label}={raw!r}: must be at most {maximum:g}")
     return value
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def parse_redis_url(label: str, raw: str) -> str:
+    """A Redis URL redis-py can use (``redis://``, ``rediss://``, ``unix://``; a database path ``/N``).
+
+    The error names ``label`` and never repeats the URL or redis-py's text about it: a password with an
+    unescaped ``/``, ``?`` or ``#`` ends up in what redis-py calls the host or port."""
+    url = raw.strip()
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme.lower() not in REDIS_SCHEMES:
+        shown = f"scheme {scheme.lower()!r}" if sep and scheme.isascii() and scheme.isalnum() else "no scheme"
+        raise ConfigurationError(f"{label}: {shown}; expected redis://, rediss:// or unix:// (a Redis URL)")
+    try:
+        parsed = urlsplit(url)
+        ConnectionPool.from_url(url)  # redis-py's own reading of it; connects to nothing
+    except ValueError:
+        raise ConfigurationError(
+            f"{label}: not a usable Redis URL (its host or port cannot be read; percent-encode a password's "
+            "special characters: / as %2F, ? as %3F, # as %23, @ as %40)"
+        ) from None
+    if scheme.lower() != "unix" and parsed.path not in ("", "/") and not parsed.path[1:].isdigit():
+        raise ConfigurationError(f"{label}: the database (the URL's path) must be a number, e.g. /0")
+    return url

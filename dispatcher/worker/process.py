@@ -50,6 +50,7 @@ from dispatcher.queue.store import SendStore, text
 from dispatcher.settings import load_settings
 from dispatcher.worker.lineage import OwnedScheduler
 from dispatcher.worker.runtime import Runtime
+from dispatcher.worker.startup import wait_for_redis, where
 
 logger = structlog.get_logger("dispatcher.worker.process")
 MAINTENANCE_INTERVAL = 10
@@ -297,12 +298,16 @@ def note_early_stop(signum: int, frame: FrameType | None) -> None:
     _stop_before_start.append(signum)
 
 
-def run_one(queue_names: Sequence[str], *, burst: bool) -> int:
-    """Run one worker in this process until it stops; 0 on a clean stop."""
+def run_one(queue_names: Sequence[str], *, burst: bool, redis_url: str | None = None) -> int:
+    """Run one worker in this process until it stops; 0 on a clean stop. ``redis_url`` (checked by the
+    caller) overrides ``REDIS_URL``. Redis away at the start is waited for (``startup``)."""
     for signum in STOP_SIGNALS:  # until rq installs its own handlers in work()
         signal.signal(signum, note_early_stop)
     settings = load_settings(need_routes=True)
-    connection = connect(settings.redis_url)
+    connection = connect(redis_url or settings.redis_url)
+    if not wait_for_redis(connection, stop=lambda: bool(_stop_before_start)):
+        logger.info("worker_stopped_before_start", redis=where(connection))
+        return 0
     queues = [Queue(name, connection=connection, serializer=JSONSerializer) for name in queue_names]
     worker = MailWorker(queues, connection=connection, runtime=Runtime(settings))
     logger.info(
