@@ -1,15 +1,18 @@
-"""The small values settings are made of — flags, numbers, Redis URLs — parsed in one place, with
-errors that say where the value came from (an environment variable, an option, a URL option) and what
-was expected."""
+"""The small values settings and filters are made of — flags, numbers, Redis URLs, ``since`` moments —
+parsed in one place, with errors that say where the value came from (an environment variable, an option,
+a URL option, a request field) and what was expected."""
 
 from __future__ import annotations
 
 import math
+import re
+import time
+from datetime import datetime
 from urllib.parse import urlsplit
 
 from redis import ConnectionPool
 
-from dispatcher.errors import ConfigurationError
+from dispatcher.errors import ConfigurationError, ValidationError
 
 TRUE = frozenset({"1", "true", "yes", "on"})
 FALSE = frozenset({"0", "false", "no", "off"})
@@ -75,3 +78,37 @@ def parse_redis_url(label: str, raw: str) -> str:
     if scheme.lower() != "unix" and parsed.path not in ("", "/") and not parsed.path[1:].isdigit():
         raise ConfigurationError(f"{label}: the database (the URL's path) must be a number, e.g. /0")
     return url
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+SINCE_FORMS = "Unix seconds (1767225600), a duration ago (90s, 30m, 2h, 7d) or ISO 8601 with a zone"
+
+
+def parse_since(label: str, value: object, *, now: float | None = None) -> float:
+    """A moment for a ``since`` filter, as Unix seconds, from any of its forms (``SINCE_FORMS``): a number
+    (JSON) or a string of one is Unix seconds; a number with a unit is that long before ``now``; else an
+    ISO 8601 time with a zone. ``ValidationError`` naming ``label`` for anything else — the API and the CLI
+    read ``since`` through this one function."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValidationError({label: f"expected {SINCE_FORMS}"})
+    if isinstance(value, int | float):
+        moment = float(value) if abs(value) < 1e12 else math.inf  # no float() overflow for a huge int
+    else:
+        text = value.strip()
+        duration = _DURATION.fullmatch(text)
+        if duration is not None:
+            moment = (time.time() if now is None else now) - float(duration[1]) * _UNIT_SECONDS[duration[2]]
+        elif re.fullmatch(r"\d+(?:\.\d+)?", text):
+            moment = float(text)
+        else:
+            try:
+                parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+            except ValueError:
+                raise ValidationError({label: f"{value[:40]!r}: expected {SINCE_FORMS}"}) from None
+            if parsed.tzinfo is None:
+                raise ValidationError({label: f"{value[:40]!r}: give a zone, e.g. 2026-11-27T16:00:00Z"})
+            moment = parsed.timestamp()
+    if not math.isfinite(moment) or moment < 0:
+        raise ValidationError({label: f"expected {SINCE_FORMS}"})
+    return moment
