@@ -43,7 +43,10 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "DISPATCH_RQ_LOG_LEVEL": ("WARNING", "log level of rq's own per-job messages"),
     "DISPATCH_DASHBOARD_USER": ("(required)", "dashboard login user"),
     "DISPATCH_DASHBOARD_PASSWORD": ("(required)", "dashboard login password"),
-    "DISPATCH_DASHBOARD_SECRET": ("random per process", "session signing key; keeps logins across restarts"),
+    "DISPATCH_DASHBOARD_SECRET": (
+        "random per process",
+        "Flask's secret key; logins do not depend on it (sessions live in Redis and survive restarts)",
+    ),
     "DISPATCH_DASHBOARD_SECURE_COOKIE": ("false", "mark the session cookie Secure (behind HTTPS)"),
     "DISPATCH_DASHBOARD_OPEN": ("false", "run the dashboard without login (loopback only)"),
     "DISPATCH_DASHBOARD_HOSTS": (
