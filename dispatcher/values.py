@@ -81,34 +81,35 @@ def parse_redis_url(label: str, raw: str) -> str:
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+EARLIEST_UNIX_SECONDS = 1_000_000_000  # 2001-09-09: smaller bare numbers are durations typed without a unit
 SINCE_FORMS = "Unix seconds (1767225600), a duration ago (90s, 30m, 2h, 7d) or ISO 8601 with a zone"
 
 
 def parse_since(label: str, value: object, *, now: float | None = None) -> float:
     """A moment for a ``since`` filter, as Unix seconds, from any of its forms (``SINCE_FORMS``): a number
-    (JSON) or a string of one is Unix seconds; a number with a unit is that long before ``now``; else an
-    ISO 8601 time with a zone. ``ValidationError`` naming ``label`` for anything else — the API and the CLI
-    read ``since`` through this one function."""
+    (JSON) or a string of one is Unix seconds (from 2001 on: a smaller one is refused as a duration typed
+    without its unit); a number with a unit is that long before ``now``; else an ISO 8601 time with a zone.
+    ``ValidationError`` naming ``label`` for anything else — the API and the CLI read ``since`` through this
+    one function."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValidationError({label: f"expected {SINCE_FORMS}"})
-    if isinstance(value, int | float):
-        moment = float(value) if abs(value) < 1e12 else math.inf  # no float() overflow for a huge int
-    else:
-        text = value.strip()
-        duration = _DURATION.fullmatch(text)
-        if duration is not None:
-            moment = (time.time() if now is None else now) - float(duration[1]) * _UNIT_SECONDS[duration[2]]
-        elif re.fullmatch(r"\d+(?:\.\d+)?", text):
-            moment = float(text)
-        else:
-            try:
-                parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-            except ValueError:
-                raise ValidationError({label: f"{value[:40]!r}: expected {SINCE_FORMS}"}) from None
-            if parsed.tzinfo is None:
-                raise ValidationError({label: f"{value[:40]!r}: give a zone, e.g. 2026-11-27T16:00:00Z"})
-            moment = parsed.timestamp()
-    if not math.isfinite(moment) or moment < 0:
-        raise ValidationError({label: f"expected {SINCE_FORMS}"})
-    return moment
+    text = value.strip() if isinstance(value, str) else ""
+    duration = _DURATION.fullmatch(text)
+    if isinstance(value, int | float) or _NUMBER.fullmatch(text):
+        number = float(value if isinstance(value, int | float) and abs(value) < 1e12 else text or math.inf)
+        if not math.isfinite(number) or number < EARLIEST_UNIX_SECONDS:
+            shown = repr(text[:40]) if isinstance(value, str) else f"{number:g}"
+            raise ValidationError({label: f"{shown}: Unix seconds from 2001 on (1000000000); "
+                                          "for a duration give its unit (90s, 30m, 2h, 7d)"})  # fmt: skip
+        return number
+    if duration is not None:
+        return (time.time() if now is None else now) - float(duration[1]) * _UNIT_SECONDS[duration[2]]
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValidationError({label: f"{text[:40]!r}: expected {SINCE_FORMS}"}) from None
+    if parsed.tzinfo is None:
+        raise ValidationError({label: f"{text[:40]!r}: give a zone, e.g. 2026-11-27T16:00:00Z"})
+    return parsed.timestamp()
