@@ -7,8 +7,9 @@ The invariant kept here: **while the pool is not stopping, every slot has a chil
 child that exits for any reason — a crash, a signal (SIGKILL included), or exit 0 without being asked
 to stop — is started again after ``RestartBackoff``'s delay: exponential from ``BASE``, capped at ``CAP``,
 jittered, and back to ``BASE`` once a child had run ``HEALTHY`` seconds, so a child that cannot start
-(Redis away) is restarted at most once every ``CAP`` seconds once its delay has grown, not hundreds of
-times in 15 s (issue 13). In ``--burst`` a child that exits 0 is done, and none is restarted.
+(a Redis refusing its commands; a Redis merely away is waited for, see ``startup``) is restarted at most
+once every ``CAP`` seconds once its delay has grown, not hundreds of times in 15 s (issue 13). In
+``--burst`` a child that exits 0 is done, and none is restarted.
 """
 
 from __future__ import annotations
