@@ -19,10 +19,11 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
+import redis
 import structlog
 from werkzeug.serving import WSGIRequestHandler, make_server
 
-from dispatcher.dashboard import create_app
+from dispatcher.dashboard import context, create_app, sessions
 from dispatcher.dashboard.config import DEFAULT_HOST, DEFAULT_PORT, load_config
 from dispatcher.errors import ConfigurationError
 from dispatcher.logs import configure_logging
@@ -75,9 +76,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         logger.error("dashboard_config_invalid", error=str(exc))
         return 2
-    server = make_server(
-        config.host, config.port, create_app(config), threaded=True, request_handler=AccessLogHandler
-    )
+    app = create_app(config)
+    with app.app_context():
+        connection = context.state().redis
+    try:  # sessions made under other credentials (a password change) end now, not at their TTL
+        revoked = sessions.revoke_stale(connection, config.user, config.password)
+        if revoked:
+            logger.info("dashboard_sessions_revoked", count=revoked, reason="other credentials")
+    except (redis.ConnectionError, redis.TimeoutError) as exc:  # each is refused when presented anyway
+        logger.warning("dashboard_sessions_not_swept", error=str(exc))
+    server = make_server(config.host, config.port, app, threaded=True, request_handler=AccessLogHandler)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         logger.info("dashboard_stopping", signal=signal.Signals(signum).name)

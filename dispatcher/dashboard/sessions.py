@@ -14,7 +14,8 @@ Revoked:
   fingerprint is not that of the dashboard's configured ``DISPATCH_DASHBOARD_USER`` / ``_PASSWORD`` is
   deleted when it is next presented and treated as absent. So restarting the dashboard with a new password
   ends every session made under the old one (and a change of user name too), on every dashboard process
-  sharing the Redis once each has the new setting. An unknown, expired or malformed id is a new, empty
+  sharing the Redis once each has the new setting; the dashboard's start also deletes them all at once
+  (``revoke_stale``). An unknown, expired or malformed id is a new, empty
   session.
 
 If Redis cannot be read when a request arrives, the session is marked ``unavailable`` and ``auth`` answers
@@ -37,6 +38,7 @@ from flask import Flask, Request, Response, current_app
 from flask.json.tag import TaggedJSONSerializer
 from flask.sessions import SecureCookieSession, SessionInterface, SessionMixin
 
+from dispatcher.queue.keys import SESSION_PREFIX
 from dispatcher.queue.keys import session_key as _stored_under
 
 logger = structlog.get_logger("dispatcher.dashboard.sessions")
@@ -71,6 +73,24 @@ class ServerSession(SecureCookieSession):
         self.sid = sid
         self.had_cookie = had_cookie
         self.unavailable = False
+
+
+def revoke_stale(connection: redis.Redis, user: str | None, password: str | None) -> int:
+    """Delete every stored session not made under ``user`` / ``password`` (the dashboard's start: after a
+    password change none of the old sessions waits in Redis for its TTL); how many were deleted."""
+    current = fingerprint(user, password)
+    stale = []
+    for key in connection.scan_iter(match=SESSION_PREFIX + "*", count=500):
+        raw = connection.get(key)
+        try:
+            made_under = json.loads(raw)["fingerprint"] if raw is not None else current
+        except (ValueError, KeyError, TypeError):
+            made_under = None
+        if made_under != current:
+            stale.append(key)
+    for start in range(0, len(stale), 500):
+        connection.delete(*stale[start : start + 500])
+    return len(stale)
 
 
 def revoke(session: SessionMixin) -> None:

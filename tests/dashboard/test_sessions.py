@@ -8,11 +8,13 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import redis
-from dashboard_support import PASSWORD, USER, csrf_of, log_in, make_config
+from dashboard_support import PASSWORD, USER, DashboardProcess, csrf_of, log_in, make_config, worker_env
 from flask import Flask
 from flask.testing import FlaskClient
+from helpers import free_port
 from servers.redis_server import RedisServer
 
 from dispatcher.dashboard import create_app
@@ -117,3 +119,19 @@ def test_pages_answer_503_when_redis_cannot_read_the_session(
     server.stop()
     page = client.get("/")
     assert page.status_code == 503 and "Redis" in page.get_data(as_text=True)
+
+
+def test_the_dashboard_started_with_a_new_password_deletes_the_old_sessions(
+    app: Flask, logged_in: FlaskClient, redis_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    other = app.test_client()
+    log_in(other)
+    copies = [cookie_of(logged_in), cookie_of(other)]
+    env = worker_env(redis_url, free_port())
+    env.update(DISPATCH_DASHBOARD_USER=USER, DISPATCH_DASHBOARD_PASSWORD="the password after the change")
+    dashboard = DashboardProcess(env, tmp_path / "dashboard.log")
+    try:
+        assert not any(redis_client.exists(key_of(c)) for c in copies)  # gone at its start, before any use
+        assert '"event": "dashboard_sessions_revoked"' in dashboard.text()
+    finally:
+        assert dashboard.stop() == 0
