@@ -15,7 +15,6 @@ import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, TextIO
 
@@ -30,6 +29,7 @@ from dispatcher.queue.recovery import UNREADABLE, describe_unreadable
 from dispatcher.queue.states import FAILURE_STATES, RETRYABLE_STATES
 from dispatcher.queue.store import SendStore
 from dispatcher.settings import load_settings
+from dispatcher.values import parse_redis_url, parse_since
 
 EXIT_INVALID_LINES, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_UNREADABLE = 1, 2, 3, 4
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
@@ -45,17 +45,6 @@ def parse_duration(option: str, value: str) -> float:
     if match is None:
         raise UsageError(f"{option} {value!r}: expected a duration like 90, 90s, 10m, 2h or 1d")
     return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def parse_moment(option: str, value: str) -> float:
-    """An ISO 8601 time with a zone, or a duration meaning that long ago."""
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return time.time() - parse_duration(option, value)
-    if moment.tzinfo is None:
-        raise UsageError(f"{option} {value!r}: give a timezone, e.g. 2026-11-27T16:00:00Z")
-    return moment.timestamp()
 
 
 def mail_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -252,7 +241,7 @@ def cmd_retry(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     ids = list(args.ids)
     if not ids:
         states = tuple(args.state) if args.state else FAILURE_STATES
-        since = parse_moment("--since", args.since) if args.since else None
+        since = parse_since("--since", args.since) if args.since else None
         try:
             flt = FailureFilter(code=args.code, domain=args.domain, since=since, states=states)
         except ConfigurationError as exc:
@@ -304,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--all", action="store_true", help="every failed or unknown send")
     retry.add_argument("--code", help="4xx, 5xx, a code like 421, or an enhanced code like 5.1.1")
     retry.add_argument("--domain", help="a recipient domain")
-    retry.add_argument("--since", help="updated since: a duration (2h) or an ISO time")
+    retry.add_argument("--since", help="updated since: 2h, 30m, 7d ago, Unix seconds or ISO 8601")
     retry.add_argument(
         "--state", action="append", choices=RETRYABLE_STATES, help="default: failed and unknown"
     )
@@ -318,12 +307,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout, err: TextI
     configure_logging(level="WARNING")
     try:
         settings = load_settings()
-        args.redis_url = args.redis_url or settings.redis_url
+        given = args.redis_url
+        args.redis_url = parse_redis_url("--redis-url", given) if given else settings.redis_url
         args.max_bytes = settings.max_message_bytes
         code: int = args.handler(args, out, err)
         return code
     except (UsageError, ConfigurationError) as exc:
         err.write(f"error: {exc}\n")
+        return EXIT_USAGE
+    except ValidationError as exc:  # an option's value (cmd_send reports a mail's problems itself)
+        err.write(_problems(exc, "error: "))
         return EXIT_USAGE
     except (QueueUnavailable, redis.ConnectionError, redis.TimeoutError) as exc:
         text = str(exc)

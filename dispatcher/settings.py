@@ -14,7 +14,7 @@ from dispatcher.errors import ConfigurationError
 from dispatcher.mail.message import DEFAULT_MAX_BYTES
 from dispatcher.routes.config import RoutePolicy, check_fallbacks, parse_policy, split_route_url
 from dispatcher.smtp.config import SmtpConfig, parse_smtp_url
-from dispatcher.values import parse_flag, parse_number
+from dispatcher.values import parse_flag, parse_number, parse_redis_url
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 ROUTE_PREFIX = "SMTP_URL_"
@@ -47,7 +47,10 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "DISPATCH_RQ_LOG_LEVEL": ("WARNING", "log level of rq's own per-job messages"),
     "DISPATCH_DASHBOARD_USER": ("(required)", "dashboard login user"),
     "DISPATCH_DASHBOARD_PASSWORD": ("(required)", "dashboard login password"),
-    "DISPATCH_DASHBOARD_SECRET": ("random per process", "session signing key; keeps logins across restarts"),
+    "DISPATCH_DASHBOARD_SECRET": (
+        "random per process",
+        "Flask's secret key; logins do not depend on it (sessions live in Redis and survive restarts)",
+    ),
     "DISPATCH_DASHBOARD_SECURE_COOKIE": ("false", "mark the session cookie Secure (behind HTTPS)"),
     "DISPATCH_DASHBOARD_OPEN": ("false", "run the dashboard without login (loopback only)"),
     "DISPATCH_DASHBOARD_HOSTS": (
@@ -154,7 +157,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, need_routes: bool = F
         resend_unknown=_flag(env, "DISPATCH_RESEND_UNKNOWN", False),
     )
     return Settings(
-        redis_url=env.get("REDIS_URL") or DEFAULT_REDIS_URL,
+        redis_url=parse_redis_url("REDIS_URL", env.get("REDIS_URL") or DEFAULT_REDIS_URL),
         routes=routes,
         policies=read_policies(env),
         retry=retry,

@@ -15,7 +15,9 @@ The send store's keys (``queue.store.SendStore`` is the only code that reads or 
 
 Other owners build their keys from ``PREFIX`` here: a route's limits, slots and breaker
 (``routes.config.route_key``, one module per kind: ``routes.throttle``, ``routes.slots``,
-``routes.breaker``) and the dashboard's login lockout (``dashboard.auth``). rq's own keys are rq's.
+``routes.breaker``), the dashboard's login lockout (``dashboard.auth``) and its sessions
+(``dashboard.sessions``: ``dispatch:session:<sha256(id)>``, a string of JSON, 1 to 8 h). rq's own keys are
+rq's.
 """
 
 from __future__ import annotations
@@ -63,3 +65,11 @@ def delivered_key(minute: int) -> str:
 def login_failures_key(address: str) -> str:
     """Failed dashboard logins from ``address`` (``dashboard.auth``'s lockout counter)."""
     return f"{PREFIX}:login-failures:{address}"
+
+
+SESSION_PREFIX = f"{PREFIX}:session:"
+
+
+def session_key(session_hash: str) -> str:
+    """A dashboard session, by the sha256 of its id (``dashboard.sessions``)."""
+    return f"{SESSION_PREFIX}{session_hash}"

@@ -23,6 +23,7 @@ Several of them, supervised, are ``dispatcher.worker.pool``'s.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import signal
@@ -52,6 +53,7 @@ from dispatcher.settings import load_settings
 from dispatcher.worker.backoff import RestartBackoff
 from dispatcher.worker.lineage import OwnedScheduler
 from dispatcher.worker.runtime import Runtime
+from dispatcher.worker.startup import wait_for_redis, where
 
 logger = structlog.get_logger("dispatcher.worker.process")
 MAINTENANCE_INTERVAL = 10
@@ -303,8 +305,9 @@ def note_early_stop(signum: int, frame: FrameType | None) -> None:
     _stop_before_start.append(signum)
 
 
-def run_one(queue_names: Sequence[str], *, burst: bool) -> int:
-    """Run one worker in this process until it is asked to stop; 0 on a clean stop.
+def run_one(queue_names: Sequence[str], *, burst: bool, redis_url: str | None = None) -> int:
+    """Run one worker in this process until it is asked to stop; 0 on a clean stop. ``redis_url`` (checked
+    by the caller) overrides ``REDIS_URL``. Redis away at the start is waited for (``startup``).
 
     rq leaves its work loop on any error of its own (Redis gone in the middle of a job's bookkeeping, for
     one): then the worker is started again here, in the same process, after ``RestartBackoff``'s delay —
@@ -312,7 +315,12 @@ def run_one(queue_names: Sequence[str], *, burst: bool) -> int:
     for signum in STOP_SIGNALS:  # until rq installs its own handlers in work()
         signal.signal(signum, note_early_stop)
     settings = load_settings(need_routes=True)
+    if redis_url:
+        settings = dataclasses.replace(settings, redis_url=redis_url)
     connection = connect(settings.redis_url)
+    if not wait_for_redis(connection, stop=lambda: bool(_stop_before_start)):
+        logger.info("worker_stopped_before_start", redis=where(connection))
+        return 0
     queues = [Queue(name, connection=connection, serializer=JSONSerializer) for name in queue_names]
     backoff = RestartBackoff()
     while True:
