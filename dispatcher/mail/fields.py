@@ -46,6 +46,15 @@ DEFAULT_ROUTE = "default"
 
 MetadataValue = str | int | float | bool | None
 
+#: What a producer may give instead of subject / text / html: a named template, rendered at enqueue by
+#: ``dispatcher.mail.templates`` into an ordinary mail before ``Mail.from_dict`` sees it.
+TEMPLATE_FIELDS = ("template", "data", "locale")
+
+
+def uses_template(data: Mapping[str, Any]) -> bool:
+    return any(name in data for name in TEMPLATE_FIELDS)
+
+
 ATTACHMENT_FIELDS = frozenset({"filename", "content_type", "content", "content_id", "disposition", "charset"})
 ATTACHMENT_REQUIRED = frozenset({"content_type", "content"})
 DISPOSITIONS = ("attachment", "inline")

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -23,7 +24,7 @@ from rq.serializers import JSONSerializer
 
 from dispatcher import testing
 from dispatcher.errors import IdempotencyConflict, PartiallyEnqueued, QueueUnavailable, ValidationError
-from dispatcher.mail.fields import PRIORITIES
+from dispatcher.mail.fields import PRIORITIES, uses_template
 from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
 from dispatcher.mail.mime import validated
 from dispatcher.queue.states import initial_state
@@ -109,16 +110,32 @@ def schedule_attempt(
 class Producer:
     """Enqueue mails into Redis for the workers. Thread-safe as far as the redis client is."""
 
-    def __init__(self, connection: redis.Redis, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(
+        self,
+        connection: redis.Redis,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        templates_dir: str | Path | None = None,
+    ) -> None:
         self.redis = connection
         self.store = SendStore(connection)
         self.max_bytes = max_bytes
+        self.templates_dir = templates_dir
+        """Root of the named templates; ``None``: ``DISPATCH_TEMPLATES_DIR``."""
 
     def validate(self, data: Mapping[str, Any] | Mail) -> Mail:
         if isinstance(data, Mail) and data.raw:
             return data
-        mapping = data.to_dict() if isinstance(data, Mail) else data
+        mapping = data.to_dict() if isinstance(data, Mail) else self.rendered(data)
         return validated(mapping, max_bytes=self.max_bytes, build=False)
+
+    def rendered(self, data: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``data`` with a named template rendered into it (subject, text, html), once, at enqueue."""
+        if not isinstance(data, Mapping) or not uses_template(data):
+            return data
+        from dispatcher.mail import templates  # Jinja2 is loaded by the first mail that uses a template
+
+        return templates.render(data, self.templates_dir or templates.default_root())
 
     def enqueue(self, data: Mapping[str, Any] | Mail) -> Enqueued:
         """Validate and enqueue one mail; ``ValidationError`` names every bad field and stores nothing."""
