@@ -64,7 +64,7 @@ def mail_of(message: EmailMessage) -> tuple[dict[str, Any], dict[str, str]]:
         return {}, dict(exc.problems)
     overridden = {name.lower() for name in message.extra_headers}
     if "date" not in overridden:
-        data.pop("date", None)  # Django's own is "-0000"; ours is the same instant, "+0000"
+        data.pop("date", None)  # Django dates it now; ours is now too, or when a send_at is due
     _same_addresses(problems, "from", [str(message.from_email)], data.get("from"))
     _same_addresses(problems, "to", [str(a) for a in message.to], data.get("to"))
     _same_addresses(problems, "cc", [str(a) for a in message.cc], data.get("cc"))

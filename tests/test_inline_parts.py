@@ -109,3 +109,18 @@ def test_plain_attachments_are_written_as_before() -> None:
     built = validated(data)
     assert built.to_dict()["attachments"] == [PDF]
     assert b"Content-Disposition: attachment; filename=\"a.pdf\"\r\n\r\nJVBERi0xLjQ=" in built.raw
+
+
+def test_an_attachment_with_a_null_filename_is_refused_not_dropped() -> None:
+    """Before issue 16 a ``"filename": null`` attachment passed validation and was silently left out of
+    the message: the mail went without it."""
+    with pytest.raises(ValidationError) as caught:
+        Mail.from_dict(mail(text="hi", attachments=[{**PDF, "filename": None}]))
+    assert caught.value.problems["attachments[0].filename"].startswith("missing")
+
+
+def test_a_date_in_utc_with_no_local_zone_is_an_rfc_5322_date() -> None:
+    """``-0000`` (RFC 5322 §3.3; what ``email.utils.formatdate()`` and so Django write) was refused as a
+    date without a zone."""
+    built = validated(mail(text="hi", date="Fri, 27 Nov 2026 16:00:00 -0000"))
+    assert b"\r\nDate: Fri, 27 Nov 2026 16:00:00 -0000\r\n" in built.raw

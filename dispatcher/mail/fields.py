@@ -363,7 +363,9 @@ def date(path: str, value: Any, problems: dict[str, str]) -> str | None:
         moment = parsedate_to_datetime(value)
     except (ValueError, TypeError):
         moment = None
-    if moment is None or moment.tzinfo is None:
+    # RFC 5322 §3.3: "-0000" is UTC with the local zone unknown (what formatdate() writes, Django's
+    # default); the email package reads it as a naive time, which is not a missing zone.
+    if moment is None or (moment.tzinfo is None and not value.rstrip().endswith("-0000")):
         problems[path] = "must be an RFC 5322 date with zone, e.g. Fri, 27 Nov 2026 16:00:00 +0000"
         return None
     return value
