@@ -263,3 +263,11 @@ def test_the_test_backend_checks_like_the_real_one_and_keeps_mail_without_redis(
     assert [m.subject for m in django_mail.outbox] == ["Welcome"]
     mail = sent.one(to="ann@example.org", subject="Welcome")
     assert mail.text == "Hi Ann" and mail.from_address.addr_spec == "shop@example.com"
+
+
+def test_without_dispatch_redis_url_the_backend_uses_redis_url(
+    django_settings: None, redis_url: str, redis_client: redis.Redis
+) -> None:
+    with override_settings(REDIS_URL=redis_url):
+        assert django_mail.send_mail("Via REDIS_URL", "x", None, ["ann@example.org"]) == 1
+    assert [m["subject"] for m in queued(redis_client)] == ["Via REDIS_URL"]
