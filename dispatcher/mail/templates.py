@@ -81,12 +81,13 @@ def render(data: Mapping[str, Any], root: str | Path | None) -> dict[str, Any]:
     if "html" in out and "text" not in found and "text" not in out:
         out["text"] = html_to_text(out["html"])
     used = [variant for _, variant in found.values() if variant != "default"]
-    metadata = dict(out.get("metadata") or {})
-    metadata["template"] = name
-    metadata["template_locale"] = max(used, key=len) if used else "default"
-    if locale is not None and not used:
-        metadata["template_locale_missing"] = locale
-    out["metadata"] = metadata
+    given = out.get("metadata")
+    if given is None or isinstance(given, Mapping):  # anything else: validation names it
+        metadata = {**(given or {}), "template": name}
+        metadata["template_locale"] = max(used, key=len) if used else "default"
+        if locale is not None and not used:
+            metadata["template_locale_missing"] = locale
+        out["metadata"] = metadata
     return out
 
 

@@ -20,6 +20,7 @@ from servers import RecordingSmtpServer
 from dispatcher.dashboard import create_app
 from dispatcher.dashboard.config import DashboardConfig
 from dispatcher.errors import ValidationError
+from dispatcher.mail.message import Mail
 from dispatcher.mail.templates import render
 from dispatcher.queue.producer import Producer
 from dispatcher.queue.store import SendStore
@@ -110,13 +111,14 @@ def test_an_html_only_template_gets_a_text_part_from_its_html(templates: Path) -
         ({"data": ["x"]}, "data", "must be an object"),
         ({"locale": "d e"}, "locale", "must be a locale"),
         ({"subject": "mine"}, "subject", "give one of the two"),
+        ({"metadata": "not an object"}, "metadata", "must be an object"),
     ],
 )
 def test_bad_template_fields_are_named(
     templates: Path, change: dict[str, Any], field: str, problem: str
 ) -> None:
     with pytest.raises(ValidationError) as caught:
-        render(welcome(**change), templates)
+        Mail.from_dict(render(welcome(**change), templates))
     assert problem in caught.value.problems[field]
 
 
