@@ -27,7 +27,7 @@ import structlog
 from django.conf import settings
 from django.core import mail as django_mail
 from django.core.mail.backends.base import BaseEmailBackend
-from django.core.mail.message import EmailMessage
+from django.core.mail.message import BadHeaderError, EmailMessage
 
 from dispatcher import testing
 from dispatcher.errors import DispatcherError, IdempotencyConflict, ValidationError
@@ -142,7 +142,9 @@ def _checked(message: EmailMessage, validate: Callable[[Mapping[str, Any]], Mail
     """The validated mail, or every problem found reading and validating it."""
     try:
         data, problems = mail_of(message)
-    except (ValueError, TypeError) as exc:  # Django's own refusal while rendering (BadHeaderError)
+    except BadHeaderError:
+        raise  # what Django's SMTP backend raises too, whatever fail_silently says: apps catch it
+    except (ValueError, TypeError) as exc:  # Django's other refusals while rendering
         return {"mail": f"Django could not render it: {exc}"}
     if not data:
         return problems

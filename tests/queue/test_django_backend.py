@@ -17,7 +17,8 @@ import pytest
 import redis
 from django.conf import settings
 from django.core import mail as django_mail
-from django.core.mail import EmailMessage, EmailMultiAlternatives
+from django.core.mail import BadHeaderError, EmailMessage, EmailMultiAlternatives
+from django.db import transaction
 from django.test.utils import override_settings
 from django.utils.translation import gettext_lazy
 from mime_tree import tree
@@ -37,6 +38,7 @@ def django_settings() -> None:
     """Django configured once for the session (``settings.configure`` may run once per process)."""
     if not settings.configured:
         settings.configure(
+            DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
             EMAIL_BACKEND="dispatcher.django.EmailBackend",
             DEFAULT_FROM_EMAIL="Shop <shop@example.com>",
             SERVER_EMAIL="server@example.com",
@@ -271,3 +273,25 @@ def test_without_dispatch_redis_url_the_backend_uses_redis_url(
     with override_settings(REDIS_URL=redis_url):
         assert django_mail.send_mail("Via REDIS_URL", "x", None, ["ann@example.org"]) == 1
     assert [m["subject"] for m in queued(redis_client)] == ["Via REDIS_URL"]
+
+
+def test_on_commit_defers_the_enqueue_to_the_commit_and_a_rollback_sends_nothing(
+    dispatch: None, redis_client: redis.Redis
+) -> None:
+    """The README's one-liner: without it the enqueue happens at ``send()``, inside the transaction."""
+    with transaction.atomic():
+        transaction.on_commit(lambda: django_mail.send_mail("Committed", "x", None, ["ann@example.org"]))
+        assert queued(redis_client) == []
+    assert [m["subject"] for m in queued(redis_client)] == ["Committed"]
+    with pytest.raises(RuntimeError), transaction.atomic():
+        transaction.on_commit(lambda: django_mail.send_mail("Rolled back", "x", None, ["ann@example.org"]))
+        raise RuntimeError("the order failed")
+    assert [m["subject"] for m in queued(redis_client)] == ["Committed"]
+
+
+def test_a_header_django_refuses_raises_djangos_bad_header_error_as_its_smtp_backend_does(
+    dispatch: None, redis_client: redis.Redis
+) -> None:
+    with pytest.raises(BadHeaderError):
+        django_mail.send_mail("Hi\nBcc: x@example.org", "x", None, ["ann@example.org"], fail_silently=True)
+    assert queued(redis_client) == []
