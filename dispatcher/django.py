@@ -201,14 +201,14 @@ class TestBackend(BaseEmailBackend):  # type: ignore[misc]
             django_mail.outbox = []
 
     def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
-        messages = [m for m in email_messages or [] if m.recipients()]
+        messages = list(email_messages or [])
         try:
             mails = validate_all(messages, lambda data: validated(data, build=False))
         except ValidationError:
             if not self.fail_silently:
                 raise
             return 0
-        for message, mail in zip(messages, mails, strict=True):
+        for message, mail in zip([m for m in messages if m.recipients()], mails, strict=True):
             message.message()  # what locmem does: the message must render
             django_mail.outbox.append(message)
             testing.record(mail)
