@@ -15,6 +15,8 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from typing import Any
 
 from flask import Flask, current_app
@@ -125,7 +127,7 @@ class Message:
         bcc: Sequence[Address] | None = None,
         attachments: Sequence[Attachment] | None = None,
         reply_to: Address | None = None,
-        date: str | None = None,
+        date: str | float | None = None,
         extra_headers: Mapping[str, str] | None = None,
         dispatch: Mapping[str, Any] | None = None,
     ) -> None:
@@ -151,9 +153,9 @@ class Message:
         content_type: str | None = None,
         data: bytes | str | None = None,
         disposition: str | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
     ) -> None:
-        self.attachments.append(Attachment(filename, content_type, data, disposition, headers))
+        self.attachments.append(Attachment(filename, content_type, data, disposition, dict(headers or {})))
 
     def to_mail(self) -> dict[str, Any]:
         """The JSON mail (not yet validated: the producer names what is wrong)."""
@@ -168,7 +170,8 @@ class Message:
             "html": self.html,
             "attachments": [a.to_mail() for a in self.attachments],
             "headers": self.extra_headers,
-            "date": self.date,
+            "date": format_datetime(datetime.fromtimestamp(self.date, UTC))
+            if isinstance(self.date, int | float) else self.date,  # Flask-Mail's is a Unix time
         }
         mail = {name: value for name, value in fields.items() if value not in (None, [], {})}
         mail.update(self.dispatch)

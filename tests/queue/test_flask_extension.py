@@ -133,3 +133,18 @@ def test_the_outbox_fixture_captures_a_views_mail_without_redis(dispatcher_outbo
     assert response.status_code == 200
     mail = dispatcher_outbox.one(to="ann@example.org", subject="Welcome")
     assert mail.text == "Hi!" and mail.from_address.addr_spec == "shop@example.com"
+
+
+def test_a_flask_mail_message_maps_onto_the_mail_schema() -> None:
+    message = Message("Hi", recipients=["ann@example.org"], body="x", sender=("Shop", "shop@example.com"),
+                      reply_to="help@example.com", date=1_800_000_000,
+                      extra_headers={"X-Tag": "a"})  # fmt: skip
+    message.add_recipient(("Bob", "bob@example.net"))
+    message.attach("n.txt", "text/plain", "grüß", headers=[("Content-ID", "<n>")])
+    assert message.to_mail() == {
+        "from": "Shop <shop@example.com>", "to": ["ann@example.org", "Bob <bob@example.net>"],
+        "reply_to": "help@example.com", "subject": "Hi", "text": "x", "headers": {"X-Tag": "a"},
+        "date": "Fri, 15 Jan 2027 08:00:00 +0000",
+        "attachments": [{"filename": "n.txt", "content_type": "text/plain", "content": "Z3LDvMOf",
+                         "charset": "utf-8", "content_id": "<n>"}],
+    }  # fmt: skip
