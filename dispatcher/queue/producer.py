@@ -28,7 +28,7 @@ from dispatcher.mail.fields import PRIORITIES, uses_template
 from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
 from dispatcher.mail.mime import validated
 from dispatcher.queue.states import initial_state
-from dispatcher.queue.store import SendRecord, SendStore, mail_summary, new_send_id
+from dispatcher.queue.store import OUTAGE, SendRecord, SendStore, mail_summary, new_send_id, unavailable
 
 JOB_FUNCTION = "dispatcher.delivery.jobs.deliver"
 BATCH_FUNCTION = "dispatcher.delivery.jobs.deliver_batch"
@@ -181,7 +181,10 @@ class Producer:
                 testing.record(mail)
             return [Enqueued(new_send_id(m.key), False, m.message_id) for m in mails]
         try:
-            return self._transaction(mails)
+            try:
+                return self._transaction(mails)
+            except OUTAGE as exc:  # rq's enqueue_job reaches Redis on its own, past the store's boundary
+                raise unavailable(exc) from exc
         except QueueUnavailable as exc:
             if isinstance(exc.__cause__, redis.TimeoutError):
                 raise QueueUnavailable(
