@@ -65,6 +65,13 @@ def mail_from_args(args: argparse.Namespace) -> dict[str, Any]:
         mail["attachments"] = [_attachment(path) for path in args.attach]
     if args.header:
         mail["headers"] = dict(_header(h) for h in args.header)
+    if args.template is not None:
+        mail["template"] = args.template
+        mail["data"] = _template_data(args.data)
+        if args.locale:
+            mail["locale"] = args.locale
+    elif args.data is not None or args.locale is not None:
+        raise UsageError("--data and --locale go with --template")
     if args.send_in is not None and args.send_at is not None:
         raise UsageError("--in and --at: give one of them")
     if args.send_in is not None:
@@ -72,6 +79,17 @@ def mail_from_args(args: argparse.Namespace) -> dict[str, Any]:
     elif args.send_at is not None:
         mail["send_at"] = args.send_at
     return mail
+
+
+def _template_data(value: str | None) -> Any:
+    """``--data``: a JSON object, or ``@PATH`` of a file holding one."""
+    if value is None:
+        return {}
+    text = _read_text("--data", value[1:]) if value.startswith("@") else value
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--data: not valid JSON: {exc.msg} at column {exc.colno}") from None
 
 
 def _read_text(option: str, path: str) -> str:
@@ -273,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--html-file", dest="html_file")
     send.add_argument("--attach", action="append", default=[], metavar="PATH")
     send.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'")
+    send.add_argument("--template", help="a template in $DISPATCH_TEMPLATES_DIR (not --subject/--text)")
+    send.add_argument("--data", help="the template's variables: a JSON object, or @PATH of a JSON file")
+    send.add_argument("--locale", help="the template's locale, e.g. de (falls back to the default)")
     send.add_argument("--key", help="idempotency key: the same key is delivered once")
     send.add_argument("--priority", choices=PRIORITIES)
     send.add_argument("--route")

@@ -59,6 +59,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     ),
     "DISPATCH_API_TOKEN": ("(API off)", "bearer token for the HTTP API"),
     "DISPATCH_API_MAX_BYTES": ("31457280", "largest HTTP API request body"),
+    "DISPATCH_TEMPLATES_DIR": ("(templates off)", "directory of the named mail templates producers render"),
 }
 
 
