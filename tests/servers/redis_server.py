@@ -120,6 +120,12 @@ class RedisServer:
         """Shut redis-server down (SIGTERM: it flushes the AOF) and wait for it; keeps port and dir."""
         self._terminate()
 
+    def aof_file(self) -> Path:
+        """The AOF file Redis appends to now (Redis 7: the last ``incr`` file of ``appendonlydir``)."""
+        manifest = (self.data_dir / "appendonlydir" / "appendonly.aof.manifest").read_text().split("\n")
+        names = [line.split()[1] for line in manifest if line.endswith(" type i")]
+        return self.data_dir / "appendonlydir" / names[-1]
+
     def kill(self) -> None:
         """Crash redis-server (SIGKILL: no shutdown, no AOF flush beyond what ``appendfsync`` did)."""
         self._terminate(kill=True)
