@@ -30,6 +30,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 from servers import Fault, ScriptedSmtpServer
 
+from dispatcher.errors import QueueUnavailable
 from dispatcher.queue.producer import QUEUE_NAMES
 from dispatcher.queue.states import FINAL_STATES
 from dispatcher.queue.store import SendStore
@@ -251,7 +252,7 @@ def finished(store: SendStore, count: int) -> bool:
     """At least ``count`` sends are final; False while Redis does not answer (restarting, away)."""
     try:
         counts = store.count_states()
-    except redis.ConnectionError:
+    except (redis.ConnectionError, QueueUnavailable):
         return False
     return sum(counts[s] for s in FINAL_STATES) >= count
 
