@@ -196,6 +196,6 @@ def test_route_trouble_at_the_greeting_of_a_stream_charges_no_message(
     assert len(records) == 5 and all(rec is not None for rec in records)
     states = {(rec.state, rec.attempts) for rec in records if rec is not None}
     assert states <= {("delivered", 1), ("deferred", 0)}, states
-    kinds = {o.get("kind") for rec in records if rec is not None and rec.state == "deferred"
+    kinds = {o.kind for rec in records if rec is not None and rec.state == "deferred"
              for o in rec.outcomes.values()}  # fmt: skip
     assert kinds <= {"route"}, kinds

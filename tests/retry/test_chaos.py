@@ -101,7 +101,7 @@ def test_chaos_with_kills_and_a_redis_crash_loses_nothing_and_sends_nothing_twic
     assert sum(result.states.values()) == MAILS
     assert crashed_jobs(client) == [], "rq jobs crashed (other than those of killed workers)"
     # every 550 recipient ends permanent (or unknown: a drop or a kill after the dot of an attempt)
-    outcomes = {r: o.get("status") for rec in store.load_many(ids) for r, o in rec.outcomes.items()}
+    outcomes = {r: o.status for rec in store.load_many(ids) for r, o in rec.outcomes.items()}
     bounce_ends = [outcomes.get(r) for r in bounces]
     assert all(s in ("permanent", "unknown") for s in bounce_ends), f"550 recipients: {bounce_ends}"
     assert sum(faults.fired.values()) > MAILS // 20, "the server did not misbehave enough"
