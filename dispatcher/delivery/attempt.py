@@ -106,7 +106,11 @@ class Attempt:
         }  # fmt: skip
         self.bind()
         self.started = time.time()
-        ledger, source = self._begin(rec, self.started)
+        begun = self._begin(rec, self.started)
+        if begun is None:  # the send moved on between our read and our begin: its new owner sends it
+            logger.info("mail_stale_job", send_id=self.send_id, job_id=self.job_id, state=rec.stored_state)
+            return {"id": self.send_id, "state": str(rec.stored_state), "stale_job": True}
+        ledger, source = begun
         for recipient in rec.recipients:
             if recipient.casefold() in ledger:
                 known = rec.outcomes.get(recipient, RecipientRecord())
@@ -181,7 +185,7 @@ class Attempt:
         verdict = Verdict(status, None, None, "interrupted", detail)
         return self._finish(self.rec, dict.fromkeys(self.pending, verdict), conn_id, self.started)
 
-    def _begin(self, rec: SendRecord, now: float) -> tuple[set[str], bytes | None]:
+    def _begin(self, rec: SendRecord, now: float) -> tuple[set[str], bytes | None] | None:
         """Mark the send in flight under a lease; read its ledger and (unless the MIME bytes are stored)
         the mail to build them from, as stored (bytes: ``prepare`` decodes it) — in one transaction."""
         rec.move(SendState.SENDING)

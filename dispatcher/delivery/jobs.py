@@ -38,7 +38,10 @@ def deliver_batch(send_ids: list[str]) -> dict[str, Any]:
     """rq entry point for sends enqueued together: one attempt each, in order, on the kept connection.
 
     Every send of the batch is leased at once, so if the worker dies the reaper requeues the ones it did
-    not finish. On a warm shutdown the batch stops after the current send and requeues the rest.
+    not finish. On a warm shutdown the batch stops after the current send and requeues the rest. When
+    Redis goes away under it (a send cannot even be read), it stops there too: the sends it did not reach
+    are handed back if Redis answers again in time, or found by recovery when their leases expire — the
+    job itself ends normally, nothing of it is an error of the mail.
     """
     job = get_current_job()
     if job is None:
@@ -51,6 +54,9 @@ def deliver_batch(send_ids: list[str]) -> dict[str, Any]:
     try:
         with LeaseKeeper.for_process(job.connection, seconds).hold(send_ids):
             batch.run()
+    except QueueUnavailable as exc:
+        logger.warning("batch_stopped_redis_unavailable", job_id=job.id, done=len(batch.results),
+                       error=str(exc))  # fmt: skip
     finally:
         structlog.contextvars.clear_contextvars()
         rest = [send_id for send_id in send_ids if send_id not in batch.results]

@@ -58,6 +58,21 @@ STATES = tuple(SendState)
 OUTAGE = (redis.ConnectionError, redis.TimeoutError)
 """What redis-py raises when Redis cannot be reached or does not answer in time."""
 
+_BEGIN_ATTEMPT = """
+local stored = redis.call('HMGET', KEYS[1], 'rq_job', 'state')
+if (stored[1] or '') ~= ARGV[1] or stored[2] ~= ARGV[2] then return false end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('ZREM', KEYS[5], ARGV[3])
+redis.call('ZREM', KEYS[6], ARGV[3])
+redis.call('ZADD', KEYS[7], ARGV[4], ARGV[3])
+redis.call('ZADD', KEYS[8], ARGV[4], ARGV[3])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[3])
+return {redis.call('SMEMBERS', KEYS[2]), redis.call('GET', KEYS[3])}
+"""
+"""``begin_attempt`` in one round trip: KEYS record, ledger, source, in-flight, the old and new state
+indexes (overall, priority); ARGV the rq job and state the attempt loaded, send id, updated_at, lease
+expiry, then the record's fields. False when the record moved on since it was loaded."""
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -89,6 +104,7 @@ class SendStore:
 
     def __init__(self, connection: redis.Redis) -> None:
         self.redis = connection
+        self._begin = connection.register_script(_BEGIN_ATTEMPT)
 
     # -- transactions -------------------------------------------------------------------------------
 
@@ -290,15 +306,27 @@ class SendStore:
     @_outage_is_unavailable
     def begin_attempt(
         self, rec: SendRecord, *, now: float, lease_seconds: float
-    ) -> tuple[set[str], bytes | None]:
+    ) -> tuple[set[str], bytes | None] | None:
         """Save ``rec`` (moved to ``sending`` by the caller) under a lease of ``lease_seconds``, and read
-        its ledger (casefolded) and the stored mail to build it from (None when absent) — one transaction."""
-        pipe = self.transaction()
-        pipe.smembers(ledger_key(rec.message_id))
-        pipe.get(source_key(rec.send_id))
-        self.stage_save(pipe, rec, now=now)
-        pipe.zadd(INFLIGHT, {rec.send_id: now + lease_seconds})
-        members, source = pipe.execute()[:2]
+        its ledger (casefolded) and the stored mail to build it from (None when absent) — in one script,
+        and only if the stored record still names the job and state ``rec`` was loaded with. None when it
+        does not: the send moved on meanwhile (the reconciler gave it another job while this worker was
+        stalled; an operator retried it) and whoever owns it now sends it, not this attempt."""
+        if rec.stored_state is None or rec.stored_state.final:
+            raise ValueError(f"an attempt begins from a waiting state, not {rec.stored_state}")
+        rec.updated_at = now
+        fields = [item for pair in rec.to_hash().items() for item in pair]
+        result = self._begin(
+            keys=[send_key(rec.send_id), ledger_key(rec.message_id), source_key(rec.send_id), INFLIGHT,
+                  state_key(rec.stored_state), state_key(rec.stored_state, rec.priority),
+                  state_key(rec.state), state_key(rec.state, rec.priority)],
+            args=[rec.rq_job or "", rec.stored_state.value, rec.send_id, rec.updated_at, now + lease_seconds,
+                  *fields],
+        )  # fmt: skip
+        if result is None:
+            return None
+        rec.stored_state = rec.state
+        members, source = result
         return {text(m).casefold() for m in members}, source
 
     @_outage_is_unavailable

@@ -37,6 +37,8 @@ from dispatcher.smtp.replies import Reply
 from dispatcher.smtp.session import SmtpClient
 
 logger = structlog.get_logger("dispatcher.routes.gate")
+OUTAGE = (redis.ConnectionError, redis.TimeoutError)
+"""Redis unreachable, not answering in time, or still loading its data after a restart."""
 RESUME_SPREAD = 30.0
 """Seconds over which the sends a cap held back resume after its window ends (no thundering herd)."""
 
@@ -78,12 +80,29 @@ class RouteGate:
         return self.policies.get(route) or RoutePolicy(route)
 
     def candidates(self, route: str) -> Iterator[str]:
-        return self.breaker.candidates(route)
+        """``route`` unless its breaker is open, then its fallbacks; just ``route`` while the breakers
+        cannot be read (Redis away)."""
+        given = False
+        try:
+            for candidate in self.breaker.candidates(route):
+                given = True
+                yield candidate
+        except OUTAGE as exc:
+            logger.warning("route_breaker_unreadable", route=route, error=str(exc))
+            if not given:
+                yield route
 
     def admit(self, route: str, client: SmtpClient) -> RoutePause | None:
         """Wait (in this job, bounded) for a connection slot and a token of ``route``. None when the send
         may go; otherwise the pause that holds it back — nothing was spent, the caller defers it without
         an attempt until the pause ends."""
+        try:
+            return self._admit(route, client)
+        except OUTAGE as exc:  # the shared limits cannot be read: hold the send back, spend nothing
+            logger.warning("route_limits_unreadable", route=route, error=str(exc))
+            return RoutePause(f"route {route}: its limits cannot be read (Redis: {exc})")
+
+    def _admit(self, route: str, client: SmtpClient) -> RoutePause | None:
         policy = self.policy(route)
         max_wait = min(policy.max_wait, self.max_wait)
         if client.permit is not None and not client.permit.take(max_wait):
@@ -106,8 +125,13 @@ class RouteGate:
         return RoutePause(f"route {route}: rate limit, {wait}")
 
     def admit_now(self, route: str) -> bool:
-        """Take ``route``'s next token only if it is there now (never waits, never defers)."""
-        return self.throttle.reserve(self.policy(route), 0).granted
+        """Take ``route``'s next token only if it is there now (never waits, never defers); False while
+        the limits cannot be read."""
+        try:
+            return self.throttle.reserve(self.policy(route), 0).granted
+        except OUTAGE as exc:
+            logger.warning("route_limits_unreadable", route=route, error=str(exc))
+            return False
 
     @staticmethod
     def using(client: SmtpClient) -> contextlib.AbstractContextManager[object]:
@@ -116,7 +140,15 @@ class RouteGate:
 
     def failed(self, route: str, client: SmtpClient, exc: SmtpError) -> bool:
         """Report an error of a send on ``route``; True when the send should move to the next candidate
-        (a connection-level failure — before MAIL FROM, so nothing was offered — with the breaker open)."""
+        (a connection-level failure — before MAIL FROM, so nothing was offered — with the breaker open).
+        Bookkeeping only: while Redis is away it is skipped (logged), never the send's error."""
+        try:
+            return self._failed(route, client, exc)
+        except OUTAGE as error:
+            logger.warning("route_bookkeeping_skipped", route=route, error=str(error))
+            return False
+
+    def _failed(self, route: str, client: SmtpClient, exc: SmtpError) -> bool:
         self._adapt(route, [*client.take_replies(), exc.reply])
         if not self._guarded(route):
             return False
@@ -127,7 +159,13 @@ class RouteGate:
 
     def answered(self, route: str, client: SmtpClient) -> None:
         """The send on ``route`` got its replies: close the breaker, adapt the rate to every refusal the
-        client read for it, share the slot."""
+        client read for it, share the slot (skipped, logged, while Redis is away: the outcome stands)."""
+        try:
+            self._answered(route, client)
+        except OUTAGE as exc:
+            logger.warning("route_bookkeeping_skipped", route=route, error=str(exc))
+
+    def _answered(self, route: str, client: SmtpClient) -> None:
         if self._guarded(route):
             self.breaker.success(route)
         self._adapt(route, client.take_replies())

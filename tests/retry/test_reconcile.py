@@ -104,3 +104,37 @@ def test_end_to_end_the_worker_delivers_a_mail_lost_in_the_dequeue_window(
     )
     counts = deliveries(sink.messages)
     assert sorted(counts.values()) == [1, 1, 1, 1]
+
+
+def test_a_worker_stalled_after_reading_its_send_does_not_send_it_once_the_reconciler_moved_it_on(
+    redis_client: redis.Redis, smtp_server: Sink, redis_url: str
+) -> None:
+    """The other side of a reconciled send: the worker that read the record (with its old job) but stalled
+    before it began — longer than the reconcile delay — must not send it too. The begin is conditional on
+    the record still naming the job and state that worker read (one script, no window): it finds the send
+    moved on, takes no lease and opens no connection; the new job delivers it once."""
+    from dispatcher.delivery.attempt import Attempt
+    from dispatcher.settings import load_settings
+    from dispatcher.worker.runtime import Runtime
+
+    sink = smtp_server()
+    done = Producer(redis_client).enqueue(mail(["stall@example.test"]))
+    runtime = Runtime(load_settings(env_for(redis_url, smtp_url(sink.port)), need_routes=True))
+    old_job = pop_like_a_dying_worker(redis_client)
+
+    class StalledBetweenReadAndBegin(Attempt):
+        def bind(self) -> None:  # runs after the record was read, before the attempt begins
+            super().bind()
+            assert reconcile(redis_client, older_than=0, now=time.time() + 1) == [done.id]
+
+    try:
+        stalled = StalledBetweenReadAndBegin(runtime, redis_client, old_job, done.id).run()
+        assert stalled.get("stale_job") is True, stalled
+        rec = load(redis_client, done.id)
+        assert rec.state == "queued" and rec.attempts == 0 and rec.rq_job != old_job
+        assert redis_client.zscore(INFLIGHT, done.id) is None
+        assert sink.messages == [] and runtime.clients.get("default") is None  # no connection was opened
+        assert Attempt(runtime, redis_client, rec.rq_job or "", done.id).run()["state"] == "delivered"
+        assert deliveries(sink.messages) == {(done.message_id, "stall@example.test"): 1}
+    finally:
+        runtime.close()

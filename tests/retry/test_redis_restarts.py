@@ -106,7 +106,7 @@ def test_a_crash_that_loses_the_last_second_of_the_aof_resends_only_that_seconds
     rolled_back: list[int] = []
     result, before_crash, explained = _restart_under_load(
         redis_server, power_loss, "redis power loss (appendfsync everysec, the AOF's last second cut)",
-        scripted_server, start_worker,
+        scripted_server, start_worker, mails_sent=300, crash_after=60,  # the enqueue well before the cut
     )  # fmt: skip
     print(f"  AOF bytes rolled back: {rolled_back}")
     assert rolled_back and rolled_back[0] > 0, "nothing was rolled back: the test proved nothing"
@@ -124,19 +124,22 @@ def _restart_under_load(
     label: str,
     scripted_server: Scripted,
     start_worker: StartWorker,
+    *,
+    mails_sent: int = 150,
+    crash_after: int = 40,
 ) -> tuple[Tally, list[float], str]:
-    """300 mails through a pool of 2 against a server taking 20 ms per message; ``crash`` once 60 are
-    final. Returns the tally, how long before the crash each duplicate's first copy arrived, and the
-    problems explained."""
+    """``mails_sent`` mails through a pool of 2 against a server taking 20 ms per message; ``crash`` once
+    ``crash_after`` are final. Returns the tally, how long before the crash each duplicate's first copy
+    arrived, and the problems explained."""
     client = redis_server.client()
     server = scripted_server()
     server.faults = SeededFaults(SEED, table={}, latency=0.02)  # type: ignore[assignment]
-    mails = chaos_mails(300, tag=label)
+    mails = chaos_mails(mails_sent, tag=label)
     ids = enqueued(Producer(client).enqueue_many(mails), mails)
     store = SendStore(client)
     pool = start_worker(settings(redis_server.url, server.port), "--concurrency", "2")
 
-    wait_until(lambda: finished(store, 60), 60, interval=0.05, message="mail never started to flow")
+    wait_until(lambda: finished(store, crash_after), 60, interval=0.05, message="mail never started to flow")
     crashed_at = time.monotonic()
     crash()
     wait_until(lambda: finished(store, len(ids)), 90, interval=0.2, message="not all sends final")
