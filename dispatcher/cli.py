@@ -118,7 +118,7 @@ def _problems(exc: ValidationError, prefix: str = "") -> str:
 
 def cmd_send(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     mail = mail_from_args(args)
-    producer = Producer(connect(args.redis_url), max_bytes=args.max_bytes)
+    producer = Producer(connect(args.redis_url), max_bytes=args.max_bytes, max_recipients=args.max_recipients)
     try:
         result = producer.enqueue(mail)
     except ValidationError as exc:
@@ -157,7 +157,7 @@ def _lines(stream: IO[Any]) -> Iterator[tuple[int, dict[str, Any] | ValidationEr
 
 
 def cmd_bulk(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    producer = Producer(connect(args.redis_url), max_bytes=args.max_bytes)
+    producer = Producer(connect(args.redis_url), max_bytes=args.max_bytes, max_recipients=args.max_recipients)
     # Bytes, decoded line by line: one line that is not UTF-8 must not stop the others.
     stdin: IO[Any] = getattr(sys.stdin, "buffer", sys.stdin)
     stream: IO[Any] = stdin if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
@@ -206,7 +206,7 @@ def cmd_bulk(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             f"error: Redis became unreachable: {outage}\n"
             f"every valid line before line {first} was enqueued ({counts['enqueued']} new, "
             f"{counts['duplicate']} duplicate); line {first} and every line after it were not — rerun "
-            f"from line {first} (lines carrying a \"key\" are never enqueued twice)\n"
+            f'from line {first} (lines carrying a "key" are never enqueued twice)\n'
         )
     out.write(json.dumps(summary) + "\n")
     if outage is not None:
@@ -320,6 +320,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout, err: TextI
         settings = load_settings()
         args.redis_url = args.redis_url or settings.redis_url
         args.max_bytes = settings.max_message_bytes
+        args.max_recipients = settings.max_recipients
         code: int = args.handler(args, out, err)
         return code
     except (UsageError, ConfigurationError) as exc:

@@ -31,6 +31,7 @@ from email.message import EmailMessage
 from typing import TYPE_CHECKING, Any
 
 from dispatcher.errors import HeaderInjection, ValidationError
+from dispatcher.mail.limits import MAX_RECIPIENTS
 from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
 
 if TYPE_CHECKING:
@@ -45,15 +46,21 @@ _FIELD_OF_HEADER = {"from": "from", "to": "to", "cc": "cc", "reply-to": "reply_t
                     "date": "date", "message-id": "message_id"}  # fmt: skip
 
 
-def validated(data: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_BYTES, build: bool = True) -> Mail:
-    """A mail from its JSON form, checked field by field (``Mail.from_dict``) and for size; raises
-    ``ValidationError`` listing every problem.
+def validated(
+    data: Mapping[str, Any],
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_recipients: int | None = MAX_RECIPIENTS,
+    build: bool = True,
+) -> Mail:
+    """A mail from its JSON form, checked field by field (``Mail.from_dict``, with the recipient cap) and
+    for size; raises ``ValidationError`` listing every problem.
 
     ``build=False`` (the producer) skips building the MIME message — the worker builds it, byte for byte
     the same every time — unless a cheap upper bound of its size says it may exceed ``max_bytes``; then it
     is built and measured exactly. With ``build`` the mail comes back with its ``raw`` bytes.
     """
-    mail = Mail.from_dict(data)
+    mail = Mail.from_dict(data, max_recipients=max_recipients)
     if not build and size_upper_bound(mail) <= max_bytes:
         return mail
     try:

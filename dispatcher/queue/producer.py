@@ -23,6 +23,7 @@ from rq.serializers import JSONSerializer
 
 from dispatcher.errors import IdempotencyConflict, PartiallyEnqueued, QueueUnavailable, ValidationError
 from dispatcher.mail.fields import PRIORITIES
+from dispatcher.mail.limits import MAX_RECIPIENTS
 from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
 from dispatcher.mail.mime import validated
 from dispatcher.queue.states import initial_state
@@ -116,16 +117,23 @@ def schedule_attempt(
 class Producer:
     """Enqueue mails into Redis for the workers. Thread-safe as far as the redis client is."""
 
-    def __init__(self, connection: redis.Redis, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(
+        self,
+        connection: redis.Redis,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_recipients: int = MAX_RECIPIENTS,
+    ) -> None:
         self.redis = connection
         self.store = SendStore(connection)
         self.max_bytes = max_bytes
+        self.max_recipients = max_recipients
 
     def validate(self, data: Mapping[str, Any] | Mail) -> Mail:
         if isinstance(data, Mail) and data.raw:
             return data
         mapping = data.to_dict() if isinstance(data, Mail) else data
-        return validated(mapping, max_bytes=self.max_bytes, build=False)
+        return validated(mapping, max_bytes=self.max_bytes, max_recipients=self.max_recipients, build=False)
 
     def enqueue(self, data: Mapping[str, Any] | Mail) -> Enqueued:
         """Validate and enqueue one mail; ``ValidationError`` names every bad field and stores nothing."""
