@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from dispatcher.errors import ConfigurationError
+from dispatcher.errors import ConfigurationError, UnknownRoute
 from dispatcher.mail.limits import MAX_RECIPIENTS
 from dispatcher.mail.message import DEFAULT_MAX_BYTES
 from dispatcher.routes.config import RoutePolicy, check_fallbacks, parse_policy, split_route_url
@@ -88,9 +88,7 @@ class Settings:
             return self.routes[name]
         except KeyError:
             known = ", ".join(sorted(self.routes)) or "none"
-            raise ConfigurationError(
-                f"route {name!r} is not configured on this worker (known: {known})"
-            ) from None
+            raise UnknownRoute(f"route {name!r} is not configured on this worker (known: {known})") from None
 
     def job_timeout(self) -> float:
         """Every job's wall-time bound: the slowest route's stage deadlines summed, plus a margin."""

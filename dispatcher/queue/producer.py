@@ -26,6 +26,7 @@ from dispatcher.mail.fields import PRIORITIES
 from dispatcher.mail.limits import MAX_RECIPIENTS
 from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
 from dispatcher.mail.mime import validated
+from dispatcher.queue import known_routes
 from dispatcher.queue.states import initial_state
 from dispatcher.queue.store import (
     KEY_TTL,
@@ -47,6 +48,7 @@ DEFAULT_JOB_TIMEOUT = 3600
 RESULT_TTL = 86400
 FAILURE_TTL = 7 * 86400
 BATCH = 500
+ROUTES_READ_INTERVAL = 5.0
 
 
 def queue_name(priority: str) -> str:
@@ -128,12 +130,37 @@ class Producer:
         self.store = SendStore(connection)
         self.max_bytes = max_bytes
         self.max_recipients = max_recipients
+        self._routes: frozenset[str] = frozenset()
+        self._routes_read_at: float | None = None
 
     def validate(self, data: Mapping[str, Any] | Mail) -> Mail:
+        """The mail checked field by field, and its ``route`` against the routes the live workers publish
+        (``queue.known_routes``): when some are published, any other route is a field error."""
         if isinstance(data, Mail) and data.raw:
-            return data
-        mapping = data.to_dict() if isinstance(data, Mail) else data
-        return validated(mapping, max_bytes=self.max_bytes, max_recipients=self.max_recipients, build=False)
+            mail = data
+        else:
+            mapping = data.to_dict() if isinstance(data, Mail) else data
+            mail = validated(
+                mapping, max_bytes=self.max_bytes, max_recipients=self.max_recipients, build=False
+            )
+        known = self.known_routes()
+        if known and mail.route not in known:
+            names = ", ".join(sorted(known))
+            problem = f"no worker is configured with route {mail.route!r} (known: {names})"
+            raise ValidationError({"route": problem})
+        return mail
+
+    def known_routes(self) -> frozenset[str]:
+        """The published route names, read at most every ``ROUTES_READ_INTERVAL`` seconds. Redis trouble
+        reads as none (the enqueue itself then reports it; a worker fails an unknown route anyway)."""
+        now = time.monotonic()
+        if self._routes_read_at is None or now - self._routes_read_at >= ROUTES_READ_INTERVAL:
+            try:
+                self._routes = known_routes.known(self.redis)
+            except redis.RedisError:
+                return frozenset()
+            self._routes_read_at = now
+        return self._routes
 
     def enqueue(self, data: Mapping[str, Any] | Mail) -> Enqueued:
         """Validate and enqueue one mail; ``ValidationError`` names every bad field and stores nothing."""

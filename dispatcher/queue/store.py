@@ -12,6 +12,7 @@ recipient's outcome, so retries, the CLI and the dashboard never depend on rq's 
     dispatch:inflight           zset   send ids being sent, scored by lease expiry (crash recovery)
     dispatch:delivered:<minute> string messages delivered in that minute (overview chart)
     dispatch:worker:<name>      string JSON: a live worker's routes and SMTP connection states
+    dispatch:routes             zset   route names of the live workers (owned by ``queue.known_routes``)
     dispatch:reconciler         string the lock of the worker reconciling sends this round (30 s)
 """
 
