@@ -5,12 +5,11 @@ while a mail is validated and built (``sys.setprofile``), which is deterministic
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
 import pytest
+from helpers import count_calls
 
 from dispatcher.errors import ValidationError
 from dispatcher.mail import limits
@@ -60,21 +59,7 @@ OVER: dict[str, dict[str, Any]] = {
 
 def calls(data: dict[str, Any], *, build: bool = True) -> int:
     """Function calls made while ``data`` is validated (and built); a refusal counts the same."""
-    count = 0
-
-    def profile(frame: FrameType, event: str, arg: object) -> None:
-        nonlocal count
-        if event in ("call", "c_call"):
-            count += 1
-
-    sys.setprofile(profile)
-    try:
-        validated(data, build=build)
-    except ValidationError:
-        pass
-    finally:
-        sys.setprofile(None)
-    return count
+    return count_calls(lambda: validated(data, build=build))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -28,14 +28,12 @@ from collections.abc import Mapping
 from email import errors as email_errors
 from email import policy as email_policy
 from email.message import EmailMessage
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dispatcher.errors import HeaderInjection, ValidationError
+from dispatcher.mail import address_header
 from dispatcher.mail.limits import MAX_RECIPIENTS
 from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
-
-if TYPE_CHECKING:
-    from dispatcher.mail.addresses import Address
 
 # Above this share of non-ASCII UTF-8 bytes base64 is shorter than quoted-printable (3 vs 4/3 octets).
 _BASE64_THRESHOLD = 1 / 6
@@ -91,15 +89,13 @@ def build_message(mail: Mail) -> bytes:
 
 def compose(mail: Mail) -> EmailMessage:
     """The message object ``build_message`` writes (boundaries already fixed)."""
-    policy = email_policy.SMTPUTF8 if mail.needs_smtputf8 else email_policy.SMTP
+    # Raw (``set_raw``) values are written as given: the address headers, folded by ``address_header``.
+    policy = (email_policy.SMTPUTF8 if mail.needs_smtputf8 else email_policy.SMTP).clone(refold_source="none")
     message = EmailMessage(policy=policy)
-    message["From"] = mail.from_address.formatted()
-    if mail.to:
-        message["To"] = _address_list(mail.to)
-    if mail.cc:
-        message["Cc"] = _address_list(mail.cc)
-    if mail.reply_to:
-        message["Reply-To"] = _address_list(mail.reply_to)
+    for name, addresses in (("From", (mail.from_address,)), ("To", mail.to), ("Cc", mail.cc),
+                            ("Reply-To", mail.reply_to)):  # fmt: skip
+        if addresses:
+            message.set_raw(name, address_header.folded(name, addresses, utf8=policy.utf8))
     if mail.subject:
         message["Subject"] = mail.subject
     message["Date"] = mail.date
@@ -228,10 +224,6 @@ def _field(header: str, index: int, part: EmailMessage) -> str:
 
 def _injection(field: str, detail: str) -> HeaderInjection:
     return HeaderInjection({field: f"header injection, refused: {detail}"})
-
-
-def _address_list(addresses: tuple[Address, ...]) -> str:
-    return ", ".join(address.formatted() for address in addresses)
 
 
 def _text_encoding(text: str) -> str:
