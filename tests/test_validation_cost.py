@@ -5,6 +5,8 @@ while a mail is validated and built (``sys.setprofile``), which is deterministic
 
 from __future__ import annotations
 
+import email.headerregistry
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +15,7 @@ from helpers import count_calls
 
 from dispatcher.errors import ValidationError
 from dispatcher.mail import limits
-from dispatcher.mail.mime import validated
+from dispatcher.mail.mime import build_message, validated
 
 BASE: dict[str, Any] = {"from": "a@example.com", "to": "b@example.org", "text": "hi"}
 ATTACHMENT = {"content_type": "text/plain", "content": "aGk="}
@@ -77,3 +79,25 @@ def test_far_over_a_limit_is_refused_for_the_price_of_a_small_mail(path: str) ->
     assert path in caught.value.problems
     baseline = calls(BASE, build=False)
     assert calls({**BASE, **OVER[path]}, build=False) <= 2 * baseline + 1000, path
+
+
+def test_a_build_folds_each_header_once() -> None:
+    """``check_written`` reuses the folding the generator wrote (the email package's folding is most of
+    a build's cost): each header object of the message is folded once, not twice."""
+    mail = validated({**BASE, "subject": words("wörd ", 998), "headers": {"X-A": "wörd wörd"}}, build=False)
+    fold = email.headerregistry.BaseHeader.fold.__code__
+    folds = 0
+
+    def profile(frame: Any, event: str, arg: object) -> None:
+        nonlocal folds
+        if event == "call" and frame.f_code is fold:
+            folds += 1
+
+    sys.setprofile(profile)
+    try:
+        build_message(mail)
+    finally:
+        sys.setprofile(None)
+    # Subject, Date, Message-ID, MIME-Version, X-A, Content-Type, Content-Transfer-Encoding (From and To
+    # are written raw, already folded by ``address_header``)
+    assert folds == 7, folds
