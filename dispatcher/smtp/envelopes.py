@@ -53,7 +53,7 @@ class EnvelopePlan:
         """Take one transaction's result; recipients it answered 452 go first into the next one when it
         accepted somebody."""
         self.results.append(result)
-        progress = any(o.status is RecipientStatus.ACCEPTED for o in result.outcomes)
+        progress = wants_next_transaction(result)
         retry = [o.recipient for o in result.outcomes if progress and _buffer_full(o)]
         again = set(retry)
         self.outcomes.update((o.recipient, o) for o in result.outcomes if o.recipient not in again)
@@ -91,6 +91,12 @@ class EnvelopePlan:
             last.transcript,
             sum(r.round_trips for r in self.results),
         )
+
+
+def wants_next_transaction(result: SendResult) -> bool:
+    """The transaction accepted somebody and answered 452 to somebody: those go in the next one."""
+    outcomes = result.outcomes
+    return any(o.status is RecipientStatus.ACCEPTED for o in outcomes) and any(map(_buffer_full, outcomes))
 
 
 def _buffer_full(outcome: RecipientOutcome) -> bool:

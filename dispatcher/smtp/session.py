@@ -36,7 +36,7 @@ from dispatcher.smtp.auth import AuthExchange, choose_mechanism
 from dispatcher.smtp.channel import Channel, check_envelope
 from dispatcher.smtp.config import SmtpConfig, TlsMode, parse_smtp_url
 from dispatcher.smtp.connection import Connection
-from dispatcher.smtp.envelopes import MAX_RCPT_PER_TRANSACTION, EnvelopePlan
+from dispatcher.smtp.envelopes import MAX_RCPT_PER_TRANSACTION, EnvelopePlan, wants_next_transaction
 from dispatcher.smtp.extensions import Extensions, parse_ehlo
 from dispatcher.smtp.outcomes import SendResult
 from dispatcher.smtp.protocol import Transaction, error_after_break
@@ -165,15 +165,20 @@ class SmtpClient:
         """
         check_envelope(sender, recipients)  # refuse bad arguments before connecting
         self._transcript.begin()
-        plan = EnvelopePlan(recipients)
-        wrote: list[bool] = []
+        return self._send_plan(EnvelopePlan(recipients), sender, data, before_data)
+
+    def _send_plan(
+        self, plan: EnvelopePlan, sender: str, data: bytes, before_data: Callable[[], None] | None
+    ) -> SendResult:
+        """The transactions ``plan`` still holds, one after the other; see ``send``."""
+        wrote: list[bool] = [True] if plan.started else []
 
         def data_goes_out() -> None:
             wrote.append(True)
             if before_data is not None:
                 before_data()
 
-        self._data_out_earlier = False  # left set when an interruption (not an SmtpError) breaks out
+        self._data_out_earlier = bool(wrote)  # left set when an interruption (not an SmtpError) breaks out
         while (batch := plan.next_batch()) is not None:
             if plan.started:
                 self._transcript.event("smtp_next_transaction", recipients=len(batch))
@@ -213,7 +218,11 @@ class SmtpClient:
         """Send what ``source`` yields back to back on one connection, one round trip per message where the
         server allows it (``dispatcher.smtp.stream``); each message comes back with its result or error, in
         order. It ends when ``source`` does, at the connection's message cap, or when the connection breaks:
-        call it again to go on with the rest of ``source``. ``before_data`` as for ``send``, per message."""
+        call it again to go on with the rest of ``source``. ``before_data`` as for ``send``, per message.
+
+        A message with more recipients than one transaction takes ends the stream and goes alone
+        (``send``); one whose transaction answered 452 to some recipients (and accepted others) comes back
+        after the stream, once those went in the next transaction."""
         self._transcript.begin()
         self._stream = None
         self._alone = None
@@ -236,15 +245,30 @@ class SmtpClient:
                     return
             return
         large: list[Outgoing] = []  # a message for several transactions ends the stream and goes alone
+        more: list[tuple[Outgoing, SendResult]] = []  # answered 452 to some: they go once the stream ends
         self._stream = MessageStream(
             channel, _until_large(source, large), may_follow, on_break=self.abort, before_data=before_data
         )
         self.state = SessionState.IN_TRANSACTION
         try:
-            yield from self._stream.run()
+            for message, streamed in self._stream.run():
+                if isinstance(streamed, SendResult) and wants_next_transaction(streamed):
+                    more.append((message, streamed))
+                else:
+                    yield message, streamed
         finally:
             if self._channel is not None and self.state is SessionState.IN_TRANSACTION:
                 self.state = SessionState.READY
+        for message, first in more:
+            hook = functools.partial(before_data, message) if before_data is not None else None
+            plan = EnvelopePlan(message.recipients)
+            plan.next_batch()  # what the stream sent: all of them (never more than one transaction takes)
+            plan.settle(first)
+            self._alone = message  # left set when an interruption breaks out: ``stream_in_flight`` tells
+            self._transcript.event("smtp_next_transaction", recipients=len(plan.todo))
+            result = self._send_plan(plan, message.sender, message.data, hook)  # raises no SmtpError
+            self._alone = None
+            yield message, result
         for message in large:
             hook = functools.partial(before_data, message) if before_data is not None else None
             self._alone = message  # left set when an interruption breaks out: ``stream_in_flight`` tells

@@ -113,3 +113,24 @@ def test_a_stream_sends_a_large_message_alone_between_the_others(
     assert isinstance(large, SendResult) and len(large.accepted) == 150
     assert [len(m.rcpt_tos) for m in server.wait_for_messages(4)] == [1, 100, 50, 1]
     assert marked == ["small-1", "large", "large", "small-2"]
+
+
+@pytest.mark.parametrize("mode", ["pipelining", "chunking"])
+def test_a_streamed_message_answered_452_sends_the_rest_once_the_stream_ends(
+    scripted_server: Scripted, mode: str
+) -> None:
+    server = scripted_server(ehlo_keywords=MODES[mode], max_rcpts=40)
+    items = [
+        Outgoing("small-1", "from@x.org", ("a@y.org",), DATA),
+        Outgoing("sixty", "from@x.org", tuple(recipients(60)), DATA),
+        Outgoing("small-2", "from@x.org", ("b@y.org",), DATA),
+    ]
+    marked: list[str] = []
+    with SmtpClient.from_url(url(server.port)) as client:
+        outcomes = list(client.send_stream(iter(items), before_data=lambda m: marked.append(m.key)))
+    assert sorted(m.key for m, _ in outcomes) == ["sixty", "small-1", "small-2"]
+    sixty = dict((m.key, o) for m, o in outcomes)["sixty"]
+    assert isinstance(sixty, SendResult) and statuses(sixty) == {RecipientStatus.ACCEPTED: 60}
+    assert [o.recipient for o in sixty.outcomes] == recipients(60)
+    assert sorted(len(m.rcpt_tos) for m in server.wait_for_messages(4)) == [1, 1, 20, 40]
+    assert marked.count("sixty") == 2 and server.connection_count == 1
