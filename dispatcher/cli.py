@@ -15,7 +15,6 @@ import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, TextIO
 
@@ -28,8 +27,9 @@ from dispatcher.queue.operations import FailureFilter, Operations
 from dispatcher.queue.producer import BATCH, Enqueued, Producer, connect
 from dispatcher.queue.recovery import UNREADABLE, describe_unreadable
 from dispatcher.queue.states import FAILURE_STATES, RETRYABLE_STATES
-from dispatcher.queue.store import SendStore, send_key
+from dispatcher.queue.store import SendStore
 from dispatcher.settings import load_settings
+from dispatcher.values import parse_redis_url, parse_since
 
 EXIT_INVALID_LINES, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_UNREADABLE = 1, 2, 3, 4
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
@@ -45,17 +45,6 @@ def parse_duration(option: str, value: str) -> float:
     if match is None:
         raise UsageError(f"{option} {value!r}: expected a duration like 90, 90s, 10m, 2h or 1d")
     return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def parse_moment(option: str, value: str) -> float:
-    """An ISO 8601 time with a zone, or a duration meaning that long ago."""
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return time.time() - parse_duration(option, value)
-    if moment.tzinfo is None:
-        raise UsageError(f"{option} {value!r}: give a timezone, e.g. 2026-11-27T16:00:00Z")
-    return moment.timestamp()
 
 
 def mail_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -76,6 +65,13 @@ def mail_from_args(args: argparse.Namespace) -> dict[str, Any]:
         mail["attachments"] = [_attachment(path) for path in args.attach]
     if args.header:
         mail["headers"] = dict(_header(h) for h in args.header)
+    if args.template is not None:
+        mail["template"] = args.template
+        mail["data"] = _template_data(args.data)
+        if args.locale:
+            mail["locale"] = args.locale
+    elif args.data is not None or args.locale is not None:
+        raise UsageError("--data and --locale go with --template")
     if args.send_in is not None and args.send_at is not None:
         raise UsageError("--in and --at: give one of them")
     if args.send_in is not None:
@@ -83,6 +79,17 @@ def mail_from_args(args: argparse.Namespace) -> dict[str, Any]:
     elif args.send_at is not None:
         mail["send_at"] = args.send_at
     return mail
+
+
+def _template_data(value: str | None) -> Any:
+    """``--data``: a JSON object, or ``@PATH`` of a file holding one."""
+    if value is None:
+        return {}
+    text = _read_text("--data", value[1:]) if value.startswith("@") else value
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--data: not valid JSON: {exc.msg} at column {exc.colno}") from None
 
 
 def _read_text(option: str, path: str) -> str:
@@ -215,11 +222,11 @@ def cmd_bulk(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    connection = connect(args.redis_url)
+    store = SendStore(connect(args.redis_url))
     try:
-        rec = SendStore(connection).load(args.job_id)
+        rec = store.load(args.job_id)
     except UNREADABLE as exc:  # say what can be said of it, never a traceback
-        raw: dict[bytes, bytes] = connection.hgetall(send_key(args.job_id))  # type: ignore[assignment]
+        raw = store.load_raw(args.job_id)
         state = raw.get(b"state", b"?").decode("utf-8", "replace")
         err.write(f"error: send {args.job_id!r} has an unreadable record ({describe_unreadable(exc)}); "
                   f"state {state}\n")  # fmt: skip
@@ -252,7 +259,7 @@ def cmd_retry(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     ids = list(args.ids)
     if not ids:
         states = tuple(args.state) if args.state else FAILURE_STATES
-        since = parse_moment("--since", args.since) if args.since else None
+        since = parse_since("--since", args.since) if args.since else None
         try:
             flt = FailureFilter(code=args.code, domain=args.domain, since=since, states=states)
         except ConfigurationError as exc:
@@ -284,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--html-file", dest="html_file")
     send.add_argument("--attach", action="append", default=[], metavar="PATH")
     send.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'")
+    send.add_argument("--template", help="a template in $DISPATCH_TEMPLATES_DIR (not --subject/--text)")
+    send.add_argument("--data", help="the template's variables: a JSON object, or @PATH of a JSON file")
+    send.add_argument("--locale", help="the template's locale, e.g. de (falls back to the default)")
     send.add_argument("--key", help="idempotency key: the same key is delivered once")
     send.add_argument("--priority", choices=PRIORITIES)
     send.add_argument("--route")
@@ -304,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--all", action="store_true", help="every failed or unknown send")
     retry.add_argument("--code", help="4xx, 5xx, a code like 421, or an enhanced code like 5.1.1")
     retry.add_argument("--domain", help="a recipient domain")
-    retry.add_argument("--since", help="updated since: a duration (2h) or an ISO time")
+    retry.add_argument("--since", help="updated since: 2h, 30m, 7d ago, Unix seconds or ISO 8601")
     retry.add_argument(
         "--state", action="append", choices=RETRYABLE_STATES, help="default: failed and unknown"
     )
@@ -318,13 +328,17 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout, err: TextI
     configure_logging(level="WARNING")
     try:
         settings = load_settings()
-        args.redis_url = args.redis_url or settings.redis_url
+        given = args.redis_url
+        args.redis_url = parse_redis_url("--redis-url", given) if given else settings.redis_url
         args.max_bytes = settings.max_message_bytes
         args.max_recipients = settings.max_recipients
         code: int = args.handler(args, out, err)
         return code
     except (UsageError, ConfigurationError) as exc:
         err.write(f"error: {exc}\n")
+        return EXIT_USAGE
+    except ValidationError as exc:  # an option's value (cmd_send reports a mail's problems itself)
+        err.write(_problems(exc, "error: "))
         return EXIT_USAGE
     except (QueueUnavailable, redis.ConnectionError, redis.TimeoutError) as exc:
         text = str(exc)

@@ -15,7 +15,7 @@ from dispatcher.mail.limits import MAX_RECIPIENTS
 from dispatcher.mail.message import DEFAULT_MAX_BYTES
 from dispatcher.routes.config import RoutePolicy, check_fallbacks, parse_policy, split_route_url
 from dispatcher.smtp.config import SmtpConfig, parse_smtp_url
-from dispatcher.values import parse_flag, parse_number
+from dispatcher.values import parse_flag, parse_number, parse_redis_url
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 ROUTE_PREFIX = "SMTP_URL_"
@@ -43,12 +43,19 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "DISPATCH_LEASE_SECONDS": ("30", "in-flight lease; a dead worker's send is requeued after it expires"),
     "DISPATCH_RECONCILE_AFTER": ("60", "seconds a waiting send may lack an rq job before it gets a new one"),
     "DISPATCH_JOB_TIMEOUT_MARGIN": ("60", "seconds added to the routes' summed deadlines: rq's job timeout"),
+    "DISPATCH_JOURNAL_DIR": (
+        "$XDG_STATE_HOME/dispatcher/journal (~/.local/state/…)",
+        "where a worker keeps outcomes Redis could not take in half a lease; replayed when it returns",
+    ),
     "DISPATCH_LOG_LEVEL": ("INFO", "log level of dispatcher's events"),
     "DISPATCH_LOG_FORMAT": ("json off a TTY", "json or console"),
     "DISPATCH_RQ_LOG_LEVEL": ("WARNING", "log level of rq's own per-job messages"),
     "DISPATCH_DASHBOARD_USER": ("(required)", "dashboard login user"),
     "DISPATCH_DASHBOARD_PASSWORD": ("(required)", "dashboard login password"),
-    "DISPATCH_DASHBOARD_SECRET": ("random per process", "session signing key; keeps logins across restarts"),
+    "DISPATCH_DASHBOARD_SECRET": (
+        "random per process",
+        "Flask's secret key; logins do not depend on it (sessions live in Redis and survive restarts)",
+    ),
     "DISPATCH_DASHBOARD_SECURE_COOKIE": ("false", "mark the session cookie Secure (behind HTTPS)"),
     "DISPATCH_DASHBOARD_OPEN": ("false", "run the dashboard without login (loopback only)"),
     "DISPATCH_DASHBOARD_HOSTS": (
@@ -57,6 +64,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     ),
     "DISPATCH_API_TOKEN": ("(API off)", "bearer token for the HTTP API"),
     "DISPATCH_API_MAX_BYTES": ("31457280", "largest HTTP API request body"),
+    "DISPATCH_TEMPLATES_DIR": ("(templates off)", "directory of the named mail templates producers render"),
 }
 
 
@@ -82,6 +90,7 @@ class Settings:
     lease_seconds: float = 30.0
     reconcile_after: float = 60.0
     job_timeout_margin: float = 60.0
+    journal_dir: str = ""
 
     def route(self, name: str) -> SmtpConfig:
         try:
@@ -153,7 +162,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, need_routes: bool = F
         resend_unknown=_flag(env, "DISPATCH_RESEND_UNKNOWN", False),
     )
     return Settings(
-        redis_url=env.get("REDIS_URL") or DEFAULT_REDIS_URL,
+        redis_url=parse_redis_url("REDIS_URL", env.get("REDIS_URL") or DEFAULT_REDIS_URL),
         routes=routes,
         policies=read_policies(env),
         retry=retry,
@@ -162,4 +171,13 @@ def load_settings(env: Mapping[str, str] | None = None, *, need_routes: bool = F
         lease_seconds=_number(env, "DISPATCH_LEASE_SECONDS", 30.0, minimum=2.0),
         reconcile_after=_number(env, "DISPATCH_RECONCILE_AFTER", 60.0, minimum=1.0),
         job_timeout_margin=_number(env, "DISPATCH_JOB_TIMEOUT_MARGIN", 60.0, minimum=1.0),
+        journal_dir=env.get("DISPATCH_JOURNAL_DIR") or default_journal_dir(env),
     )
+
+
+def default_journal_dir(env: Mapping[str, str]) -> str:
+    """``$XDG_STATE_HOME/dispatcher/journal``, or under ``~/.local/state`` (state that must survive a
+    reboot: not /tmp)."""
+    state = env.get("XDG_STATE_HOME") or os.environ.get("XDG_STATE_HOME")
+    state = state or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "dispatcher", "journal")

@@ -23,8 +23,8 @@ from queue_support import WorkerRun, base_env
 from servers.redis_server import RedisServer
 
 from dispatcher.errors import PolicyError, SmtpError, TlsError
+from dispatcher.queue.keys import state_key
 from dispatcher.queue.producer import Producer
-from dispatcher.queue.store import state_key
 from dispatcher.smtp import RecipientStatus, SendResult, SmtpClient, Stage
 from dispatcher.smtp.commands import normalize_line_endings
 from dispatcher.smtp.stream import Outgoing

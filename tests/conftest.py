@@ -6,6 +6,7 @@ Import helpers in tests as ``from helpers import wait_until, free_port`` and ser
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -142,3 +143,18 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every worker of the session (in-process or a subprocess, which inherits the environment) keeps its
+    outcome journal (``dispatcher.delivery.journal``) under a private ``XDG_STATE_HOME``, never the
+    machine user's."""
+    home = tmp_path_factory.mktemp("state-home")
+    before = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(home)
+    yield home
+    if before is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = before

@@ -18,9 +18,10 @@ from servers import Fault, ScriptedSmtpServer
 
 from dispatcher.delivery.jobs import Attempt
 from dispatcher.dev.devsink import DevSink
+from dispatcher.queue.keys import INFLIGHT
 from dispatcher.queue.producer import BATCH_FUNCTION, JOB_BATCH_SIZE, Producer
 from dispatcher.queue.recovery import reap_abandoned, requeue_unstarted
-from dispatcher.queue.store import INFLIGHT, SendStore
+from dispatcher.queue.store import SendStore
 from dispatcher.settings import load_settings
 from dispatcher.worker.runtime import Runtime
 

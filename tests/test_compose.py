@@ -90,3 +90,13 @@ def test_readme_documents_every_environment_variable() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [name for name in ENVIRONMENT if f"`{name}`" not in readme]
     assert not missing, f"README configuration table lacks {missing}"
+
+
+def test_the_workers_outcome_journal_is_on_a_volume(compose: dict[str, Any]) -> None:
+    """An outcome journaled while Redis was away must survive the worker container's restart."""
+    worker_spec = compose["services"]["worker"]
+    journal = worker_spec["environment"]["DISPATCH_JOURNAL_DIR"]
+    mounts = {volume.split(":", 1)[1]: volume.split(":", 1)[0] for volume in worker_spec["volumes"]}
+    assert mounts.get(journal) in compose["volumes"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"chown dispatcher {journal}" in dockerfile

@@ -58,5 +58,12 @@ def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
     assert demo.returncode == 0, "".join(lines) + rest
     assert "stopped" in rest
     logs = data / "logs"
-    assert '"event": "pool_stopped"' in (logs / "worker.log").read_text()
+    worker_log = (logs / "worker.log").read_text()
+    assert '"event": "pool_stopped"' in worker_log
     assert '"event": "dashboard_stopped"' in (logs / "dashboard.log").read_text()
+    # Workers stop before Redis does: none of them meets a vanished Redis on its way out.
+    for name in ("worker.log", "dashboard.log"):
+        text = (logs / name).read_text()
+        assert "worker_process_crashed" not in text and "Traceback" not in text, text[-4000:]
+    assert '"exit_codes": [0, 0]' in worker_log, worker_log[-4000:]
+    assert "Traceback" not in rest

@@ -36,8 +36,9 @@ from dispatcher.errors import HeaderInjection, ValidationError
 from dispatcher.mail.fields import Attachment
 from dispatcher.mail.message import Mail
 from dispatcher.mail.mime import build_message, check_written, compose, validated
+from dispatcher.queue.keys import source_key
 from dispatcher.queue.producer import Producer
-from dispatcher.queue.store import SendStore, source_key
+from dispatcher.queue.store import SendStore
 from dispatcher.settings import load_settings
 from dispatcher.worker.runtime import Runtime
 
@@ -331,5 +332,5 @@ def test_the_worker_fails_a_hostile_source_permanently_and_sends_nothing(
     finally:
         runtime.close()
     rec = SendStore(redis_client).load(send_id)
-    assert rec is not None and "encoded word" in rec.record["reason"]["text"]
+    assert rec is not None and "encoded word" in rec.status()["reason"]["text"]
     assert server.connection_count == 0 and not server.messages

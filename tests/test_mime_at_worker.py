@@ -8,8 +8,9 @@ import redis
 from servers import Fault, ScriptedSmtpServer
 
 from dispatcher.delivery.attempt import Attempt
+from dispatcher.queue.keys import send_key, source_key
 from dispatcher.queue.producer import Producer
-from dispatcher.queue.store import SendStore, send_key, source_key
+from dispatcher.queue.store import SendStore
 from dispatcher.settings import load_settings
 from dispatcher.worker.runtime import Runtime
 
@@ -51,6 +52,6 @@ def test_a_mail_the_worker_cannot_build_fails_with_its_reason(
     runtime = runtime_for(server.port)
     assert attempt(redis_client, runtime, send_id)["state"] == "failed"
     rec = SendStore(redis_client).load(send_id)
-    assert rec is not None and "cannot be written as MIME" in rec.record["reason"]["text"]
+    assert rec is not None and "cannot be written as MIME" in rec.status()["reason"]["text"]
     assert server.connection_count == 0
     runtime.close()

@@ -7,8 +7,8 @@ import itertools
 import pytest
 
 from dispatcher.errors import IllegalTransition
+from dispatcher.queue.records import SendRecord
 from dispatcher.queue.states import FINAL_STATES, TRANSITIONS, SendState, initial_state
-from dispatcher.queue.store import SendRecord
 
 S = SendState
 LEGAL = {
@@ -16,6 +16,8 @@ LEGAL = {
     (S.SENDING, S.DELIVERED), (S.SENDING, S.DEFERRED), (S.SENDING, S.FAILED), (S.SENDING, S.UNKNOWN),
     (S.SENDING, S.QUEUED), (S.DEFERRED, S.SENDING), (S.DEFERRED, S.QUEUED),
     (S.FAILED, S.QUEUED), (S.UNKNOWN, S.QUEUED),
+    (S.QUEUED, S.BROKEN), (S.SCHEDULED, S.BROKEN), (S.SENDING, S.BROKEN), (S.DEFERRED, S.BROKEN),
+    (S.UNKNOWN, S.DELIVERED), (S.UNKNOWN, S.FAILED), (S.UNKNOWN, S.DEFERRED),  # a journaled outcome
 }  # fmt: skip
 PAIRS = list(itertools.product(SendState, SendState))
 
@@ -38,7 +40,9 @@ def test_the_table_is_the_list_above_and_covers_every_state() -> None:
 
 def test_delivered_is_the_end_and_only_an_operator_retry_leaves_failed_or_unknown() -> None:
     assert TRANSITIONS[S.DELIVERED] == frozenset()
-    assert all(TRANSITIONS[s] <= {S.QUEUED} for s in FINAL_STATES)
+    assert TRANSITIONS[S.BROKEN] == frozenset()  # quarantined: only a delete removes it
+    assert all(TRANSITIONS[s] <= {S.QUEUED} for s in FINAL_STATES - {S.UNKNOWN})
+    assert TRANSITIONS[S.UNKNOWN] == {S.QUEUED, S.DELIVERED, S.FAILED, S.DEFERRED}
     assert initial_state(True) is S.SCHEDULED and initial_state(False) is S.QUEUED
 
 

@@ -2,8 +2,9 @@
 
     app = create_app(DashboardConfig(user="ops", password="...", api_token="...", redis_url=...))
 
-Pages (``views``) need a login (``auth``) and a CSRF token on every POST; the API (``api``, under
-``/api/v1``) needs a bearer token and never looks at cookies. Errors under ``/api`` are always JSON.
+Pages (``views``) need a login (``auth``; sessions live in Redis, ``sessions``) and a CSRF token on every
+POST; the API (``api``, under ``/api/v1``) needs a bearer token and never looks at cookies. Errors under
+``/api`` are always JSON.
 Before any of that, every request's ``Host`` must be on the allow-list and a state-changing request's
 ``Origin`` (or ``Referer``) must be this dashboard (``hosts``: DNS rebinding).
 ``python -m dispatcher.dashboard`` serves it (see ``__main__``).
@@ -19,7 +20,7 @@ from flask import Flask, jsonify, render_template, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
-from dispatcher.dashboard import api, auth, filters, hosts, views
+from dispatcher.dashboard import api, auth, filters, hosts, sessions, views
 from dispatcher.dashboard.config import DashboardConfig, load_config
 from dispatcher.dashboard.context import EXTENSION, DashboardState, state, wants_json
 from dispatcher.errors import QueueUnavailable
@@ -48,6 +49,7 @@ def create_app(config: DashboardConfig, *, connection: redis.Redis | None = None
         SESSION_COOKIE_SECURE=config.secure_cookie,
     )
     conn = connection if connection is not None else connect(config.redis_url)
+    app.session_interface = sessions.RedisSessions(conn, config.user, config.password)
     app.extensions[EXTENSION] = DashboardState(
         config=config,
         redis=conn,

@@ -21,8 +21,9 @@ from dispatcher.dashboard.auth import check_bearer
 from dispatcher.errors import ConfigurationError, IdempotencyConflict, PartiallyEnqueued, ValidationError
 from dispatcher.queue.operations import FailureFilter
 from dispatcher.queue.producer import Enqueued
+from dispatcher.queue.records import SendRecord
 from dispatcher.queue.states import FAILURE_STATES, RETRYABLE_STATES
-from dispatcher.queue.store import SendRecord
+from dispatcher.values import parse_since
 
 logger = structlog.get_logger("dispatcher.dashboard.api")
 blueprint = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -173,7 +174,7 @@ def retry() -> ResponseReturnValue:
             flt = FailureFilter(
                 code=data.get("code"),
                 domain=data.get("domain"),
-                since=float(since) if since is not None else None,
+                since=parse_since("since", since) if since is not None else None,
                 states=tuple(states) if states else FAILURE_STATES,
             )
         except ConfigurationError as exc:
@@ -201,8 +202,11 @@ def _retry_problems(data: dict[str, Any]) -> dict[str, str]:
         problems["code"] = "must be a string like 4xx, 421 or 5.1.1"
     if domain is not None and (not isinstance(domain, str) or not domain):
         problems["domain"] = "must be a domain name"
-    if since is not None and (isinstance(since, bool) or not isinstance(since, int | float)):
-        problems["since"] = "must be Unix seconds"
+    if since is not None:
+        try:
+            parse_since("since", since)
+        except ValidationError as exc:
+            problems.update(exc.problems)
     if ids is not None and (
         not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids)
     ):

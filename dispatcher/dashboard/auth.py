@@ -1,7 +1,9 @@
 """Who may use the dashboard, and proof that a POST came from our own page.
 
-Pages: a login form checks DISPATCH_DASHBOARD_USER / _PASSWORD and marks the signed session cookie
-(HttpOnly, SameSite=Lax). In open mode (loopback only, see ``config``) everyone counts as logged in.
+Pages: a login form checks DISPATCH_DASHBOARD_USER / _PASSWORD and marks the session logged in; the
+session lives in Redis (``sessions``: the cookie, HttpOnly and SameSite=Lax, holds only its random id),
+gets a new id at login and is deleted at logout. In open mode (loopback only, see ``config``) everyone
+counts as logged in.
 
 CSRF: each session gets a random token (``csrf_token()`` puts it in every form as a hidden field);
 every non-API POST must send it back, compared with ``hmac.compare_digest``, or it is refused with 400
@@ -33,8 +35,9 @@ from flask import (
 )
 from flask.typing import ResponseReturnValue
 
-from dispatcher.dashboard import context
-from dispatcher.queue.store import PREFIX
+from dispatcher.dashboard import context, sessions
+from dispatcher.errors import QueueUnavailable
+from dispatcher.queue.keys import login_failures_key
 
 logger = structlog.get_logger("dispatcher.dashboard.auth")
 blueprint = Blueprint("auth", __name__)
@@ -79,6 +82,8 @@ def _check_request() -> ResponseReturnValue | None:
     """Runs before every request: API requests go to the API's own check; pages need CSRF and login."""
     if request.path.startswith("/api/"):
         return None
+    if getattr(session, "unavailable", False) and request.endpoint != "static":
+        raise QueueUnavailable("Redis is unreachable: the session cannot be read")
     if request.method in _UNSAFE_METHODS and not _same(request.form.get(CSRF_FIELD), session.get(CSRF_FIELD)):
         logger.warning("dashboard_csrf_refused", path=request.path, user=current_user())
         abort(400, description="The form's CSRF token is missing or wrong: reload the page and try again.")
@@ -119,7 +124,7 @@ def login() -> ResponseReturnValue:
         return redirect(target)
     error = None
     if request.method == "POST":
-        failures_key = f"{PREFIX}:login-failures:{request.remote_addr}"
+        failures_key = login_failures_key(str(request.remote_addr))
         redis = context.state().redis
         # Every guess takes its place in the count (atomically) before the password is looked at, so
         # concurrent guesses cannot all pass a check made before any of them was counted.
@@ -136,7 +141,7 @@ def login() -> ResponseReturnValue:
         password_ok = _same(request.form.get("password", ""), config.password)
         if user_ok and password_ok:
             redis.delete(failures_key)
-            session.clear()  # a fresh session (and CSRF token) after login: no fixation
+            sessions.renew(session)  # a new session id (and CSRF token) after login: no fixation
             session["user"] = config.user
             csrf_token()
             logger.info("dashboard_login", user=config.user, remote=request.remote_addr)
@@ -150,7 +155,7 @@ def login() -> ResponseReturnValue:
 @blueprint.route("/logout", methods=["POST"])
 def logout() -> ResponseReturnValue:
     logger.info("dashboard_logout", user=current_user())
-    session.clear()
+    sessions.revoke(session)  # deleted in Redis now: a copy of the cookie no longer logs in
     flash("Logged out.", "info")
     return redirect(url_for("auth.login"))
 

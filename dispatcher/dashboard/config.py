@@ -18,7 +18,7 @@ from dispatcher.errors import ConfigurationError
 from dispatcher.mail.limits import MAX_RECIPIENTS
 from dispatcher.mail.message import DEFAULT_MAX_BYTES
 from dispatcher.settings import DEFAULT_REDIS_URL
-from dispatcher.values import parse_flag, parse_number
+from dispatcher.values import parse_flag, parse_number, parse_redis_url
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8025
@@ -145,7 +145,7 @@ def load_config(
     secret = env.get("DISPATCH_DASHBOARD_SECRET") or ""
     hosts = env.get("DISPATCH_DASHBOARD_HOSTS") or ""
     return DashboardConfig(
-        redis_url=env.get("REDIS_URL") or DEFAULT_REDIS_URL,
+        redis_url=parse_redis_url("REDIS_URL", env.get("REDIS_URL") or DEFAULT_REDIS_URL),
         user=env.get("DISPATCH_DASHBOARD_USER") or None,
         password=env.get("DISPATCH_DASHBOARD_PASSWORD") or None,
         open_access=insecure_open or _flag(env, "DISPATCH_DASHBOARD_OPEN"),

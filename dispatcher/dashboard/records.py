@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import structlog
 
 from dispatcher.queue.operations import FailureFilter, Operations
-from dispatcher.queue.store import DECODE_ERRORS, SendRecord, SendStore
+from dispatcher.queue.records import SendRecord
+from dispatcher.queue.states import SendState
+from dispatcher.queue.store import DECODE_ERRORS, SendStore
 
 logger = structlog.get_logger("dispatcher.dashboard.records")
 _MAX_REASON = 200
@@ -55,15 +57,24 @@ def load(store: SendStore, send_id: str) -> SendRecord | Unreadable | None:
 def find(
     store: SendStore, flt: FailureFilter, *, limit: int = 10_000
 ) -> tuple[list[SendRecord], list[Unreadable]]:
-    """``Operations.find`` (the filter's states, matching, newest first), skipping unreadable records."""
+    """``Operations.find`` (the filter's states, matching, newest first), skipping unreadable records;
+    the quarantined ones (``broken``) come with them, each with the reason it was quarantined for."""
     found: list[SendRecord] = []
     unreadable: list[Unreadable] = []
     for state in flt.states:
         readable, bad = load_many(store, store.ids_in_state(state, since=flt.since, limit=limit))
         found.extend(rec for rec in readable if flt.matches(rec))
         unreadable.extend(bad)
+    quarantined, bad = load_many(store, store.ids_in_state(SendState.BROKEN, since=flt.since, limit=limit))
+    unreadable.extend(Unreadable(rec.send_id, _quarantine_reason(rec)) for rec in quarantined)
+    unreadable.extend(bad)
     found.sort(key=lambda rec: rec.updated_at, reverse=True)
     return found[:limit], unreadable
+
+
+def _quarantine_reason(rec: SendRecord) -> str:
+    text = rec.reason.text if rec.reason is not None and rec.reason.text else "quarantined"
+    return text.removeprefix("unreadable record: ")
 
 
 def act(

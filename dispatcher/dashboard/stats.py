@@ -6,7 +6,6 @@ sizes are read with ``get_job_count(cleanup=False)``: a GET must never change an
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +19,8 @@ from dispatcher.dashboard.records import Unreadable, find
 from dispatcher.mail.fields import PRIORITIES
 from dispatcher.queue.operations import FailureFilter, describe_group, group_key
 from dispatcher.queue.producer import QUEUE_NAMES
-from dispatcher.queue.store import SendRecord, SendStore, worker_key
+from dispatcher.queue.records import SendRecord
+from dispatcher.queue.store import SendStore
 
 CHART_MINUTES = 60
 
@@ -72,10 +72,10 @@ def workers(connection: redis.Redis, now: float | None = None) -> list[dict[str,
     now = now or time.time()
     rows = []
     found = Worker.all(connection=connection, serializer=JSONSerializer)
-    statuses = connection.mget([worker_key(w.name) for w in found]) if found else []
+    statuses = SendStore(connection).worker_statuses([w.name for w in found])
     for worker, raw_status in zip(found, statuses, strict=True):
         heartbeat = worker.last_heartbeat.timestamp() if worker.last_heartbeat else None
-        routes = json.loads(raw_status)["routes"] if raw_status else {}
+        routes = raw_status["routes"] if raw_status else {}
         rows.append(
             {
                 "name": worker.name,
@@ -133,10 +133,10 @@ def failure_groups(store: SendStore, flt: FailureFilter) -> tuple[list[Group], l
         group = groups.get(key)
         if group is None:
             group = groups[key] = Group(key, describe_group(key))
-            group.sample = (rec.record.get("reason") or {}).get("text")
+            group.sample = rec.reason.text if rec.reason is not None else None
         group.sends.append(rec)
     return sorted(groups.values(), key=lambda g: (-g.count, g.key)), unreadable
 
 
 def failed_recipients(rec: SendRecord) -> list[str]:
-    return sorted(r for r, o in rec.outcomes.items() if o.get("status") != "accepted") or sorted(rec.outcomes)
+    return sorted(r for r, o in rec.outcomes.items() if o.status != "accepted") or sorted(rec.outcomes)

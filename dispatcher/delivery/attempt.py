@@ -1,15 +1,18 @@
 """One delivery attempt of one send, recorded before it returns (``Attempt``).
 
 An attempt loads the send, skips every recipient the ledger says accepted it, sends to the rest over the
-process's kept ``SmtpClient`` for the mail's route (through the route's limits and breaker, ``routing``),
-turns the outcome into per-recipient verdicts (``policy``), and in ONE Redis transaction: adds the newly
-accepted recipients to the ledger, saves the record, and schedules the next attempt when one is due.
+process's kept ``SmtpClient`` for the mail's route (through the route's limits and breaker,
+``routes.gate``), turns the outcome into per-recipient verdicts (``delivery.verdicts``), and in ONE Redis
+transaction (``SendStore.stage_outcome``): adds the newly accepted recipients to the ledger, saves the
+record, and schedules the next attempt when one is due — or, when Redis stays away past half the lease,
+journals the outcome (``delivery.journal``).
 ``prepare`` / ``complete`` split it around the SMTP exchange so a batch can stream several sends over one
 connection (``jobs``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -19,32 +22,25 @@ from typing import Any
 import redis
 import structlog
 
+from dispatcher.delivery.journal import Entry
 from dispatcher.delivery.verdicts import (
     Verdict,
     backoff_delay,
     final_state,
+    reason_for,
     retry_hint,
     verdict_for_error,
     verdict_for_reply,
     verdicts_after_error,
 )
-from dispatcher.errors import ConfigurationError, SmtpError, ValidationError
+from dispatcher.errors import ConfigurationError, QueueUnavailable, SmtpError, ValidationError
 from dispatcher.mail.message import Mail
 from dispatcher.mail.mime import build_message
 from dispatcher.queue.producer import attempt_job_id, schedule_attempt
-from dispatcher.queue.recovery import UNREADABLE, describe_unreadable, fail_unreadable, load_readable
+from dispatcher.queue.records import DeliveryStatus, HistoryEntry, RecipientRecord, SendRecord
+from dispatcher.queue.recovery import UNREADABLE, describe_unreadable, load_readable, quarantine
 from dispatcher.queue.states import FINAL_STATES, SendState
-from dispatcher.queue.store import (
-    INFLIGHT,
-    LEDGER_TTL,
-    STATS_TTL,
-    SendRecord,
-    SendStore,
-    delivered_key,
-    ledger_key,
-    source_key,
-    text,
-)
+from dispatcher.queue.store import SendStore
 from dispatcher.routes.gate import RoutePause
 from dispatcher.smtp.outcomes import RecipientStatus, SendResult
 from dispatcher.smtp.stream import Outgoing
@@ -52,7 +48,6 @@ from dispatcher.worker.runtime import Runtime
 
 logger = structlog.get_logger("dispatcher.delivery.attempt")
 _rng = random.SystemRandom()
-_RETRYABLE = {"pending", RecipientStatus.TRANSIENT.value}
 
 
 class Attempt:
@@ -66,6 +61,8 @@ class Attempt:
         self.pause: RoutePause | None = None
         self.write_retries = 0
         """How often writing the outcome had to be tried again (Redis away; ``outcome_write_retry``)."""
+        self.journaled = False
+        """Whether the outcome went to the outcome journal (Redis away past half the lease)."""
         """Set when the route held this attempt back (``_throttled``)."""
 
     def run(self) -> dict[str, Any]:
@@ -89,13 +86,13 @@ class Attempt:
         and ``rec`` / ``pending`` / ``context`` say what to send.
 
         A record that cannot be read (``queue.recovery.UNREADABLE``), or whose stored mail is not UTF-8
-        JSON, is failed permanently with the reason ``unreadable record: …`` — never handed back to be
-        requeued (a hot loop of jobs)."""
+        JSON, is quarantined as ``broken`` with the reason ``unreadable record: …`` — never handed back to
+        be requeued (a hot loop of jobs)."""
         try:
             rec = load_readable(self.store, self.send_id)
         except UNREADABLE as exc:
             error = describe_unreadable(exc)
-            return fail_unreadable(self.redis, self.send_id, error, job_id=self.job_id)
+            return quarantine(self.redis, self.send_id, error, job_id=self.job_id)
         if rec is None:
             logger.warning("mail_missing", send_id=self.send_id, job_id=self.job_id)
             return {"id": self.send_id, "state": "missing"}
@@ -112,10 +109,9 @@ class Attempt:
         ledger, source = self._begin(rec, self.started)
         for recipient in rec.recipients:
             if recipient.casefold() in ledger:
-                rec.outcomes.setdefault(recipient, {})["status"] = RecipientStatus.ACCEPTED.value
-        self.pending = [
-            r for r in rec.recipients if rec.outcomes.get(r, {}).get("status", "pending") in _RETRYABLE
-        ]
+                known = rec.outcomes.get(recipient, RecipientRecord())
+                rec.outcomes[recipient] = dataclasses.replace(known, status=DeliveryStatus.ACCEPTED)
+        self.pending = [r for r in rec.recipients if rec.status_of(r).open]
         if not self.pending:
             return self._finish(rec, {}, "", self.started)
         if rec.raw is None:
@@ -124,9 +120,7 @@ class Attempt:
                     raise ValueError("the stored mail is missing")
                 data = json.loads(source.decode())
             except ValueError as exc:  # not UTF-8 (UnicodeDecodeError), not JSON, or gone
-                detail = f"unreadable record: {describe_unreadable(exc)}"
-                verdict = Verdict(RecipientStatus.PERMANENT, None, None, "record", detail)
-                return self._finish(rec, dict.fromkeys(self.pending, verdict), "", self.started)
+                return quarantine(self.redis, self.send_id, describe_unreadable(exc), job_id=self.job_id)
             try:
                 rec.raw = build_message(Mail.from_dict(data))
             except (ValidationError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
@@ -153,7 +147,7 @@ class Attempt:
         self.bind()
         verdicts = self._error_verdicts(outcome) if isinstance(outcome, SmtpError) else _verdicts(outcome)
         if not all(v.status is RecipientStatus.ACCEPTED for v in verdicts.values()):
-            self.rec.record["transcript"] = list(transcript)
+            self.rec.transcript = list(transcript)
         return self._finish(self.rec, verdicts, conn_id, self.started)
 
     def _error_verdicts(self, exc: SmtpError) -> dict[str, Verdict]:
@@ -173,7 +167,7 @@ class Attempt:
         given back, and ``_finish`` defers the send until the pause ends, never failing it unsent."""
         self.rec.attempts -= 1
         if self.rec.attempts == 0:  # never offered yet: its age starts at the first real offer
-            self.rec.record.pop("first_attempt_at", None)
+            self.rec.first_attempt_at = None
         self.pause = pause
         logger.info("mail_throttled", route=route, reason=pause.reason, resumes_at=pause.until)
         return dict.fromkeys(
@@ -192,15 +186,9 @@ class Attempt:
         the mail to build them from, as stored (bytes: ``prepare`` decodes it) — in one transaction."""
         rec.move(SendState.SENDING)
         rec.attempts += 1
-        rec.record.setdefault("first_attempt_at", now)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.multi()  # explicit before rq sees the pipeline: its enqueue calls multi() when it is not
-        pipe.smembers(ledger_key(rec.message_id))
-        pipe.get(source_key(rec.send_id))
-        self.store.stage_save(pipe, rec, now=now)
-        pipe.zadd(INFLIGHT, {rec.send_id: now + self.runtime.settings.lease_seconds})
-        members, source = pipe.execute()[:2]
-        return {text(m).casefold() for m in members}, source
+        if rec.first_attempt_at is None:
+            rec.first_attempt_at = now
+        return self.store.begin_attempt(rec, now=now, lease_seconds=self.runtime.settings.lease_seconds)
 
     def _send(self, rec: SendRecord, pending: list[str]) -> tuple[dict[str, Verdict], str]:
         settings = self.runtime.settings
@@ -217,7 +205,7 @@ class Attempt:
             if deferred is not None:
                 return self._throttled(route, deferred), ""
             if route != rec.route:
-                rec.record["delivered_via"] = route
+                rec.delivered_via = route
                 logger.info("mail_failover", primary=rec.route, fallback=route)
             try:
                 with gate.using(client):
@@ -226,21 +214,21 @@ class Attempt:
                 # Only a connection-level failure (before MAIL FROM: nothing offered) may move the send on.
                 if gate.failed(route, client, exc):
                     refused = exc
-                    rec.record["transcript"] = list(client.last_transcript)
+                    rec.transcript = list(client.last_transcript)
                     continue
-                rec.record["transcript"] = list(client.last_transcript)
+                rec.transcript = list(client.last_transcript)
                 return self._error_verdicts(exc), client.conn_id
             except BaseException as exc:
                 # A job timeout or a cold shutdown interrupted us mid-dialogue: never reuse that connection.
                 in_flight = client.data_in_flight
                 client.abort()
-                rec.record["transcript"] = list(client.last_transcript)
+                rec.transcript = list(client.last_transcript)
                 self.interrupted(in_flight, client.conn_id, exc)
                 raise
             gate.answered(route, client)
             verdicts = _verdicts(result)
             if not all(o.status is RecipientStatus.ACCEPTED for o in result.outcomes):
-                rec.record["transcript"] = list(result.transcript)
+                rec.transcript = list(result.transcript)
             return verdicts, result.conn_id
         # Every candidate failed at the connection level (nothing was offered to any of them).
         assert refused is not None
@@ -250,37 +238,34 @@ class Attempt:
         self, rec: SendRecord, verdicts: dict[str, Verdict], conn_id: str, started: float
     ) -> dict[str, Any]:
         now = time.time()
-        policy = self.runtime.settings.retry
+        retry = self.runtime.settings.retry
         for recipient, verdict in verdicts.items():
-            rec.outcomes[recipient] = verdict.to_dict(now)
-        statuses = [rec.outcomes.get(r, {}).get("status", "pending") for r in rec.recipients]
-        first = float(rec.record.get("first_attempt_at", now))
+            rec.outcomes[recipient] = verdict.to_record(now)
+        statuses = [rec.status_of(r) for r in rec.recipients]
+        first = rec.first_attempt_at if rec.first_attempt_at is not None else now
         held = self.pause is not None
-        can_retry = held or (rec.attempts < policy.max_attempts and now - first < policy.max_age)
+        can_retry = held or (rec.attempts < retry.max_attempts and now - first < retry.max_age)
         rec.move(final_state(statuses, can_retry))
         failed = [v for v in verdicts.values() if v.status is not RecipientStatus.ACCEPTED]
         deciding = failed[-1] if failed else next(iter(verdicts.values()), None)
         if deciding is not None and deciding.reply is not None:
-            rec.record["last_reply"] = deciding.reply.to_dict()
-        rec.record["reason"] = self._reason(rec) if rec.state != "delivered" else None
+            rec.last_reply = deciding.reply.to_dict()
+        rec.reason = reason_for(rec) if rec.state is not SendState.DELIVERED else None
         ms = round((now - started) * 1000, 1)
-        history = rec.record.setdefault("history", [])
-        history.append({
-            "attempt": rec.attempts, "generation": rec.generation, "at": now, "ms": ms, "conn_id": conn_id,
-            "worker": self.runtime.worker_name, "job_id": self.job_id,
-            "outcomes": {r: v.status.value for r, v in verdicts.items()},
-            "reply": _describe(deciding),
-        })  # fmt: skip
-        del history[:-50]
+        rec.note(HistoryEntry(
+            at=now, attempt=rec.attempts, generation=rec.generation, ms=ms, conn_id=conn_id,
+            worker=self.runtime.worker_name, job_id=self.job_id,
+            outcomes={r: v.status.value for r, v in verdicts.items()}, reply=_describe(deciding),
+        ))  # fmt: skip
         accepted = [r.casefold() for r, v in verdicts.items() if v.status is RecipientStatus.ACCEPTED]
         next_job: tuple[str, float] | None = None
         if rec.state == "deferred":
             hints = [h for v in failed if (h := retry_hint(v.reply)) is not None]
-            delay = backoff_delay(policy, rec.attempts, max(hints) if hints else None, _rng)
+            delay = backoff_delay(retry, rec.attempts, max(hints) if hints else None, _rng)
             if self.pause is not None and self.pause.until is not None:
                 delay = max(0.0, self.pause.until - now) + _rng.uniform(0, self.pause.spread)
-            if held and "first_attempt_at" in rec.record:  # the time held back is not the message's age
-                rec.record["first_attempt_at"] = float(rec.record["first_attempt_at"]) + delay
+            if held and rec.first_attempt_at is not None:  # the time held back is not the message's age
+                rec.first_attempt_at += delay
             job_id = attempt_job_id(rec.send_id, rec.generation, rec.attempts + 1)
             if job_id == self.job_id:  # a throttled attempt was given back: never reuse the running job's id
                 job_id = attempt_job_id(rec.send_id, rec.generation, rec.attempts + 1, f"-{int(now * 1000)}")
@@ -292,26 +277,18 @@ class Attempt:
 
         def stage(pipe: Any) -> None:
             rec.stored_state = stored_state  # each try stages the same move between the state indexes
-            if accepted:
-                pipe.sadd(ledger_key(rec.message_id), *accepted)
-                pipe.expire(ledger_key(rec.message_id), LEDGER_TTL)
             if next_job is not None:
                 schedule_attempt(pipe, self.redis, rec, *next_job)
-            if rec.state == "delivered":
-                minute = int(now // 60)
-                pipe.incr(delivered_key(minute))
-                pipe.expire(delivered_key(minute), STATS_TTL)
-            self.store.stage_save(pipe, rec, now=now)
-            pipe.zrem(INFLIGHT, rec.send_id)
+            self.store.stage_outcome(pipe, rec, accepted, now=now)
 
-        self._commit(stage)
+        self._commit(stage, lambda: Entry.of(rec, self.job_id, accepted, next_job, now))
         summary = {
             "id": rec.send_id,
             "state": rec.state,
             "attempts": rec.attempts,
             "ms": ms,
             "conn_id": conn_id,
-            "recipients": {r: rec.outcomes.get(r, {}).get("status") for r in rec.recipients},
+            "recipients": {r: rec.status_of(r).value for r in rec.recipients},
         }
         event = {"delivered": "mail_delivered", "deferred": "mail_deferred"}.get(
             rec.state, f"mail_{rec.state}"
@@ -323,52 +300,33 @@ class Attempt:
             total_ms=ms,
             conn_id=conn_id,
             next_attempt_at=rec.next_attempt_at,
-            reason=rec.record.get("reason"),
+            reason=rec.reason.to_dict() if rec.reason is not None else None,
         )
         return summary
 
-    def _commit(self, stage: Callable[[Any], None]) -> None:
+    def _commit(self, stage: Callable[[Any], None], entry: Callable[[], Entry]) -> None:
         """Write an attempt's outcome in one MULTI. An outcome, once known, is not dropped because Redis
-        is away for a moment: the write is tried again (backoff to 2 s) for up to half the lease, while
-        this worker's lease still keeps the reaper off the send; past that the error goes up and the
-        send's ``data_out`` marker makes recovery settle it *unknown* (never a blind resend)."""
+        is away: the write is tried again (backoff to 2 s) for up to half the lease, while this worker's
+        lease still keeps recovery off the send; past that it goes to the host's outcome journal
+        (``delivery.journal``), replayed once Redis answers — the send's ``data_out`` marker meanwhile
+        keeps recovery from resending it."""
         deadline = time.monotonic() + self.runtime.settings.lease_seconds / 2
         delay = 0.1
         while True:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.multi()  # explicit before rq sees the pipeline: its enqueue calls multi() when it is not
+            pipe = self.store.transaction()
             stage(pipe)
             try:
-                pipe.execute()
+                self.store.execute(pipe)
                 return
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except QueueUnavailable as exc:
                 if time.monotonic() + delay > deadline:
-                    raise
+                    self.runtime.journal().append(entry())
+                    self.journaled = True
+                    return
                 self.write_retries += 1
                 logger.warning("outcome_write_retry", send_id=self.send_id, error=str(exc), retry_in=delay)
                 time.sleep(delay)  # Redis is away: wait before the next try (bounded by the deadline)
                 delay = min(delay * 2, 2.0)
-
-    @staticmethod
-    def _reason(rec: SendRecord) -> dict[str, Any] | None:
-        """Why the send is not delivered, in the shape the dashboard groups by: a permanent refusal first,
-        then an unknown outcome, then a transient one (kind "exhausted" once retrying has stopped)."""
-        rank = {"permanent": 0, "unknown": 1, "transient": 2}
-        open_outcomes = [o for o in rec.outcomes.values() if o.get("status") in rank]
-        if not open_outcomes:
-            return None
-        worst = min(open_outcomes, key=lambda o: rank[o["status"]])
-        kind = worst.get("kind") or "message"
-        if rec.state == "failed" and worst["status"] == "transient":
-            kind = "exhausted"
-        code, text = worst.get("code"), str(worst.get("text") or "").split("\n")[0]
-        return {
-            "kind": kind,
-            "stage": worst.get("stage"),
-            "code": code,
-            "enhanced": worst.get("enhanced"),
-            "text": f"{code} {text}" if code else text,
-        }
 
 
 def _describe(verdict: Verdict | None) -> str | None:

@@ -17,10 +17,9 @@ import structlog
 from rq import get_current_job
 
 from dispatcher.delivery.attempt import Attempt
+from dispatcher.errors import QueueUnavailable
 from dispatcher.queue.recovery import requeue_unstarted
-from dispatcher.queue.store import (
-    INFLIGHT,
-)
+from dispatcher.queue.store import SendStore
 from dispatcher.routes.gate import RouteGate
 from dispatcher.smtp.outcomes import SendResult
 from dispatcher.smtp.session import SmtpClient
@@ -47,7 +46,7 @@ def deliver_batch(send_ids: list[str]) -> dict[str, Any]:
     runtime = Runtime.current()
     seconds = runtime.settings.lease_seconds
     if len(send_ids) > 1:  # a lone send is leased by its attempt's first transaction
-        job.connection.zadd(INFLIGHT, {send_id: time.time() + seconds for send_id in send_ids})
+        SendStore(job.connection).lease(send_ids, time.time() + seconds)
     batch = Batch(runtime, job.connection, job.id, send_ids)
     try:
         with LeaseKeeper.for_process(job.connection, seconds).hold(send_ids):
@@ -198,7 +197,7 @@ class LeaseKeeper:
     _instance: ClassVar[LeaseKeeper | None] = None
 
     def __init__(self, connection: redis.Redis, seconds: float) -> None:
-        self._redis, self._seconds = connection, seconds
+        self._store, self._seconds = SendStore(connection), seconds
         self._current: list[str] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -230,6 +229,6 @@ class LeaseKeeper:
                 continue
             expiry = time.time() + self._seconds
             try:
-                self._redis.zadd(INFLIGHT, dict.fromkeys(send_ids, expiry), xx=True)
-            except redis.RedisError as exc:
+                self._store.lease(send_ids, expiry, refresh=True)
+            except (redis.RedisError, QueueUnavailable) as exc:
                 logger.warning("lease_refresh_failed", sends=len(send_ids), error=str(exc))

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from dispatcher.errors import ConfigurationError, DispatcherError, SmtpError, UnknownOutcome, UnknownRoute
+from dispatcher.queue.records import DeliveryStatus, Reason, RecipientRecord, SendRecord
 from dispatcher.queue.states import SendState
 from dispatcher.settings import RetryPolicy
 from dispatcher.smtp.outcomes import RecipientStatus
@@ -70,17 +71,18 @@ class Verdict:
     kind: str
     detail: str
 
-    def to_dict(self, at: float) -> dict[str, Any]:
+    def to_record(self, at: float) -> RecipientRecord:
+        """What the send's record keeps of this verdict."""
         reply = self.reply
-        return {
-            "status": self.status.value,
-            "stage": self.stage,
-            "code": reply.code if reply else None,
-            "enhanced": reply.enhanced if reply else None,
-            "text": reply.text if reply else self.detail,
-            "kind": self.kind,
-            "at": at,
-        }
+        return RecipientRecord(
+            status=DeliveryStatus(self.status.value),
+            stage=self.stage,
+            code=reply.code if reply else None,
+            enhanced=reply.enhanced if reply else None,
+            text=reply.text if reply else self.detail,
+            kind=self.kind,
+            at=at,
+        )
 
 
 def verdict_for_error(exc: DispatcherError, policy: RetryPolicy) -> Verdict:
@@ -121,7 +123,7 @@ def verdict_for_reply(status: RecipientStatus, stage: str, reply: Reply | None) 
     return Verdict(status, stage, reply, kind, detail)
 
 
-def final_state(statuses: list[str], can_retry: bool) -> SendState:
+def final_state(statuses: Sequence[str], can_retry: bool) -> SendState:
     """The send's state from its recipients' statuses after an attempt."""
     if all(s == RecipientStatus.ACCEPTED for s in statuses):
         return SendState.DELIVERED
@@ -130,3 +132,21 @@ def final_state(statuses: list[str], can_retry: bool) -> SendState:
     if any(s == RecipientStatus.UNKNOWN for s in statuses):
         return SendState.UNKNOWN
     return SendState.FAILED
+
+
+_RANK = {DeliveryStatus.PERMANENT: 0, DeliveryStatus.UNKNOWN: 1, DeliveryStatus.TRANSIENT: 2}
+
+
+def reason_for(rec: SendRecord) -> Reason | None:
+    """Why ``rec`` is not delivered, in the shape the dashboard groups by: a permanent refusal first,
+    then an unknown outcome, then a transient one (kind ``exhausted`` once retrying has stopped)."""
+    open_outcomes = [o for o in rec.outcomes.values() if o.status in _RANK]
+    if not open_outcomes:
+        return None
+    worst = min(open_outcomes, key=lambda o: _RANK[o.status])
+    kind = worst.kind or "message"
+    if rec.state is SendState.FAILED and worst.status is DeliveryStatus.TRANSIENT:
+        kind = "exhausted"
+    first_line = str(worst.text or "").split("\n")[0]
+    text = f"{worst.code} {first_line}" if worst.code else first_line
+    return Reason(kind=kind, text=text, stage=worst.stage, code=worst.code, enhanced=worst.enhanced)

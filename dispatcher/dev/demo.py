@@ -153,18 +153,26 @@ class Stack:
         self._spawn("dashboard", command, env)
 
     def stop(self) -> None:
-        for _, process in reversed(self.processes):
+        """The users of Redis and of the sink first (dashboard, workers: each finishes its send, QUITs and
+        unregisters from Redis), then the sink, Redis last — a worker still stopping never meets a vanished
+        Redis (that was a ``worker_process_crashed`` traceback in the log)."""
+        users = [(name, process) for name, process in reversed(self.processes) if name != "redis"]
+        self._stop_all(users)
+        if self.sink is not None:
+            self.sink.stop()
+        self._stop_all([(name, process) for name, process in self.processes if name == "redis"])
+
+    def _stop_all(self, processes: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
+        for _, process in processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for name, process in reversed(self.processes):
+        for name, process in processes:
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.say(f"{name} did not stop in 30 s; killing it")
                 process.kill()
                 process.wait()
-        if self.sink is not None:
-            self.sink.stop()
 
 
 def watch(store: SendStore, ids: list[str], out: TextIO, timeout: float) -> dict[str, int]:

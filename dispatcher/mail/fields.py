@@ -49,12 +49,27 @@ DEFAULT_ROUTE = "default"
 
 MetadataValue = str | int | float | bool | None
 
-ATTACHMENT_FIELDS = frozenset({"filename", "content_type", "content"})
+#: What a producer may give instead of subject / text / html: a named template, rendered at enqueue by
+#: ``dispatcher.mail.templates`` into an ordinary mail before ``Mail.from_dict`` sees it.
+TEMPLATE_FIELDS = ("template", "data", "locale")
+
+
+def uses_template(data: Mapping[str, Any]) -> bool:
+    return any(name in data for name in TEMPLATE_FIELDS)
+
+
+ATTACHMENT_FIELDS = frozenset({"filename", "content_type", "content", "content_id", "disposition", "charset"})
+ATTACHMENT_REQUIRED = frozenset({"content_type", "content"})
+DISPOSITIONS = ("attachment", "inline")
 _ROUTE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MIME_TOKEN = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
 _CONTENT_TYPE = re.compile(rf"({_MIME_TOKEN})/({_MIME_TOKEN})")
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_CONTENT_ID = re.compile(r"<?([\x21-\x3b\x3d\x3f-\x7e]{1,200})>?")
+"""RFC 2392's Content-ID, with or without its angle brackets; printable ASCII (no '<', '>' inside).
+Looser than a msg-id (``<logo>`` without '@' is what mail clients and Django's users write)."""
+_CHARSET = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,39}")
 _MESSAGE_ID = re.compile(rf"<{_DOT_ATOM}@(?:{_DOT_ATOM}|\[[\x21-\x5a\x5e-\x7e]*\])>")
 """RFC 5322 §3.6.4 msg-id: dot-atom-text "@" (dot-atom-text / no-fold-literal). Anything looser is written
 by the email package as something else (``<a:b@x>`` becomes ``<a``), and the ledger is keyed on it."""
@@ -64,9 +79,19 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class Attachment:
-    filename: str
+    """A file part. With a ``content_id`` and the ``inline`` disposition it is a related part (an image an
+    HTML body shows through ``cid:``); ``charset`` is the text/* part's charset parameter."""
+
+    filename: str | None
     content_type: str
     content: bytes
+    content_id: str | None = None
+    disposition: str = "attachment"
+    charset: str | None = None
+
+    @property
+    def is_related(self) -> bool:
+        return self.content_id is not None and self.disposition == "inline"
 
     @property
     def maintype(self) -> str:
@@ -169,14 +194,60 @@ def attachments(path: str, value: Any, problems: dict[str, str]) -> tuple[Attach
         for name in item:
             if name not in ATTACHMENT_FIELDS:
                 problems[f"{item_path}.{name}"] = "unknown field"
-        for name in sorted(ATTACHMENT_FIELDS - set(item)):
+        given = {name for name, item_value in item.items() if item_value is not None}
+        for name in sorted(ATTACHMENT_REQUIRED - given):
             problems[f"{item_path}.{name}"] = "missing"
+        if "filename" not in given and "content_id" not in given:
+            problems[f"{item_path}.filename"] = "missing (only a part with a content_id may go without)"
         filename = _filename(f"{item_path}.filename", item.get("filename"), problems)
         content_type = _content_type(f"{item_path}.content_type", item.get("content_type"), problems)
         content = _base64(f"{item_path}.content", item.get("content"), problems)
-        if len(problems) == before and filename and content_type and content is not None:
-            out.append(Attachment(filename=filename, content_type=content_type, content=content))
+        content_id = _content_id(f"{item_path}.content_id", item.get("content_id"), problems)
+        disposition = _disposition(f"{item_path}.disposition", item.get("disposition"), content_id, problems)
+        charset = _charset(f"{item_path}.charset", item.get("charset"), content_type, problems)
+        if len(problems) == before and content_type and content is not None:
+            out.append(
+                Attachment(
+                    filename=filename,
+                    content_type=content_type,
+                    content=content,
+                    content_id=content_id,
+                    disposition=disposition,
+                    charset=charset,
+                )
+            )
     return tuple(out)
+
+
+def _content_id(path: str, value: Any, problems: dict[str, str]) -> str | None:
+    if value is None:
+        return None
+    match = _CONTENT_ID.fullmatch(value) if isinstance(value, str) else None
+    if match is None or value.startswith("<") != value.endswith(">"):
+        problems[path] = "must be 1 to 200 printable ASCII characters, e.g. logo@example.com or <logo>"
+        return None
+    return f"<{match.group(1)}>"
+
+
+def _disposition(path: str, value: Any, content_id: str | None, problems: dict[str, str]) -> str:
+    if value is None:
+        return "inline" if content_id is not None else "attachment"
+    if value not in DISPOSITIONS:
+        problems[path] = f"must be one of {', '.join(DISPOSITIONS)}"
+        return "attachment"
+    return str(value)
+
+
+def _charset(path: str, value: Any, content_type: str | None, problems: dict[str, str]) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _CHARSET.fullmatch(value):
+        problems[path] = "must be a charset name, e.g. utf-8"
+        return None
+    if content_type is not None and not content_type.startswith("text/"):
+        problems[path] = "only a text/* part has a charset"
+        return None
+    return value.lower()
 
 
 def _filename(path: str, value: Any, problems: dict[str, str]) -> str | None:
@@ -315,7 +386,9 @@ def date(path: str, value: Any, problems: dict[str, str]) -> str | None:
         moment = parsedate_to_datetime(value)
     except (ValueError, TypeError):
         moment = None
-    if moment is None or moment.tzinfo is None:
+    # RFC 5322 §3.3: "-0000" is UTC with the local zone unknown (what formatdate() writes, Django's
+    # default); the email package reads it as a naive time, which is not a missing zone.
+    if moment is None or (moment.tzinfo is None and not value.rstrip().endswith("-0000")):
         problems[path] = "must be an RFC 5322 date with zone, e.g. Fri, 27 Nov 2026 16:00:00 +0000"
         return None
     return value

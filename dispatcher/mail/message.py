@@ -127,14 +127,7 @@ class Mail:
             "subject": self.subject,
             "text": self.text,
             "html": self.html,
-            "attachments": [
-                {
-                    "filename": a.filename,
-                    "content_type": a.content_type,
-                    "content": base64.b64encode(a.content).decode("ascii"),
-                }
-                for a in self.attachments
-            ],
+            "attachments": [_attachment_dict(a) for a in self.attachments],
             "headers": dict(self.headers),
             "metadata": dict(self.metadata),
             "key": self.key,
@@ -173,3 +166,15 @@ class Mail:
         """
         addresses = (self.from_address, *self.to, *self.cc, *self.bcc, *self.reply_to)
         return not all(address.is_ascii for address in addresses)
+
+
+def _attachment_dict(attachment: Attachment) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "filename": attachment.filename,
+        "content_type": attachment.content_type,
+        "content": base64.b64encode(attachment.content).decode("ascii"),
+        "content_id": attachment.content_id,
+        "disposition": attachment.disposition if attachment.disposition != "attachment" else None,
+        "charset": attachment.charset,
+    }
+    return {name: value for name, value in out.items() if value is not None}

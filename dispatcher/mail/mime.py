@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from email import errors as email_errors
 from email import policy as email_policy
 from email.message import EmailMessage
-from typing import Any
+from typing import Any, cast
 
 from dispatcher.errors import HeaderInjection, ValidationError
 from dispatcher.mail import address_header
@@ -113,13 +113,25 @@ def compose(mail: Mail) -> EmailMessage:
             message.add_alternative(mail.html, subtype="html", charset="utf-8", cte=_text_encoding(mail.html))
         else:
             message.set_content(mail.html, subtype="html", charset="utf-8", cte=_text_encoding(mail.html))
-    for attachment in mail.attachments:
-        message.add_attachment(
+    # Related parts (inline images an HTML body shows by cid:) first: the body and they share one
+    # multipart/related (RFC 2387), which the attachments' multipart/mixed then holds. A text + HTML body
+    # goes into it whole, related[alternative[text, html], images...] — what Django's
+    # ``mixed_subtype = "related"`` writes; the email package would only nest it the other way round.
+    if any(a.is_related for a in mail.attachments) and message.get_content_subtype() == "alternative":
+        message.make_mixed()
+        message.set_type("multipart/related")
+    for attachment in sorted(mail.attachments, key=lambda a: not a.is_related):
+        add = message.add_related if attachment.is_related else message.add_attachment
+        add(
             attachment.content,
             maintype=attachment.maintype,
             subtype=attachment.subtype,
             filename=attachment.filename,
+            disposition=attachment.disposition,
+            cid=attachment.content_id,
         )
+        if attachment.charset is not None:
+            cast(list[EmailMessage], message.get_payload())[-1].set_param("charset", attachment.charset)
     _tidy_parts(message, mail.message_id)
     return message
 
@@ -276,6 +288,7 @@ def size_upper_bound(mail: Mail) -> int:
     header_bytes = sum(len(value.encode("utf-8")) for value in header_text)
     header_bytes += sum(len(a.formatted().encode("utf-8")) for a in addresses)
     attachment_bytes = sum(
-        len(a.content) * 4 // 3 + len(a.content) // 38 + len(a.filename) * 4 for a in mail.attachments
+        len(a.content) * 4 // 3 + len(a.content) // 38 + len(a.filename or "") * 4 + len(a.content_id or "")
+        for a in mail.attachments
     )
     return 4 * text_bytes + 4 * header_bytes + attachment_bytes + 2048 * (3 + len(mail.attachments))

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import redis
 
-from dispatcher.queue.store import PREFIX
+from dispatcher.queue.keys import PREFIX
 
 KEY = f"{PREFIX}:routes"
 

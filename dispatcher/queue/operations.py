@@ -18,16 +18,9 @@ import structlog
 
 from dispatcher.errors import ConfigurationError
 from dispatcher.queue.producer import attempt_job_id, schedule_attempt
+from dispatcher.queue.records import DeliveryStatus, HistoryEntry, Reason, SendRecord
 from dispatcher.queue.states import FAILURE_STATES, RETRYABLE_STATES, SendState
-from dispatcher.queue.store import (
-    INFLIGHT,
-    SendRecord,
-    SendStore,
-    ledger_key,
-    send_key,
-    source_key,
-    state_key,
-)
+from dispatcher.queue.store import SendStore
 
 logger = structlog.get_logger("dispatcher.queue.operations")
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
@@ -55,9 +48,10 @@ class FailureFilter:
             raise ConfigurationError(f"state filter {sorted(unknown)}: expected some of {RETRYABLE_STATES}")
 
     def matches(self, rec: SendRecord) -> bool:
-        reason = rec.record.get("reason") or {}
+        reason = rec.reason
         if self.code is not None:
-            code, enhanced = str(reason.get("code") or ""), str(reason.get("enhanced") or "")
+            code = str(reason.code or "") if reason is not None else ""
+            enhanced = str(reason.enhanced or "") if reason is not None else ""
             if _CLASS.fullmatch(self.code):
                 if not code.startswith(self.code[0]):
                     return False
@@ -75,16 +69,16 @@ def failed_domains(rec: SendRecord) -> set[str]:
     return {
         recipient.rpartition("@")[2].lower()
         for recipient, outcome in rec.outcomes.items()
-        if outcome.get("status") != "accepted"
+        if outcome.status is not DeliveryStatus.ACCEPTED
     }
 
 
 def group_key(rec: SendRecord) -> str:
     """The reason a failure is grouped under: stage, reply code, enhanced code, recipient domain."""
-    reason = rec.record.get("reason") or {}
+    reason = rec.reason or Reason(kind="-", text="")
     domains = ",".join(sorted(failed_domains(rec))) or "-"
-    parts = [rec.state, reason.get("kind") or "-", reason.get("stage") or "-",
-             str(reason.get("code") or "-"), reason.get("enhanced") or "-", domains]  # fmt: skip
+    parts = [rec.state, reason.kind or "-", reason.stage or "-", str(reason.code or "-"),
+             reason.enhanced or "-", domains]  # fmt: skip
     return "|".join(parts)
 
 
@@ -122,7 +116,7 @@ class Operations:
             group = groups.setdefault(key, {"key": key, **describe_group(key), "count": 0, "sample": None})
             group["count"] += 1
             if group["sample"] is None:
-                group["sample"] = (rec.record.get("reason") or {}).get("text")
+                group["sample"] = rec.reason.text if rec.reason is not None else None
         return sorted(groups.values(), key=lambda g: (-g["count"], g["key"]))
 
     def retry(self, send_ids: Iterable[str], *, dry_run: bool = False) -> dict[str, str]:
@@ -130,10 +124,10 @@ class Operations:
         return {send_id: self._retry_one(send_id, dry_run) for send_id in dict.fromkeys(send_ids)}
 
     def _retry_one(self, send_id: str, dry_run: bool) -> str:
-        with self.redis.pipeline(transaction=True) as pipe:
+        with self.store.watching() as pipe:
             while True:
                 try:
-                    pipe.watch(send_key(send_id))  # type: ignore[no-untyped-call]
+                    self.store.watch_send(pipe, send_id, leases=False)
                     rec = self.store.load(send_id)
                     if rec is None:
                         return "not found"
@@ -142,14 +136,14 @@ class Operations:
                     ledger = {m.casefold() for m in self.store.ledger(rec.message_id)}
                     pending = [
                         r for r, o in rec.outcomes.items()
-                        if o.get("status") != "accepted" and r.casefold() not in ledger
+                        if o.status is not DeliveryStatus.ACCEPTED and r.casefold() not in ledger
                     ]  # fmt: skip
                     if not pending:
                         return "skipped: every recipient already accepted"
                     if dry_run:
                         return f"would retry {len(pending)} recipient(s)"
                     self._stage_retry(pipe, rec, pending)
-                    pipe.execute()
+                    self.store.execute(pipe)
                     logger.info("mail_retry_requested", send_id=send_id, generation=rec.generation,
                                 recipients=pending)  # fmt: skip
                     return f"queued: {len(pending)} recipient(s)"
@@ -161,11 +155,10 @@ class Operations:
         rec.generation += 1
         rec.attempts = 0
         rec.move(SendState.QUEUED)
-        rec.record.pop("first_attempt_at", None)
+        rec.first_attempt_at = None
         for recipient in pending:
-            rec.outcomes[recipient] = {**rec.outcomes[recipient], "status": "pending"}
-        history = rec.record.setdefault("history", [])
-        history.append({"generation": rec.generation, "at": now, "event": "retry_requested"})
+            rec.outcomes[recipient] = rec.outcomes[recipient].pending_again()
+        rec.note(HistoryEntry(at=now, event="retry_requested", generation=rec.generation))
         pipe.multi()
         schedule_attempt(pipe, self.redis, rec, attempt_job_id(rec.send_id, rec.generation, 1), None)
         self.store.stage_save(pipe, rec, now=now)
@@ -181,13 +174,8 @@ class Operations:
             if rec.state is SendState.SENDING:
                 done[send_id] = "skipped: sending"
                 continue
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.delete(send_key(send_id), source_key(send_id))
-            for state in (rec.state, *RETRYABLE_STATES):
-                pipe.zrem(state_key(state), send_id)
-                pipe.zrem(state_key(state, rec.priority), send_id)
-            pipe.zrem(INFLIGHT, send_id)
-            pipe.delete(ledger_key(rec.message_id))
-            pipe.execute()
+            pipe = self.store.transaction()
+            self.store.stage_delete(pipe, rec, (rec.state, *RETRYABLE_STATES))
+            self.store.execute(pipe)
             done[send_id] = "deleted"
         return done

@@ -15,28 +15,23 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from dispatcher import testing
 from dispatcher.errors import IdempotencyConflict, PartiallyEnqueued, QueueUnavailable, ValidationError
-from dispatcher.mail.fields import PRIORITIES
+from dispatcher.mail.fields import PRIORITIES, uses_template
 from dispatcher.mail.limits import MAX_RECIPIENTS
 from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
 from dispatcher.mail.mime import validated
 from dispatcher.queue import known_routes
+from dispatcher.queue.records import RecipientRecord, SendRecord, mail_summary, new_send_id
 from dispatcher.queue.states import initial_state
-from dispatcher.queue.store import (
-    KEY_TTL,
-    SendRecord,
-    SendStore,
-    idempotency_key,
-    mail_summary,
-    new_send_id,
-    text,
-)
+from dispatcher.queue.store import OUTAGE, SendStore, unavailable
 
 JOB_FUNCTION = "dispatcher.delivery.jobs.deliver"
 BATCH_FUNCTION = "dispatcher.delivery.jobs.deliver_batch"
@@ -125,6 +120,7 @@ class Producer:
         *,
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_recipients: int = MAX_RECIPIENTS,
+        templates_dir: str | Path | None = None,
     ) -> None:
         self.redis = connection
         self.store = SendStore(connection)
@@ -132,6 +128,8 @@ class Producer:
         self.max_recipients = max_recipients
         self._routes: frozenset[str] = frozenset()
         self._routes_read_at: float | None = None
+        self.templates_dir = templates_dir
+        """Root of the named templates; ``None``: ``DISPATCH_TEMPLATES_DIR``."""
 
     def validate(self, data: Mapping[str, Any] | Mail) -> Mail:
         """The mail checked field by field, and its ``route`` against the routes the live workers publish
@@ -139,7 +137,7 @@ class Producer:
         if isinstance(data, Mail) and data.raw:
             mail = data
         else:
-            mapping = data.to_dict() if isinstance(data, Mail) else data
+            mapping = data.to_dict() if isinstance(data, Mail) else self.rendered(data)
             mail = validated(
                 mapping, max_bytes=self.max_bytes, max_recipients=self.max_recipients, build=False
             )
@@ -153,6 +151,8 @@ class Producer:
     def known_routes(self) -> frozenset[str]:
         """The published route names, read at most every ``ROUTES_READ_INTERVAL`` seconds. Redis trouble
         reads as none (the enqueue itself then reports it; a worker fails an unknown route anyway)."""
+        if testing.capturing():  # an app's test outbox is open: touch no Redis
+            return frozenset()
         now = time.monotonic()
         if self._routes_read_at is None or now - self._routes_read_at >= ROUTES_READ_INTERVAL:
             try:
@@ -161,6 +161,14 @@ class Producer:
                 return frozenset()
             self._routes_read_at = now
         return self._routes
+
+    def rendered(self, data: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``data`` with a named template rendered into it (subject, text, html), once, at enqueue."""
+        if not isinstance(data, Mapping) or not uses_template(data):
+            return data
+        from dispatcher.mail import templates  # Jinja2 is loaded by the first mail that uses a template
+
+        return templates.render(data, self.templates_dir or templates.default_root())
 
     def enqueue(self, data: Mapping[str, Any] | Mail) -> Enqueued:
         """Validate and enqueue one mail; ``ValidationError`` names every bad field and stores nothing."""
@@ -201,27 +209,31 @@ class Producer:
     def enqueue_valid(self, mails: Sequence[Mail]) -> list[Enqueued | IdempotencyConflict]:
         """Store and enqueue already validated mails in one transaction (retried if a key races). A mail
         whose key names a different mail already is an ``IdempotencyConflict`` in its place."""
+        if testing.capturing():  # an app's test outbox is open: record, touch no Redis
+            for mail in mails:
+                testing.record(mail)
+            return [Enqueued(new_send_id(m.key), False, m.message_id) for m in mails]
         try:
-            return self._transaction(mails)
-        except redis.ConnectionError as exc:
-            raise QueueUnavailable(f"Redis is unreachable, nothing was enqueued: {exc}") from exc
-        except redis.TimeoutError as exc:
-            raise QueueUnavailable(f"Redis timed out, the batch may not be enqueued: {exc}") from exc
+            try:
+                return self._transaction(mails)
+            except OUTAGE as exc:  # rq's enqueue_job reaches Redis on its own, past the store's boundary
+                raise unavailable(exc) from exc
+        except QueueUnavailable as exc:
+            if isinstance(exc.__cause__, redis.TimeoutError):
+                raise QueueUnavailable(
+                    f"Redis timed out, the batch may not be enqueued: {exc.__cause__}"
+                ) from exc
+            raise QueueUnavailable(f"Redis is unreachable, nothing was enqueued: {exc.__cause__}") from exc
 
     def _transaction(self, mails: Sequence[Mail]) -> list[Enqueued | IdempotencyConflict]:
-        keys = [idempotency_key(m.key) if m.key is not None else None for m in mails]
-        watched = sorted({k for k in keys if k is not None})
-        with self.redis.pipeline(transaction=True) as pipe:
+        keys = [m.key for m in mails]
+        with self.store.watching() as pipe:
             while True:
                 try:
-                    existing: dict[str, str] = {}
-                    if watched:
-                        pipe.watch(*watched)  # type: ignore[no-untyped-call]
-                        values = pipe.mget(watched)
-                        existing = {k: text(v) for k, v in zip(watched, values, strict=True) if v is not None}
+                    existing = self.store.watch_idempotency(pipe, (k for k in keys if k is not None))
                     pipe.multi()
                     results = self._stage(pipe, mails, keys, existing)
-                    pipe.execute()
+                    self.store.execute(pipe)
                     return results
                 except redis.WatchError:
                     continue
@@ -256,7 +268,7 @@ class Producer:
                 source=None if mail.raw else json.dumps(as_dict, separators=(",", ":")),
                 state=initial_state(scheduled),
                 created_at=now,
-                record={"outcomes": {r: {"status": "pending"} for r in mail.envelope_recipients}},
+                outcomes={r: RecipientRecord() for r in mail.envelope_recipients},
             )
             created.append(rec)
             if scheduled and mail.send_at is not None:
@@ -269,7 +281,7 @@ class Producer:
                 if len(batch) == JOB_BATCH_SIZE:
                     enqueue_batch(pipe, self.redis, batches.pop(mail.priority))
             if key is not None:
-                pipe.set(key, f"{send_id} {fingerprint}", ex=KEY_TTL)
+                self.store.stage_claim(pipe, key, send_id, fingerprint)
             done = Enqueued(send_id, False, mail.message_id)
             if key is not None:
                 claimed[key] = (done, fingerprint)

@@ -29,15 +29,9 @@ from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
 from dispatcher.mail.fields import PRIORITIES
 from dispatcher.queue.producer import attempt_job_id, rq_queue, schedule_attempt
+from dispatcher.queue.records import HistoryEntry, text
 from dispatcher.queue.states import SendState
-from dispatcher.queue.store import (
-    INFLIGHT,
-    SendStore,
-    reconciler_lock_key,
-    send_key,
-    state_key,
-    text,
-)
+from dispatcher.queue.store import SendStore
 
 logger = structlog.get_logger("dispatcher.queue.reconcile")
 
@@ -64,59 +58,53 @@ def reconcile(
     """Give a new job to every send (at most ``limit`` a round) waiting longer than ``older_than`` seconds
     with no owner; returns their ids. A no-op while another worker holds the reconciler's lock."""
     now = time.time() if now is None else now
+    store = SendStore(connection)
     token = uuid.uuid4().hex
-    if not connection.set(reconciler_lock_key(), token, nx=True, ex=LOCK_SECONDS):
+    if not store.take_reconciler_lock(token, LOCK_SECONDS):
         return []
     try:
-        candidates: list[str] = []
-        for state in WAITING_STATES:
-            ids = connection.zrangebyscore(state_key(state), "-inf", now - older_than, start=0, num=limit)
-            candidates.extend(text(i) for i in ids)
+        candidates = store.waiting_since(WAITING_STATES, now - older_than, limit)
         if not candidates:
             return []
         jobs = owned_jobs(connection)
-        leased = {text(i) for i in connection.zrange(INFLIGHT, 0, -1)}
+        leased = store.leased()
         orphans = [
             rec.send_id
-            for rec in SendStore(connection).load_many_tolerant(candidates)[0]  # the bad: recovery's
+            for rec in store.load_many_tolerant(candidates)[0]  # the bad: recovery's
             if rec.state in WAITING_STATES and rec.send_id not in leased and (rec.rq_job or "") not in jobs
         ]
-        done = [send_id for send_id in orphans[:limit] if _adopt(connection, send_id, jobs, now)]
+        done = [send_id for send_id in orphans[:limit] if _adopt(store, send_id, jobs, now)]
         if done:
             logger.warning("mail_reconciled", sends=done, reason="no queued, scheduled or running job")
         return done
     finally:
-        if text(connection.get(reconciler_lock_key()) or b"") == token:
-            connection.delete(reconciler_lock_key())
+        store.drop_reconciler_lock(token)
 
 
-def _adopt(connection: redis.Redis, send_id: str, jobs: set[str], now: float) -> bool:
+def _adopt(store: SendStore, send_id: str, jobs: set[str], now: float) -> bool:
     """A job of its own for ``send_id`` if its record still waits on a job nobody holds. Atomic."""
-    store = SendStore(connection)
-    with connection.pipeline(transaction=True) as pipe:
+    with store.watching() as pipe:
         while True:
             try:
-                pipe.watch(send_key(send_id), INFLIGHT)  # type: ignore[no-untyped-call]
+                store.watch_send(pipe, send_id)
                 rec = store.load(send_id)
                 if (
                     rec is None
                     or rec.state not in WAITING_STATES
                     or (rec.rq_job or "") in jobs
-                    or pipe.zscore(INFLIGHT, send_id) is not None
+                    or store.is_leased(pipe, send_id)
                 ):
                     pipe.reset()
                     return False
                 lost_job = rec.rq_job
                 pipe.multi()  # the state stays what it is: only the job that owns the send changes
-                rec.record.setdefault("history", []).append(
-                    {"attempt": rec.attempts, "generation": rec.generation, "at": now, "event": "reconciled",
-                     "lost_job": lost_job}
-                )  # fmt: skip
+                rec.note(HistoryEntry(at=now, event="reconciled", attempt=rec.attempts,
+                                      generation=rec.generation, details={"lost_job": lost_job}))  # fmt: skip
                 job_id = attempt_job_id(send_id, rec.generation, rec.attempts + 1, f"-r{int(now * 1000)}")
                 when = rec.next_attempt_at if rec.next_attempt_at and rec.next_attempt_at > now else None
-                schedule_attempt(pipe, connection, rec, job_id, when)
+                schedule_attempt(pipe, store.redis, rec, job_id, when)
                 store.stage_save(pipe, rec, now=now)
-                pipe.execute()
+                store.execute(pipe)
                 return True
             except redis.WatchError:
                 continue

@@ -11,12 +11,12 @@ message data is written — ``delivery.attempt.data_going_out``), so a send whos
 point is not requeued but settled *unknown* (``settle_unknown``): the server may have accepted it, and a
 resend could deliver it twice. The operator sees why and decides.
 
-Unreadable records are failed once, never requeued: a record whose hash does not parse, or whose mail
-cannot be read (not UTF-8, not JSON, fields of the wrong shape), can never be sent, so requeueing it only
-makes a hot loop of rq jobs. Whoever meets one first — the attempt (``delivery.attempt``) or recovery
-here — fails it permanently with the reason ``unreadable record: …`` (``fail_unreadable``: through the
-state table, ``→ sending → failed``, as an attempt that could not begin) and drops its lease, so the
-reaper does not meet it again.
+Unreadable records are quarantined once, never requeued: a record whose hash does not parse, or whose
+mail cannot be read (not UTF-8, not JSON, fields of the wrong shape), can never be sent, so requeueing it
+only makes a hot loop of rq jobs. Whoever meets one first — the attempt (``delivery.attempt``) or
+recovery here — moves it to ``broken`` with the reason ``unreadable record: …`` (``quarantine``) and
+drops its lease, so the reaper does not meet it again; the dashboard and ``status`` show it, only a
+delete removes it.
 """
 
 from __future__ import annotations
@@ -29,22 +29,12 @@ from typing import Any
 import redis
 import structlog
 
-from dispatcher.delivery.verdicts import Verdict
+from dispatcher.errors import QueueUnavailable
 from dispatcher.mail.fields import PRIORITIES
 from dispatcher.queue.producer import attempt_job_id, schedule_attempt
+from dispatcher.queue.records import DeliveryStatus, HistoryEntry, Reason, RecipientRecord, SendRecord
 from dispatcher.queue.states import SendState
-from dispatcher.queue.store import (
-    DECODE_ERRORS,
-    INFLIGHT,
-    RECORD_TTL,
-    SendRecord,
-    SendStore,
-    send_key,
-    source_key,
-    state_key,
-    text,
-)
-from dispatcher.smtp.outcomes import RecipientStatus
+from dispatcher.queue.store import DECODE_ERRORS, SendStore
 from dispatcher.smtp.stages import Stage
 
 logger = structlog.get_logger("dispatcher.queue.recovery")
@@ -59,15 +49,13 @@ def describe_unreadable(exc: BaseException) -> str:
 
 def check_readable(rec: SendRecord) -> None:
     """Raise one of ``UNREADABLE`` unless every field an attempt reads has its shape."""
-    if not isinstance(rec.mail, dict) or not isinstance(rec.record, dict):
-        raise TypeError("the record's mail and record fields must be JSON objects")
+    if not isinstance(rec.mail, dict):
+        raise TypeError("the record's mail must be a JSON object")
     recipients = rec.recipients
     if not isinstance(rec.message_id, str) or not isinstance(rec.sender, str):
         raise TypeError("message_id and sender must be strings")
     if not all(isinstance(r, str) for r in recipients):
         raise TypeError("recipients must be strings")
-    if not isinstance(rec.outcomes, dict) or not isinstance(rec.record.get("history", []), list):
-        raise TypeError("outcomes must be an object and history a list")
 
 
 def load_readable(store: SendStore, send_id: str) -> SendRecord | None:
@@ -78,33 +66,30 @@ def load_readable(store: SendStore, send_id: str) -> SendRecord | None:
     return rec
 
 
-def fail_unreadable(
+def quarantine(
     connection: redis.Redis, send_id: str, error: str, *, job_id: str | None, now: float | None = None
 ) -> dict[str, Any]:
-    """Fail a send whose record cannot be read, permanently, with the reason ``unreadable record:
+    """Move a send whose record cannot be read to ``broken``, with the reason ``unreadable record:
     <error>``, touching only the fields that can be written without reading the rest; drop its lease.
     A record already final, or whose stored state is not a state at all, is left as it is (logged).
     Atomic (WATCH on the record). Returns the attempt-style summary."""
     now = time.time() if now is None else now
     reason = f"unreadable record: {error}"
-    key = send_key(send_id)
-    with connection.pipeline(transaction=True) as pipe:
+    store = SendStore(connection)
+    with store.watching() as pipe:
         while True:
             try:
-                pipe.watch(key)  # type: ignore[no-untyped-call]
-                raw = pipe.hgetall(key)
+                store.watch_send(pipe, send_id, leases=False)
+                raw = store.load_raw(send_id)
                 stored = _state_of(raw)
                 pipe.multi()
-                pipe.zrem(INFLIGHT, send_id)
+                store.stage_release(pipe, send_id)
                 if stored is None or stored.final:
-                    pipe.execute()
+                    store.execute(pipe)
                     state = stored.value if stored is not None else ("missing" if not raw else "unreadable")
                     logger.error("mail_unreadable", send_id=send_id, job_id=job_id, state=state, error=error)
                     return {"id": send_id, "state": state, "reason": reason}
-                # As an attempt that could not begin: the state table's own moves, no new edge.
-                target = stored.to(SendState.FAILED) if stored is SendState.SENDING else (
-                    stored.to(SendState.SENDING).to(SendState.FAILED)
-                )
+                target = stored.to(SendState.BROKEN)
                 record = _json_object(raw.get(b"record"))
                 record["reason"] = {"kind": "record", "stage": None, "code": None, "enhanced": None,
                                     "text": reason}  # fmt: skip
@@ -112,17 +97,12 @@ def fail_unreadable(
                 history = history if isinstance(history, list) else []
                 history.append({"at": now, "event": "unreadable_record", "job_id": job_id, "error": error})
                 record["history"] = history[-50:]
-                pipe.hset(key, mapping={"state": target.value, "updated_at": repr(now), "next_attempt_at": "",
-                                        "record": json.dumps(record, separators=(",", ":"))})  # fmt: skip
-                pipe.expire(key, RECORD_TTL)
-                pipe.expire(source_key(send_id), RECORD_TTL)
-                for priority in (None, *PRIORITIES):  # the mail (and its priority) may be what is unreadable
-                    pipe.zrem(state_key(stored, priority), send_id)
-                pipe.zadd(state_key(target), {send_id: now})
-                priority_of = _priority_of(raw)
-                if priority_of is not None:
-                    pipe.zadd(state_key(target, priority_of), {send_id: now})
-                pipe.execute()
+                fields = {"state": target.value, "updated_at": repr(now), "next_attempt_at": "",
+                          "record": json.dumps(record, separators=(",", ":"))}  # fmt: skip
+                store.stage_fields(
+                    pipe, send_id, fields, moved=(stored, target), priority=_priority_of(raw), now=now
+                )
+                store.execute(pipe)
                 state = target.value
                 logger.error("mail_unreadable", send_id=send_id, job_id=job_id, state=state, error=error)
                 return {"id": send_id, "state": state, "reason": reason}
@@ -157,37 +137,36 @@ def requeue(
     it (``from_job``, or any job when None); drop it from the in-flight set either way. Atomic."""
     now = time.time() if now is None else now
     store = SendStore(connection)
-    with connection.pipeline(transaction=True) as pipe:
+    with store.watching() as pipe:
         while True:
             try:
-                pipe.watch(INFLIGHT, send_key(send_id))  # type: ignore[no-untyped-call]
+                store.watch_send(pipe, send_id)
                 try:
                     rec = load_readable(store, send_id)
-                except UNREADABLE as exc:  # never requeue it: fail it once, with the reason
+                except UNREADABLE as exc:  # never requeue it: quarantine it once, with the reason
                     pipe.reset()
-                    fail_unreadable(connection, send_id, describe_unreadable(exc), job_id=from_job, now=now)
+                    quarantine(connection, send_id, describe_unreadable(exc), job_id=from_job, now=now)
                     return False
                 pipe.multi()
-                pipe.zrem(INFLIGHT, send_id)
+                store.stage_release(pipe, send_id)
                 lost = rec is not None and rec.state in LOST_STATES
                 if rec is not None and lost and (from_job is None or rec.rq_job == from_job):
                     if rec.state is SendState.SENDING and rec.data_out == rec.attempts:
                         settle_unknown(rec, now)
                         store.stage_save(pipe, rec, now=now)
-                        pipe.execute()
+                        store.execute(pipe)
                         attempt = rec.attempts
                         logger.warning("mail_unknown_after_worker_loss", send_id=send_id, attempt=attempt)
                         return False
                     rec.move(SendState.QUEUED)
-                    event: dict[str, object] = {"attempt": rec.attempts, "generation": rec.generation}
-                    event.update(at=now, event=reason)
-                    rec.record.setdefault("history", []).append(event)
+                    rec.note(HistoryEntry(at=now, event=reason, attempt=rec.attempts,
+                                          generation=rec.generation))  # fmt: skip
                     job_id = attempt_job_id(send_id, rec.generation, rec.attempts + 1, f"-{int(now * 1000)}")
                     schedule_attempt(pipe, connection, rec, job_id, None)
                     store.stage_save(pipe, rec, now=now)
-                    pipe.execute()
+                    store.execute(pipe)
                     return True
-                pipe.execute()
+                store.execute(pipe)
                 return False
             except redis.WatchError:
                 continue
@@ -200,15 +179,14 @@ def settle_unknown(rec: SendRecord, now: float) -> None:
         f"the worker died after the data of attempt {rec.attempts} went out: "
         "the message may have been delivered (not resent)"
     )
-    verdict = Verdict(RecipientStatus.UNKNOWN, Stage.DATA_END.value, None, "unknown", detail)
+    stage = Stage.DATA_END.value
+    unknown = RecipientRecord(DeliveryStatus.UNKNOWN, stage=stage, text=detail, kind="unknown", at=now)
     for recipient in rec.recipients:
-        if rec.outcomes.get(recipient, {}).get("status", "pending") in ("pending", "transient"):
-            rec.outcomes[recipient] = verdict.to_dict(now)
-    rec.record["reason"] = {"kind": "unknown", "stage": "data_end", "code": None, "enhanced": None,
-                            "text": detail}  # fmt: skip
-    rec.record.setdefault("history", []).append(
-        {"attempt": rec.attempts, "generation": rec.generation, "at": now, "event": "worker_lost_after_data"}
-    )
+        if rec.status_of(recipient).open:
+            rec.outcomes[recipient] = unknown
+    rec.reason = Reason(kind="unknown", text=detail, stage=stage)
+    rec.note(HistoryEntry(at=now, event="worker_lost_after_data", attempt=rec.attempts,
+                          generation=rec.generation))  # fmt: skip
     rec.data_out = None
     rec.next_attempt_at = None
     rec.move(SendState.UNKNOWN)
@@ -221,7 +199,7 @@ def requeue_unstarted(connection: redis.Redis, send_ids: Iterable[str], job_id: 
         try:
             if requeue(connection, send_id, from_job=job_id, reason="batch_stopped"):
                 done.append(send_id)
-        except redis.RedisError as exc:  # their leases expire; the reaper gets them
+        except (redis.RedisError, QueueUnavailable) as exc:  # their leases expire; the reaper gets them
             logger.warning("requeue_failed", send_id=send_id, error=str(exc))
     if done:
         logger.info("mail_requeued_from_stopped_batch", sends=done, job_id=job_id)
@@ -231,7 +209,7 @@ def requeue_unstarted(connection: redis.Redis, send_ids: Iterable[str], job_id: 
 def reap_abandoned(connection: redis.Redis, *, now: float | None = None) -> list[str]:
     """Requeue every send whose in-flight lease has expired; returns their ids."""
     now = time.time() if now is None else now
-    expired = [text(m) for m in connection.zrangebyscore(INFLIGHT, "-inf", now)]
+    expired = SendStore(connection).expired_leases(now)
     requeued: list[str] = []
     for send_id in expired:
         try:

@@ -1,249 +1,138 @@
-"""Where a send lives in Redis: its record, its state indexes, the idempotency keys and the ledger.
+"""The send store: the one owner of a send's Redis keys (``queue.keys``) — records, sources, idempotency
+keys, the ledger, the state indexes, in-flight leases, worker statuses and the delivery stats.
 
-rq jobs only carry a send id; the record below is the source of truth for state, attempts and every
+rq jobs only carry a send id; the record is the source of truth for state, attempts and every
 recipient's outcome, so retries, the CLI and the dashboard never depend on rq's registries or pickles.
+No other module names one of these keys: they ask ``SendStore`` to read them, or to stage writes on a
+MULTI pipeline that also carries rq's enqueue (one transaction for record, ledger, lease and schedule).
 
-    dispatch:send:<id>          hash   mail summary (JSON), state, attempts, generation, timestamps, record
-    dispatch:source:<id>        string the whole mail (JSON) the worker builds the MIME message from
-    dispatch:key:<sha256(key)>  string the send id owning an idempotency key
-    dispatch:ledger:<msgid>     set    recipients that accepted the message: never sent to again
-    dispatch:state:<state>      zset   send ids by last update, one per state (dashboard, retry filters)
-    dispatch:state:<state>:<p>  zset   the same per priority (the dashboard's per-queue counts)
-    dispatch:inflight           zset   send ids being sent, scored by lease expiry (crash recovery)
-    dispatch:delivered:<minute> string messages delivered in that minute (overview chart)
-    dispatch:worker:<name>      string JSON: a live worker's routes and SMTP connection states
-    dispatch:routes             zset   route names of the live workers (owned by ``queue.known_routes``)
-    dispatch:reconciler         string the lock of the worker reconciling sends this round (30 s)
+Redis being unreachable is mapped here, at this one boundary, to ``QueueUnavailable`` (as
+``smtp.connection`` maps OS errors): ``SendStore.execute`` for staged transactions, and every method that
+talks to Redis itself.
+
+Invariants the store's writes keep (README "Guarantees"):
+
+1. A send that is not final has one owner: its queued or scheduled rq job, or a worker's lease in
+   ``dispatch:inflight`` (``begin_attempt`` leases it in the same transaction that moves it to ``sending``;
+   ``stage_outcome`` drops the lease in the one that records the outcome).
+2. ``data_out`` (``mark_data_out``) is durable before the first byte of an attempt's message data is
+   written; recovery then settles the send *unknown*, never resends it.
+3. A recipient in the ledger is never sent to again: ``stage_outcome`` adds the accepted ones in the same
+   transaction as the record that says so.
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import time
-import uuid
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import redis
 
-from dispatcher.mail.message import Mail
+from dispatcher.errors import QueueUnavailable
+from dispatcher.mail.fields import PRIORITIES
+from dispatcher.queue.keys import (
+    INFLIGHT,
+    KEY_TTL,
+    LEDGER_TTL,
+    RECONCILER_LOCK,
+    RECORD_TTL,
+    STATS_TTL,
+    delivered_key,
+    idempotency_key,
+    ledger_key,
+    send_key,
+    source_key,
+    state_key,
+    worker_key,
+)
+from dispatcher.queue.records import SendRecord, text
 from dispatcher.queue.states import FINAL_STATES, SendState
 
-PREFIX = "dispatch"
 DECODE_ERRORS = (ValueError, KeyError, TypeError, AttributeError)
 """What decoding a bad record hash raises (``UnicodeDecodeError``, ``JSONDecodeError`` are ValueErrors;
 KeyError for a missing field; an unknown state is a ValueError of ``SendState``)."""
 STATES = tuple(SendState)
-LEDGER_TTL = 30 * 86400
-KEY_TTL = 30 * 86400
-RECORD_TTL = 30 * 86400
-STATS_TTL = 3 * 3600
-INFLIGHT = f"{PREFIX}:inflight"
+OUTAGE = (redis.ConnectionError, redis.TimeoutError)
+"""What redis-py raises when Redis cannot be reached or does not answer in time."""
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-def text(value: object) -> str:
-    """A Redis reply value as text (the client returns bytes unless told to decode)."""
-    return value.decode() if isinstance(value, bytes) else str(value)
+def unavailable(exc: BaseException) -> QueueUnavailable:
+    """The ``QueueUnavailable`` for a redis-py outage error (its cause is kept)."""
+    what = "timed out" if isinstance(exc, redis.TimeoutError) else "is unreachable"
+    error = QueueUnavailable(f"Redis {what}: {exc}")
+    error.__cause__ = exc
+    return error
 
 
-def send_key(send_id: str) -> str:
-    return f"{PREFIX}:send:{send_id}"
+def _outage_is_unavailable(method: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except OUTAGE as exc:
+            raise unavailable(exc) from exc
 
-
-def state_key(state: str, priority: str | None = None) -> str:
-    """The index of sends in ``state``; with ``priority``, only those of that queue."""
-    return f"{PREFIX}:state:{state}" if priority is None else f"{PREFIX}:state:{state}:{priority}"
-
-
-def ledger_key(message_id: str) -> str:
-    return f"{PREFIX}:ledger:{message_id}"
-
-
-def idempotency_key(key: str) -> str:
-    return f"{PREFIX}:key:{hashlib.sha256(key.encode()).hexdigest()}"
-
-
-def source_key(send_id: str) -> str:
-    return f"{PREFIX}:source:{send_id}"
-
-
-def worker_key(name: str) -> str:
-    return f"{PREFIX}:worker:{name}"
-
-
-def reconciler_lock_key() -> str:
-    """Held (SET NX EX) by the one worker whose maintenance reconciles sends this round."""
-    return f"{PREFIX}:reconciler"
-
-
-def delivered_key(minute: int) -> str:
-    return f"{PREFIX}:delivered:{minute}"
-
-
-def mail_summary(mail: Mail, as_dict: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a record keeps of a mail for people and the worker's bookkeeping: headers, envelope,
-    attachment names (``as_dict``: ``mail.to_dict()`` when the caller has it already)."""
-    summary = dict(mail.to_dict() if as_dict is None else as_dict)
-    summary.pop("text", None)
-    summary.pop("html", None)
-    summary["attachments"] = [
-        {"filename": a.filename, "content_type": a.content_type, "size": len(a.content)}
-        for a in mail.attachments
-    ]
-    summary["envelope"] = {"sender": mail.envelope_sender, "recipients": list(mail.envelope_recipients)}
-    return summary
-
-
-def new_send_id(key: str | None) -> str:
-    """A key always maps to the same id, so a duplicate enqueue finds the first one."""
-    if key is not None:
-        return "mail-" + hashlib.sha256(key.encode()).hexdigest()[:32]
-    return "mail-" + uuid.uuid4().hex
-
-
-@dataclass
-class SendRecord:
-    """The decoded hash of one send. ``record`` holds outcomes, attempt history and the failure reason."""
-
-    send_id: str
-    mail: dict[str, Any]
-    state: SendState
-    attempts: int = 0
-    generation: int = 0
-    created_at: float = 0.0
-    updated_at: float = 0.0
-    next_attempt_at: float | None = None
-    rq_job: str | None = None
-    record: dict[str, Any] = field(default_factory=dict)
-    raw: bytes | None = field(default=None, repr=False)
-    source: str | None = field(default=None, repr=False)
-    stored_state: SendState | None = None
-    data_out: int | None = None
-    """The attempt whose message data may be on the wire: written (durably, ``mark_data_out``) right
-    before its first data byte is sent, cleared when that attempt's outcome is recorded. A record still
-    ``sending`` with ``data_out == attempts`` after its worker died may have been delivered."""
-
-    def move(self, target: SendState) -> None:
-        """Change the state by the table in ``dispatcher.queue.states`` (``IllegalTransition`` otherwise)."""
-        self.state = self.state.to(target)
-
-    @property
-    def message_id(self) -> str:
-        return str(self.mail["message_id"])
-
-    @property
-    def priority(self) -> str:
-        return str(self.mail.get("priority", "default"))
-
-    @property
-    def route(self) -> str:
-        return str(self.mail.get("route", "default"))
-
-    @property
-    def sender(self) -> str:
-        return str(self.mail["envelope"]["sender"])
-
-    @property
-    def recipients(self) -> list[str]:
-        return list(self.mail["envelope"]["recipients"])
-
-    @property
-    def outcomes(self) -> dict[str, dict[str, Any]]:
-        outcomes: dict[str, dict[str, Any]] = self.record.setdefault("outcomes", {})
-        return outcomes
-
-    @classmethod
-    def from_hash(cls, send_id: str, raw: Mapping[Any, Any]) -> SendRecord:
-        message = raw.get(b"raw")
-        fields = {text(k): text(v) for k, v in raw.items() if k != b"raw"}
-        return cls(
-            send_id=send_id,
-            mail=json.loads(fields["mail"]),
-            state=SendState(fields["state"]),
-            attempts=int(fields.get("attempts", 0)),
-            generation=int(fields.get("generation", 0)),
-            created_at=float(fields.get("created_at", 0)),
-            updated_at=float(fields.get("updated_at", 0)),
-            next_attempt_at=float(fields["next_attempt_at"]) if fields.get("next_attempt_at") else None,
-            rq_job=fields.get("rq_job") or None,
-            record=json.loads(fields.get("record") or "{}"),
-            raw=message,
-            stored_state=SendState(fields["state"]),
-            data_out=int(fields["data_out"]) if fields.get("data_out") else None,
-        )
-
-    def to_hash(self) -> dict[str, str]:
-        """The fields an update writes; the mail itself is written once, when the send is created."""
-        fields = {
-            "state": self.state,
-            "attempts": str(self.attempts),
-            "generation": str(self.generation),
-            "created_at": repr(self.created_at),
-            "updated_at": repr(self.updated_at),
-            "next_attempt_at": repr(self.next_attempt_at) if self.next_attempt_at is not None else "",
-            "rq_job": self.rq_job or "",
-            "record": json.dumps(self.record, separators=(",", ":")),
-            "data_out": str(self.data_out) if self.data_out is not None else "",
-        }
-        return fields
-
-    def to_hash_new(self) -> dict[str, str | bytes]:
-        """The fields of a send being created (the others start at their defaults), MIME bytes included."""
-        fields: dict[str, str | bytes] = {
-            "mail": json.dumps(self.mail, separators=(",", ":")),
-            "state": self.state,
-            "created_at": repr(self.created_at),
-            "updated_at": repr(self.updated_at),
-            "rq_job": self.rq_job or "",
-            "record": json.dumps(self.record, separators=(",", ":")),
-        }
-        if self.next_attempt_at is not None:
-            fields["next_attempt_at"] = repr(self.next_attempt_at)
-        if self.raw is not None:
-            fields["raw"] = self.raw
-        return fields
-
-    def status(self) -> dict[str, Any]:
-        """The JSON shown by ``enqueue.py status`` and ``GET /api/v1/messages/<id>``."""
-        return {
-            "id": self.send_id,
-            "state": self.state,
-            "message_id": self.message_id,
-            "route": self.mail.get("route", "default"),
-            "priority": self.mail.get("priority", "default"),
-            "subject": self.mail.get("subject", ""),
-            "attempts": self.attempts,
-            "generation": self.generation,
-            "created_at": _iso(self.created_at),
-            "updated_at": _iso(self.updated_at),
-            "next_attempt_at": _iso(self.next_attempt_at) if self.next_attempt_at else None,
-            "recipients": self.outcomes,
-            "last_reply": self.record.get("last_reply"),
-            "reason": self.record.get("reason"),
-            "history": self.record.get("history", []),
-            "transcript": self.record.get("transcript", []),
-        }
-
-
-def _iso(moment: float | None) -> str | None:
-    if not moment:
-        return None
-    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return wrapper
 
 
 class SendStore:
-    """Reads and writes send records; every state change moves the id between the state indexes."""
+    """Reads and writes send records; every state change moves the id between the state indexes.
+
+    Methods named ``stage_*`` queue their writes on a MULTI pipeline the caller executes with ``execute``
+    (together with rq's enqueue of the next job); the others talk to Redis themselves."""
 
     def __init__(self, connection: redis.Redis) -> None:
         self.redis = connection
 
+    # -- transactions -------------------------------------------------------------------------------
+
+    def transaction(self) -> Any:
+        """A MULTI pipeline, ``multi()`` already called (explicitly, before rq sees the pipeline: its
+        enqueue calls ``multi()`` when it is not)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.multi()
+        return pipe
+
+    def watching(self) -> Any:
+        """A pipeline for an optimistic transaction: ``watch_send`` on it, read, then ``multi()``."""
+        return self.redis.pipeline(transaction=True)
+
+    @_outage_is_unavailable
+    def watch_send(self, pipe: Any, send_id: str, *, leases: bool = True) -> None:
+        """WATCH ``send_id``'s record (and, with ``leases``, the in-flight set) on ``pipe``."""
+        keys = [send_key(send_id), INFLIGHT] if leases else [send_key(send_id)]
+        pipe.watch(*keys)
+
+    @staticmethod
+    def execute(pipe: Any) -> list[Any]:
+        """Execute a staged transaction; an outage is ``QueueUnavailable`` (``WatchError`` passes)."""
+        try:
+            result: list[Any] = pipe.execute()
+        except OUTAGE as exc:
+            raise unavailable(exc) from exc
+        return result
+
+    # -- reads ----------------------------------------------------------------------------------------
+
+    @_outage_is_unavailable
     def load(self, send_id: str) -> SendRecord | None:
         raw = self.redis.hgetall(send_key(send_id))
         return SendRecord.from_hash(send_id, raw) if raw else None
 
+    @_outage_is_unavailable
+    def load_raw(self, send_id: str) -> dict[bytes, bytes]:
+        """The record's hash as stored, undecoded (empty when there is none): for records too broken
+        to decode."""
+        raw: dict[bytes, bytes] = self.redis.hgetall(send_key(send_id))  # type: ignore[assignment]
+        return raw
+
+    @_outage_is_unavailable
     def load_many_tolerant(
         self, send_ids: Iterable[str]
     ) -> tuple[list[SendRecord], list[tuple[str, BaseException]]]:
@@ -264,6 +153,7 @@ class SendStore:
                 unreadable.append((send_id, exc))
         return readable, unreadable
 
+    @_outage_is_unavailable
     def load_many(self, send_ids: Iterable[str]) -> list[SendRecord]:
         ids = list(send_ids)
         pipe = self.redis.pipeline(transaction=False)
@@ -271,31 +161,61 @@ class SendStore:
             pipe.hgetall(send_key(send_id))
         return [SendRecord.from_hash(i, raw) for i, raw in zip(ids, pipe.execute(), strict=True) if raw]
 
-    def mark_data_out(self, send_id: str, attempt: int) -> None:
-        """Record, before the first byte of its data is sent, that ``attempt`` may deliver the message.
-        One round trip; it raises (and so no data goes out) when Redis does not acknowledge it."""
-        self.redis.hset(send_key(send_id), "data_out", str(attempt))
-
+    @_outage_is_unavailable
     def ledger(self, message_id: str) -> set[str]:
         return {text(m) for m in self.redis.smembers(ledger_key(message_id))}
 
-    def stage_save(self, pipe: Any, rec: SendRecord, *, now: float | None = None) -> None:
-        """Queue the writes that persist ``rec`` and its state index on ``pipe`` (a MULTI pipeline)."""
-        rec.updated_at = now or time.time()
-        pipe.hset(send_key(rec.send_id), mapping=rec.to_hash())
-        if rec.state in FINAL_STATES:
-            pipe.expire(send_key(rec.send_id), RECORD_TTL)
-            pipe.expire(source_key(rec.send_id), RECORD_TTL)
-        elif rec.stored_state in FINAL_STATES:
-            pipe.persist(send_key(rec.send_id))
-            pipe.persist(source_key(rec.send_id))
-        priority = rec.priority
-        if rec.stored_state is not None and rec.stored_state != rec.state:
-            pipe.zrem(state_key(rec.stored_state), rec.send_id)
-            pipe.zrem(state_key(rec.stored_state, priority), rec.send_id)
-        pipe.zadd(state_key(rec.state), {rec.send_id: rec.updated_at})
-        pipe.zadd(state_key(rec.state, priority), {rec.send_id: rec.updated_at})
-        rec.stored_state = rec.state
+    @_outage_is_unavailable
+    def ids_in_state(self, state: str, *, since: float | None = None, limit: int | None = None) -> list[str]:
+        low: float | str = since if since is not None else "-inf"
+        start, num = (0, limit) if limit is not None else (None, None)
+        ids = self.redis.zrevrangebyscore(state_key(state), "+inf", low, start=start, num=num)
+        return [text(i) for i in ids]
+
+    @_outage_is_unavailable
+    def waiting_since(self, states: Iterable[SendState], before: float, limit: int) -> list[str]:
+        """Ids of sends in ``states`` not updated since ``before``, oldest first, at most ``limit`` each."""
+        found: list[str] = []
+        for state in states:
+            ids = self.redis.zrangebyscore(state_key(state), "-inf", before, start=0, num=limit)
+            found.extend(text(i) for i in ids)
+        return found
+
+    @_outage_is_unavailable
+    def count_states(self, priority: str | None = None) -> dict[str, int]:
+        """Sends per state, over every queue or in one priority's."""
+        pipe = self.redis.pipeline(transaction=False)
+        for state in STATES:
+            pipe.zcard(state_key(state, priority))
+        return dict(zip(STATES, pipe.execute(), strict=True))
+
+    @_outage_is_unavailable
+    def delivered_per_minute(self, minutes: int = 60, *, now: float | None = None) -> list[tuple[int, int]]:
+        current = int((now or time.time()) // 60)
+        keys = [delivered_key(m) for m in range(current - minutes + 1, current + 1)]
+        values = self.redis.mget(keys)
+        return [
+            (m * 60, int(v or 0))
+            for m, v in zip(range(current - minutes + 1, current + 1), values, strict=True)
+        ]
+
+    # -- creating sends -------------------------------------------------------------------------------
+
+    @_outage_is_unavailable
+    def watch_idempotency(self, pipe: Any, keys: Iterable[str]) -> dict[str, str]:
+        """WATCH the idempotency keys ``keys`` (as producers give them) on ``pipe`` and read them: each
+        one already claimed maps to what its claim holds (``"<send id> <fingerprint>"``)."""
+        stored = {key: idempotency_key(key) for key in keys}
+        if not stored:
+            return {}
+        watched = sorted(set(stored.values()))
+        pipe.watch(*watched)
+        values = dict(zip(watched, pipe.mget(watched), strict=True))
+        return {key: text(values[k]) for key, k in stored.items() if values[k] is not None}
+
+    def stage_claim(self, pipe: Any, key: str, send_id: str, fingerprint: str) -> None:
+        """Queue the write that makes idempotency key ``key`` name ``send_id`` (and its mail's print)."""
+        pipe.set(idempotency_key(key), f"{send_id} {fingerprint}", ex=KEY_TTL)
 
     def stage_new(self, pipe: Any, recs: list[SendRecord], *, now: float) -> None:
         """Queue the writes creating ``recs`` on ``pipe``: a hash each, and their sources and state-index
@@ -317,24 +237,146 @@ class SendStore:
         for key, members in indexes.items():
             pipe.zadd(key, members)
 
-    def ids_in_state(self, state: str, *, since: float | None = None, limit: int | None = None) -> list[str]:
-        low: float | str = since if since is not None else "-inf"
-        start, num = (0, limit) if limit is not None else (None, None)
-        ids = self.redis.zrevrangebyscore(state_key(state), "+inf", low, start=start, num=num)
-        return [text(i) for i in ids]
+    # -- saving ---------------------------------------------------------------------------------------
 
-    def count_states(self, priority: str | None = None) -> dict[str, int]:
-        """Sends per state, over every queue or in one priority's."""
-        pipe = self.redis.pipeline(transaction=False)
-        for state in STATES:
-            pipe.zcard(state_key(state, priority))
-        return dict(zip(STATES, pipe.execute(), strict=True))
+    def stage_save(self, pipe: Any, rec: SendRecord, *, now: float | None = None) -> None:
+        """Queue the writes that persist ``rec`` and its state index on ``pipe`` (a MULTI pipeline)."""
+        rec.updated_at = now or time.time()
+        pipe.hset(send_key(rec.send_id), mapping=rec.to_hash())
+        if rec.state in FINAL_STATES:
+            pipe.expire(send_key(rec.send_id), RECORD_TTL)
+            pipe.expire(source_key(rec.send_id), RECORD_TTL)
+        elif rec.stored_state in FINAL_STATES:
+            pipe.persist(send_key(rec.send_id))
+            pipe.persist(source_key(rec.send_id))
+        priority = rec.priority
+        if rec.stored_state is not None and rec.stored_state != rec.state:
+            pipe.zrem(state_key(rec.stored_state), rec.send_id)
+            pipe.zrem(state_key(rec.stored_state, priority), rec.send_id)
+        pipe.zadd(state_key(rec.state), {rec.send_id: rec.updated_at})
+        pipe.zadd(state_key(rec.state, priority), {rec.send_id: rec.updated_at})
+        rec.stored_state = rec.state
 
-    def delivered_per_minute(self, minutes: int = 60, *, now: float | None = None) -> list[tuple[int, int]]:
-        current = int((now or time.time()) // 60)
-        keys = [delivered_key(m) for m in range(current - minutes + 1, current + 1)]
-        values = self.redis.mget(keys)
-        return [
-            (m * 60, int(v or 0))
-            for m, v in zip(range(current - minutes + 1, current + 1), values, strict=True)
-        ]
+    def stage_fields(
+        self, pipe: Any, send_id: str, fields: Mapping[str, str], *, moved: tuple[SendState, SendState],
+        priority: str | None, now: float,
+    ) -> None:  # fmt: skip
+        """Queue a write of some fields of a record that cannot be decoded as a whole, and its move
+        between the state indexes: out of every priority's (its own may be what is unreadable), into
+        ``priority``'s when it is known."""
+        before, after = moved
+        key = send_key(send_id)
+        pipe.hset(key, mapping=dict(fields))
+        if after.final:
+            pipe.expire(key, RECORD_TTL)
+            pipe.expire(source_key(send_id), RECORD_TTL)
+        for each in (None, *PRIORITIES):
+            pipe.zrem(state_key(before, each), send_id)
+        pipe.zadd(state_key(after), {send_id: now})
+        if priority is not None:
+            pipe.zadd(state_key(after, priority), {send_id: now})
+
+    def stage_delete(self, pipe: Any, rec: SendRecord, states: Iterable[SendState]) -> None:
+        """Queue the removal of ``rec``: hash, source, ledger, lease and entries in ``states``' indexes."""
+        pipe.delete(send_key(rec.send_id), source_key(rec.send_id))
+        for state in states:
+            pipe.zrem(state_key(state), rec.send_id)
+            pipe.zrem(state_key(state, rec.priority), rec.send_id)
+        pipe.zrem(INFLIGHT, rec.send_id)
+        pipe.delete(ledger_key(rec.message_id))
+
+    # -- attempts -------------------------------------------------------------------------------------
+
+    @_outage_is_unavailable
+    def begin_attempt(
+        self, rec: SendRecord, *, now: float, lease_seconds: float
+    ) -> tuple[set[str], bytes | None]:
+        """Save ``rec`` (moved to ``sending`` by the caller) under a lease of ``lease_seconds``, and read
+        its ledger (casefolded) and the stored mail to build it from (None when absent) — one transaction."""
+        pipe = self.transaction()
+        pipe.smembers(ledger_key(rec.message_id))
+        pipe.get(source_key(rec.send_id))
+        self.stage_save(pipe, rec, now=now)
+        pipe.zadd(INFLIGHT, {rec.send_id: now + lease_seconds})
+        members, source = pipe.execute()[:2]
+        return {text(m).casefold() for m in members}, source
+
+    @_outage_is_unavailable
+    def mark_data_out(self, send_id: str, attempt: int) -> None:
+        """Record, before the first byte of its data is sent, that ``attempt`` may deliver the message.
+        One round trip; it raises (and so no data goes out) when Redis does not acknowledge it."""
+        self.redis.hset(send_key(send_id), "data_out", str(attempt))
+
+    def stage_outcome(self, pipe: Any, rec: SendRecord, accepted: Sequence[str], *, now: float) -> None:
+        """Queue the writes recording an attempt's outcome: ``accepted`` recipients (casefolded) into the
+        ledger, the delivery count when ``rec`` is delivered, the record, and the lease dropped."""
+        self.stage_ledger(pipe, rec.message_id, accepted)
+        if rec.state is SendState.DELIVERED:
+            minute = int(now // 60)
+            pipe.incr(delivered_key(minute))
+            pipe.expire(delivered_key(minute), STATS_TTL)
+        self.stage_save(pipe, rec, now=now)
+        self.stage_release(pipe, rec.send_id)
+
+    @staticmethod
+    def stage_ledger(pipe: Any, message_id: str, accepted: Sequence[str]) -> None:
+        """Queue adding ``accepted`` recipients (casefolded) to the ledger of ``message_id``."""
+        if accepted:
+            pipe.sadd(ledger_key(message_id), *accepted)
+            pipe.expire(ledger_key(message_id), LEDGER_TTL)
+
+    # -- leases ---------------------------------------------------------------------------------------
+
+    @_outage_is_unavailable
+    def lease(self, send_ids: Iterable[str], until: float, *, refresh: bool = False) -> None:
+        """Lease ``send_ids`` until ``until``; ``refresh`` only extends leases that still exist (a send
+        whose outcome was recorded meanwhile is not brought back)."""
+        self.redis.zadd(INFLIGHT, dict.fromkeys(send_ids, until), xx=refresh)
+
+    @staticmethod
+    def stage_release(pipe: Any, send_id: str) -> None:
+        pipe.zrem(INFLIGHT, send_id)
+
+    @_outage_is_unavailable
+    def leased(self) -> set[str]:
+        """Every send id under a lease now, expired or not."""
+        return {text(i) for i in self.redis.zrange(INFLIGHT, 0, -1)}
+
+    @_outage_is_unavailable
+    def expired_leases(self, now: float) -> list[str]:
+        return [text(m) for m in self.redis.zrangebyscore(INFLIGHT, "-inf", now)]
+
+    @staticmethod
+    def is_leased(pipe: Any, send_id: str) -> bool:
+        """On a pipeline in WATCH mode (immediate): whether ``send_id`` is under a lease."""
+        return pipe.zscore(INFLIGHT, send_id) is not None
+
+    # -- workers --------------------------------------------------------------------------------------
+
+    @_outage_is_unavailable
+    def publish_worker(self, name: str, status: Mapping[str, Any], ttl: int) -> None:
+        """What worker ``name`` says of its routes and connections, until it stops refreshing it."""
+        self.redis.set(worker_key(name), json.dumps(status), ex=ttl)
+
+    @_outage_is_unavailable
+    def worker_statuses(self, names: Sequence[str]) -> list[dict[str, Any] | None]:
+        """The published status of each of ``names`` (None where there is none)."""
+        values = self.redis.mget([worker_key(n) for n in names]) if names else []
+        return [json.loads(v) if v else None for v in values]
+
+    @_outage_is_unavailable
+    def forget_worker(self, name: str) -> None:
+        self.redis.delete(worker_key(name))
+
+    # -- the reconciler's lock ------------------------------------------------------------------------
+
+    @_outage_is_unavailable
+    def take_reconciler_lock(self, token: str, seconds: int) -> bool:
+        """Whether this caller (``token``) holds the reconciler's lock now, for ``seconds`` at most."""
+        return bool(self.redis.set(RECONCILER_LOCK, token, nx=True, ex=seconds))
+
+    @_outage_is_unavailable
+    def drop_reconciler_lock(self, token: str) -> None:
+        """Let the lock go, if ``token`` still holds it."""
+        if text(self.redis.get(RECONCILER_LOCK) or b"") == token:
+            self.redis.delete(RECONCILER_LOCK)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from dispatcher.errors import ConfigurationError
-from dispatcher.queue.store import PREFIX
+from dispatcher.queue.keys import PREFIX
 from dispatcher.values import parse_number
 
 ROUTE_OPTIONS = frozenset({

@@ -7,8 +7,9 @@ The invariant kept here: **while the pool is not stopping, every slot has a chil
 child that exits for any reason — a crash, a signal (SIGKILL included), or exit 0 without being asked
 to stop — is started again after ``RestartBackoff``'s delay: exponential from ``BASE``, capped at ``CAP``,
 jittered, and back to ``BASE`` once a child had run ``HEALTHY`` seconds, so a child that cannot start
-(Redis away) is restarted at most once every ``CAP`` seconds once its delay has grown, not hundreds of
-times in 15 s (issue 13). In ``--burst`` a child that exits 0 is done, and none is restarted.
+(a Redis refusing its commands; a Redis merely away is waited for, see ``startup``) is restarted at most
+once every ``CAP`` seconds once its delay has grown, not hundreds of times in 15 s (issue 13). In
+``--burst`` a child that exits 0 is done, and none is restarted.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import random
 import signal
 import time
 from collections.abc import Sequence
@@ -28,16 +28,21 @@ from dispatcher.errors import ConfigurationError
 from dispatcher.logs import configure_logging
 from dispatcher.queue.producer import QUEUE_NAMES
 from dispatcher.settings import load_settings
+from dispatcher.values import parse_redis_url
+from dispatcher.worker.backoff import RestartBackoff
 from dispatcher.worker.lineage import die_with_parent
 from dispatcher.worker.process import STOP_SIGNALS, note_early_stop, run_one
 
 logger = structlog.get_logger("dispatcher.worker.pool")
+#: worker.py's exit codes (README, "Exit codes"): 0 stopped cleanly; 1 a worker process failed; 2 bad
+#: configuration (a setting or option named in the one log line).
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 class Child:
     """A forked worker process (forked, not spawned: the imports are done once, in the supervisor)."""
 
-    def __init__(self, queue_names: Sequence[str], burst: bool) -> None:
+    def __init__(self, queue_names: Sequence[str], burst: bool, redis_url: str | None = None) -> None:
         self.returncode: int | None = None
         # Signals wait until the child has its own handler: the supervisor's must never run in a child.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -50,7 +55,7 @@ class Child:
             try:
                 os.setsid()  # own session: a terminal's Ctrl-C reaches only the supervisor (it passes it on)
                 die_with_parent()  # a supervisor killed with kill -9 takes its workers with it (warm stop)
-                code = run_one(queue_names, burst=burst)
+                code = run_one(queue_names, burst=burst, redis_url=redis_url)
             except BaseException:
                 logger.exception("worker_process_crashed")
             finally:
@@ -70,40 +75,21 @@ class Child:
             os.kill(self.pid, signum)
 
 
-class RestartBackoff:
-    """The delays before restarting one slot's child: ``BASE·2^(n-1)`` for the n-th death in a row,
-    capped at ``CAP``, times ``uniform(0.5, 1)`` — the jitter keeps a pool's children from restarting in
-    step, and halving at most keeps every delay below the cap at least as long as the one before. A child
-    that ran ``HEALTHY`` seconds before it died starts the count again."""
-
-    BASE = 0.5
-    CAP = 5.0
-    HEALTHY = 30.0
-
-    def __init__(self, rng: random.Random | None = None) -> None:
-        self.rng = rng or random.Random()
-        self.failures = 0
-
-    def delay(self, ran_for: float) -> float:
-        if ran_for >= self.HEALTHY:
-            self.failures = 0
-        self.failures += 1
-        ceiling = min(self.CAP, self.BASE * 2.0 ** min(self.failures - 1, 32))
-        return ceiling * self.rng.uniform(0.5, 1.0)
-
-
 class Supervisor:
     """Starts N worker processes, forwards stop signals, restarts the ones that die."""
 
-    def __init__(self, concurrency: int, queue_names: Sequence[str], *, burst: bool) -> None:
+    def __init__(
+        self, concurrency: int, queue_names: Sequence[str], *, burst: bool, redis_url: str | None = None
+    ) -> None:
         self.concurrency = concurrency
+        self.redis_url = redis_url
         self.queue_names = list(queue_names)
         self.burst = burst
         self.children: list[Child] = []
         self.stopping = 0
 
     def _spawn(self) -> Child:
-        return Child(self.queue_names, self.burst)
+        return Child(self.queue_names, self.burst, self.redis_url)
 
     def _signal(self, signum: int, frame: FrameType | None) -> None:
         self.stopping += 1
@@ -163,7 +149,7 @@ class Supervisor:
         logger.info("pool_stopped", exit_codes=codes)
         # A child still starting when we passed SIGTERM on dies of it before rq installs its handler.
         clean = (0, -signal.SIGTERM) if self.stopping else (0,)
-        return 0 if all(code in clean for code in codes) else 1
+        return EXIT_OK if all(code in clean for code in codes) else EXIT_FAILED
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -178,6 +164,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="worker processes on this host (default 1, env DISPATCH_CONCURRENCY)",
     )
     parser.add_argument("--burst", action="store_true", help="stop when the queues are empty")
+    parser.add_argument("--redis-url", default=None, help="default: $REDIS_URL or redis://127.0.0.1:6379/0")
     parser.add_argument(
         "--queues",
         nargs="+",
@@ -196,10 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     try:
         load_settings(need_routes=True)
+        redis_url = parse_redis_url("--redis-url", args.redis_url) if args.redis_url else None
     except ConfigurationError as exc:
         logger.error("worker_config_invalid", error=str(exc))
-        return 2
+        return EXIT_CONFIG
     if args.concurrency == 1:
-        return run_one(args.queues, burst=args.burst)
-    return Supervisor(args.concurrency, args.queues, burst=args.burst).run()
+        return run_one(args.queues, burst=args.burst, redis_url=redis_url)
+    return Supervisor(args.concurrency, args.queues, burst=args.burst, redis_url=redis_url).run()
 

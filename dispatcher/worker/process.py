@@ -23,7 +23,7 @@ Several of them, supervised, are ``dispatcher.worker.pool``'s.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
 import re
 import signal
@@ -43,14 +43,18 @@ from rq.serializers import JSONSerializer
 from rq.utils import current_timestamp, now, utcformat
 from rq.worker import WorkerStatus
 
+from dispatcher.errors import QueueUnavailable
 from dispatcher.queue import known_routes
 from dispatcher.queue.producer import BATCH_FUNCTION, FAILURE_TTL, JOB_BATCH_SIZE, JOB_FUNCTION, connect
 from dispatcher.queue.reconcile import reconcile
+from dispatcher.queue.records import text
 from dispatcher.queue.recovery import reap_abandoned
-from dispatcher.queue.store import text, worker_key
+from dispatcher.queue.store import SendStore
 from dispatcher.settings import load_settings
+from dispatcher.worker.backoff import RestartBackoff
 from dispatcher.worker.lineage import OwnedScheduler
 from dispatcher.worker.runtime import Runtime
+from dispatcher.worker.startup import wait_for_redis, where
 
 logger = structlog.get_logger("dispatcher.worker.process")
 MAINTENANCE_INTERVAL = 10
@@ -260,15 +264,15 @@ class MailWorker(SimpleWorker):
             route["limits"] = self._limits.get(name, {})
         status = {"routes": routes, "updated_at": time.time()}
         try:
-            self.connection.set(worker_key(self.name), json.dumps(status), ex=STATUS_TTL)
-        except redis.RedisError as exc:
+            SendStore(self.connection).publish_worker(self.name, status, STATUS_TTL)
+        except (redis.RedisError, QueueUnavailable) as exc:
             logger.warning("worker_status_failed", error=str(exc))
 
     def run_maintenance_tasks(self) -> None:
         try:
             self.publish_status(limits=True)
             known_routes.publish(self.connection, self.runtime.settings.routes, ttl=STATUS_TTL)
-        except redis.RedisError as exc:
+        except (redis.RedisError, QueueUnavailable) as exc:
             logger.warning("worker_status_failed", error=str(exc))
         try:
             super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
@@ -277,6 +281,7 @@ class MailWorker(SimpleWorker):
         except Exception as exc:  # rq's registry cleanup tripping on a job: log it, keep working
             logger.exception("maintenance_failed", error=str(exc))
         try:
+            self.runtime.journal().replay(self.connection)  # first: before recovery settles those sends
             reap_abandoned(self.connection)
             reconcile(self.connection, older_than=self.runtime.settings.reconcile_after)
         except StopRequested:  # rq's warm stop, raised from its signal handler while idle: let it through
@@ -286,9 +291,12 @@ class MailWorker(SimpleWorker):
 
     def teardown(self) -> None:
         self.runtime.close()
-        with contextlib.suppress(redis.RedisError):
-            self.connection.delete(worker_key(self.name))
-        super().teardown()  # type: ignore[no-untyped-call]
+        with contextlib.suppress(redis.RedisError, QueueUnavailable):
+            SendStore(self.connection).forget_worker(self.name)
+        try:
+            super().teardown()  # type: ignore[no-untyped-call]
+        except redis.RedisError as exc:  # Redis away: rq's registration expires by itself
+            logger.warning("worker_teardown_incomplete", worker=self.name, error=str(exc))
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -299,32 +307,58 @@ def note_early_stop(signum: int, frame: FrameType | None) -> None:
     _stop_before_start.append(signum)
 
 
-def run_one(queue_names: Sequence[str], *, burst: bool) -> int:
-    """Run one worker in this process until it stops; 0 on a clean stop."""
+def run_one(queue_names: Sequence[str], *, burst: bool, redis_url: str | None = None) -> int:
+    """Run one worker in this process until it is asked to stop; 0 on a clean stop. ``redis_url`` (checked
+    by the caller) overrides ``REDIS_URL``. Redis away at the start is waited for (``startup``).
+
+    rq leaves its work loop on any error of its own (Redis gone in the middle of a job's bookkeeping, for
+    one): then the worker is started again here, in the same process, after ``RestartBackoff``'s delay —
+    a lone ``worker.py`` has no supervisor to do it, and a pool's child keeps its place."""
     for signum in STOP_SIGNALS:  # until rq installs its own handlers in work()
         signal.signal(signum, note_early_stop)
     settings = load_settings(need_routes=True)
+    if redis_url:
+        settings = dataclasses.replace(settings, redis_url=redis_url)
     connection = connect(settings.redis_url)
-    queues = [Queue(name, connection=connection, serializer=JSONSerializer) for name in queue_names]
-    worker = MailWorker(queues, connection=connection, runtime=Runtime(settings))
-    logger.info(
-        "worker_started",
-        worker=worker.name,
-        queues=list(queue_names),
-        burst=burst,
-        routes={name: cfg.redacted_url() for name, cfg in settings.routes.items()},
-    )
-    if _stop_before_start:
-        logger.info("worker_stopped_before_start", worker=worker.name)
+    if not wait_for_redis(connection, stop=lambda: bool(_stop_before_start)):
+        logger.info("worker_stopped_before_start", redis=where(connection))
         return 0
-    worker.work(
-        burst=burst,
-        with_scheduler=True,
-        logging_level=logging.getLevelName(logging.getLogger("rq").getEffectiveLevel()),
-    )
-    asked = worker._stop_requested or worker._shutdown_requested_date is not None
-    if not burst and not asked:  # rq left its work loop on an error of its own
-        logger.error("worker_loop_ended", worker=worker.name)
-        return 1
-    logger.info("worker_stopped", worker=worker.name)
-    return 0
+    queues = [Queue(name, connection=connection, serializer=JSONSerializer) for name in queue_names]
+    backoff = RestartBackoff()
+    while True:
+        worker = MailWorker(queues, connection=connection, runtime=Runtime(settings))
+        logger.info(
+            "worker_started",
+            worker=worker.name,
+            queues=list(queue_names),
+            burst=burst,
+            routes={name: cfg.redacted_url() for name, cfg in settings.routes.items()},
+        )
+        if _stop_before_start:
+            logger.info("worker_stopped_before_start", worker=worker.name)
+            return 0
+        started = time.monotonic()
+        worker.work(
+            burst=burst,
+            with_scheduler=True,
+            logging_level=logging.getLevelName(logging.getLogger("rq").getEffectiveLevel()),
+        )
+        asked = worker._stop_requested or worker._shutdown_requested_date is not None
+        if burst or asked:
+            logger.info("worker_stopped", worker=worker.name)
+            return 0
+        for signum in STOP_SIGNALS:  # rq's handlers belong to the worker that just ended
+            signal.signal(signum, note_early_stop)
+        delay = backoff.delay(time.monotonic() - started)
+        logger.error("worker_loop_ended", worker=worker.name, restart_in=round(delay, 2))
+        if _stopped_within(delay):
+            logger.info("worker_stopped", worker=worker.name)
+            return 0
+
+
+def _stopped_within(seconds: float) -> bool:
+    """Wait ``seconds`` unless a stop signal comes first; whether one came."""
+    deadline = time.monotonic() + seconds
+    while not _stop_before_start and time.monotonic() < deadline:
+        time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+    return bool(_stop_before_start)

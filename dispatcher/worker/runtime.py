@@ -8,12 +8,16 @@ by any other rq worker gets one built from the environment on first use.
 from __future__ import annotations
 
 import os
+import re
 import socket
+import urllib.parse
 from collections.abc import Callable
+from pathlib import Path
 from typing import ClassVar
 
 import redis
 
+from dispatcher.delivery.journal import Journal
 from dispatcher.errors import ConfigurationError, UnknownRoute
 from dispatcher.queue import known_routes
 from dispatcher.routes.gate import RouteGate
@@ -21,6 +25,16 @@ from dispatcher.routes.slots import ConnectionSlots, capped_client
 from dispatcher.settings import Settings, load_settings
 from dispatcher.smtp.config import SmtpConfig
 from dispatcher.smtp.session import SmtpClient
+
+
+def redis_identity(url: str) -> str:
+    """A file name for the Redis at ``url``: host, port and database, never the credentials."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme == "unix":
+        where = f"{parsed.path}_0"
+    else:
+        where = f"{parsed.hostname}_{parsed.port or 6379}_{parsed.path.strip('/') or '0'}"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", where).strip("_")
 
 
 class Runtime:
@@ -31,6 +45,7 @@ class Runtime:
         self.worker_name = worker_name or f"{socket.gethostname()}.{os.getpid()}"
         self.clients: dict[str, SmtpClient] = {}
         self.should_stop: Callable[[], bool] = lambda: False
+        self._journal: Journal | None = None
 
     def stop_requested(self) -> bool:
         """True once the worker was asked to stop: a batch ends after its current send."""
@@ -46,6 +61,15 @@ class Runtime:
         if cls._current is None:
             cls._current = Runtime(load_settings(need_routes=True))
         return cls._current
+
+    def journal(self) -> Journal:
+        """This process's outcome journal (``delivery.journal``): in the host's journal directory, under
+        the Redis it belongs to (an entry is only ever replayed into the Redis it was meant for)."""
+        if self._journal is None:
+            name = self.worker_name.replace("/", "_")
+            directory = Path(self.settings.journal_dir) / redis_identity(self.settings.redis_url)
+            self._journal = Journal(directory, name)
+        return self._journal
 
     def gate(self, connection: redis.Redis) -> RouteGate:
         """The process's route gate on ``connection``: waits end well inside a job's timeout margin."""

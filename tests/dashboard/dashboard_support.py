@@ -7,6 +7,7 @@ rules refuse the recipient, and the send record says why.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
+from helpers import wait_until
 from rq import Queue
 from rq.serializers import JSONSerializer
 from werkzeug.serving import BaseWSGIServer, make_server
@@ -165,3 +167,49 @@ def state_of(redis_url: str, send_id: str) -> str | None:
     finally:
         client.close()
     return value.decode() if isinstance(value, bytes) else None
+
+
+class DashboardProcess:
+    """``python -m dispatcher.dashboard --port 0`` as a subprocess; its log (stderr) goes to ``log_path``,
+    ``url`` is read from its ``dashboard_started`` line; ``stop()`` sends SIGTERM and waits."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dispatcher.dashboard", "--port", "0", *args],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+            start_new_session=True,
+        )
+        self.url = ""
+
+        def started() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"dashboard exited {self.proc.returncode}:\n{self.text()}")
+            for line in self.text().splitlines():
+                if '"dashboard_started"' in line:
+                    self.url = json.loads(line)["url"].rstrip("/")
+                    return True
+            return False
+
+        wait_until(started, timeout=30, message=f"dashboard did not start:\n{self.text()}")
+
+    def text(self) -> str:
+        return self.log_path.read_bytes().decode("utf-8", "replace")
+
+    def stop(self) -> int:
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=STOP_DEADLINE)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                return self.proc.wait(timeout=STOP_DEADLINE)
+        finally:
+            self._log.close()

@@ -11,7 +11,9 @@ import redis
 from dashboard_support import AUTH, csrf_of, state_of
 from flask.testing import FlaskClient
 
-from dispatcher.queue.store import send_key
+from dispatcher.queue.keys import send_key, source_key
+from dispatcher.queue.producer import Producer
+from dispatcher.queue.recovery import quarantine
 
 # Three ways a record hash goes bad: bytes that are not UTF-8, a mail that is not JSON, a state we do not
 # know (a newer or older writer, a hand edit, a bit flip).
@@ -101,3 +103,25 @@ def test_status_of_the_unreadable_record_is_a_clear_error(
     assert response.status_code == 500
     assert response.get_json() == {"error": "unreadable_record", "message": response.get_json()["message"]}
     assert response.get_json()["message"].startswith(f"unreadable record {bad}: ")
+
+
+def test_a_quarantined_send_is_counted_and_shown_with_its_reason(
+    logged_in: FlaskClient, redis_client: redis.Redis
+) -> None:
+    """Issue 13 invariant 5: a send a worker quarantined (state ``broken``: its stored mail is not UTF-8)
+    is on the overview's count and on /failures with the parse error, and it is never retried."""
+    broken = Producer(redis_client).enqueue(
+        {"from": "app@example.com", "to": "q@example.org", "subject": "s", "text": "x"}
+    ).id
+    redis_client.set(source_key(broken), b"\xff\xfe")
+    assert quarantine(redis_client, broken, "UnicodeDecodeError: not utf-8", job_id=None)["state"] == "broken"
+
+    overview = logged_in.get("/overview.json")
+    assert overview.status_code == 200, overview.get_data(as_text=True)
+    assert overview.get_json()["states"]["broken"] == 1
+    page = logged_in.get("/failures").get_data(as_text=True)
+    assert f"unreadable record {broken}: UnicodeDecodeError: not utf-8" in page
+    token = csrf_of(logged_in)
+    form = {"action": "retry", "ids": [broken], "confirmed": "1", "csrf_token": token}
+    logged_in.post("/actions", data=form)
+    assert redis_client.hget(send_key(broken), "state") == b"broken"

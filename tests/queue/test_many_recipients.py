@@ -38,7 +38,7 @@ def test_a_mail_to_250_goes_in_three_transactions_and_each_recipient_once(
     assert sizes == [1, 1, 50, 100, 100], sizes
     rec = store.load(ids[1])
     assert rec is not None and len(rec.outcomes) == 250
-    assert {o["status"] for o in rec.outcomes.values()} == {"accepted"}
+    assert {o.status for o in rec.outcomes.values()} == {"accepted"}
     assert redis_client.scard(ledger_key(rec.message_id)) == 250
     delivered = [r for m in sink.messages if m.data.count(b"Subject: to 250") for r in m.rcpt_tos]
     assert sorted(delivered) == sorted(rec.recipients)

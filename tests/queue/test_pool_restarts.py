@@ -1,7 +1,7 @@
 """The supervisor (issue 13 invariant 4, issue 14 item 3): a child that exits for any reason while the pool
 is not stopping — exit 0 included, SIGKILL included — is started again, after an exponential, capped,
-jittered delay, so a child that cannot start (Redis away) never becomes a restart storm. Real
-``worker.py`` pools, real signals; every wait is a condition with a deadline."""
+jittered delay, so a child that cannot start (Redis refusing its commands) never becomes a restart storm.
+Real ``worker.py`` pools, real signals; every wait is a condition with a deadline."""
 
 from __future__ import annotations
 
@@ -9,17 +9,19 @@ import itertools
 import os
 import random
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
+import pytest
 import redis
 from helpers import alive, free_port, wait_until
 from queue_support import WorkerRun, smtp_url
 from servers import RecordingSmtpServer
+from servers.redis_server import RedisServer
 
 from dispatcher.queue.producer import Producer
-from dispatcher.worker.pool import RestartBackoff
+from dispatcher.worker.backoff import RestartBackoff
 
 StartWorkers = Callable[..., WorkerRun]
 SmtpServer = Callable[..., RecordingSmtpServer]
@@ -71,10 +73,23 @@ def test_a_child_that_exits_0_or_is_killed_is_started_again(
     assert pool.proc.poll() is None
 
 
-def test_a_child_that_keeps_dying_is_restarted_with_growing_delays(start_workers: StartWorkers) -> None:
-    # Nothing listens on this port: every child dies at start, as in issue 13's "Redis away" run.
-    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
-    pool = start_workers(smtp_url(free_port()), "--concurrency", "2", env={"REDIS_URL": dead_redis})
+@pytest.fixture
+def ping_only_url(redis_server: RedisServer, redis_client: redis.Redis) -> Iterator[str]:
+    """A Redis user that may only PING: a worker passes its wait for Redis and dies at its first real
+    command, every time (a Redis that is merely away is waited for, not died of)."""
+    user = f"ping-only-{os.getpid()}"
+    redis_client.acl_setuser(user, enabled=True, passwords=["+pw"], keys=["*"], commands=["+ping"])
+    try:
+        yield f"redis://{user}:pw@127.0.0.1:{redis_server.port}/0"
+    finally:
+        redis_client.acl_deluser(user)
+
+
+def test_a_child_that_keeps_dying_is_restarted_with_growing_delays(
+    start_workers: StartWorkers, ping_only_url: str
+) -> None:
+    # Every child dies at start, as in issue 13's run (there: Redis away, which a worker now waits for).
+    pool = start_workers(smtp_url(free_port()), "--concurrency", "2", env={"REDIS_URL": ping_only_url})
 
     def deaths(slot: int) -> list[dict[str, Any]]:
         return [e for e in events(pool, "worker_process_died") if e.get("slot") == slot]

@@ -20,8 +20,9 @@ from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 from servers import RecordingSmtpServer
 
+from dispatcher.queue.keys import state_key
 from dispatcher.queue.producer import Producer
-from dispatcher.queue.store import SendStore, state_key
+from dispatcher.queue.store import SendStore
 
 StartWorkers = Callable[..., WorkerRun]
 SmtpServer = Callable[..., RecordingSmtpServer]
@@ -289,7 +290,7 @@ def test_second_sigterm_aborts_the_slow_send_and_records_it_unknown(
     # The data went out without a final reply: the outcome is unknown, never silently resent or lost.
     rec = SendStore(redis_client).load(send_id)
     assert rec is not None and rec.state == "unknown", rec
-    assert rec.outcomes["rcpt10@example.org"]["status"] == "unknown"
+    assert rec.status()["recipients"]["rcpt10@example.org"]["status"] == "unknown"
     assert redis_client.zcard("dispatch:inflight") == 0
     assert set(pending_jobs(redis_client).values()) == {0}
     # Aborted: no further command into a connection in an unknown state.
@@ -303,7 +304,7 @@ def test_interrupted_attempt_records_how_long_it_ran(
     rec = SendStore(redis_client).load(send_id)
     assert rec is not None and rec.state == "unknown"
     # The attempt was held at the final dot for more than 1.2 s before the second signal.
-    assert rec.record["history"][-1]["ms"] >= 1000, rec.record["history"]
+    assert rec.status()["history"][-1]["ms"] >= 1000, rec.status()["history"]
     summary = [e for e in worker.events() if e.get("event") == "mail_unknown"]
     assert summary and summary[0]["total_ms"] >= 1000, summary
 

@@ -17,8 +17,9 @@ from servers import RecordingSmtpServer
 
 from dispatcher.cli import EXIT_INVALID_LINES, EXIT_USAGE
 from dispatcher.errors import ValidationError
+from dispatcher.queue.keys import state_key
 from dispatcher.queue.producer import Enqueued, Producer, enqueue, enqueue_many
-from dispatcher.queue.store import STATES, state_key
+from dispatcher.queue.store import STATES
 
 RunCli = Callable[..., subprocess.CompletedProcess[str]]
 INJECTED = "Hi\r\nBcc: victim@evil.test"

@@ -104,8 +104,8 @@ def test_logs_tell_each_transaction_and_no_credential_is_logged_or_stored(
     auth = [e for e in events if e.get("event") == "smtp_command" and e.get("stage") == "auth"]
     assert auth and all(e.get("job_id") == sent[0].id for e in auth)
     first = SendStore(redis_client).load(sent[0].id)
-    assert first is not None and first.record.get("transcript"), "a refused recipient keeps the transcript"
-    assert any(entry.get("stage") == "auth" for entry in first.record["transcript"])
+    assert first is not None and first.status().get("transcript"), "a refused recipient keeps the transcript"
+    assert any(entry.get("stage") == "auth" for entry in first.status()["transcript"])
 
     # No credential anywhere: not in the logs, not in any Redis key of any type (rq's zlib'd job data too).
     assert leaks(worker.text()) == []

@@ -103,8 +103,8 @@ def test_with_no_route_published_the_worker_fails_the_send_permanently(
     rec = store.load(send_id)
     assert rec is not None and rec.attempts == 1 and rec.next_attempt_at is None
     outcome = rec.outcomes["b@example.org"]
-    assert outcome["status"] == "permanent" and outcome["kind"] == "route"
-    assert outcome["text"] == "route 'nosuchroute' is not configured on this worker (known: default)"
+    assert outcome.status == "permanent" and outcome.kind == "route"
+    assert outcome.text == "route 'nosuchroute' is not configured on this worker (known: default)"
     assert sink.messages == []
 
 

@@ -1,5 +1,6 @@
-"""A record that cannot be read or built (issue 14 item 4, issue 13 "a record with a corrupt field"): it is
-failed permanently the first time, with the reason "unreadable record: …", and never requeued in a loop
+"""A record that cannot be read (issue 14 item 4, issue 13 "a record with a corrupt field", invariant 5): it
+is quarantined — state ``broken`` — the first time, with the reason "unreadable record: …", and never
+requeued in a loop
 (issue 14 saw ~1,000 rq jobs in 10 s for one send whose source was not UTF-8); the reaper and
 ``enqueue.py status`` handle it without a traceback. Real worker processes, a real Redis."""
 
@@ -13,9 +14,10 @@ from helpers import wait_until
 from queue_support import WorkerRun, smtp_url
 from servers import RecordingSmtpServer
 
+from dispatcher.queue.keys import INFLIGHT, send_key, source_key, state_key
 from dispatcher.queue.producer import Producer
 from dispatcher.queue.recovery import reap_abandoned
-from dispatcher.queue.store import INFLIGHT, SendStore, send_key, source_key, state_key
+from dispatcher.queue.store import SendStore
 
 StartWorkers = Callable[..., WorkerRun]
 SmtpServer = Callable[..., RecordingSmtpServer]
@@ -35,7 +37,7 @@ def stored_state(client: redis.Redis, send_id: str) -> bytes | None:
     return client.hget(send_key(send_id), "state")
 
 
-def test_a_source_that_is_not_utf8_fails_once_with_its_reason_and_is_never_requeued(
+def test_a_source_that_is_not_utf8_is_quarantined_once_with_its_reason_and_never_requeued(
     redis_client: redis.Redis, smtp_server: SmtpServer, start_workers: StartWorkers
 ) -> None:
     sink = smtp_server()
@@ -49,20 +51,20 @@ def test_a_source_that_is_not_utf8_fails_once_with_its_reason_and_is_never_reque
 
     def failed_without_a_loop() -> bool:
         assert len(rq_jobs_of(redis_client, poison)) <= 1, "the poison send is being requeued in a loop"
-        return stored_state(redis_client, poison) == b"failed"
+        return stored_state(redis_client, poison) == b"broken"
 
     wait_until(failed_without_a_loop, timeout=20, message=worker.text())
     rec = SendStore(redis_client).load(poison)
-    assert rec is not None and rec.record["reason"]["text"].startswith("unreadable record: ")
-    assert "UTF-8" in rec.record["reason"]["text"] or "utf-8" in rec.record["reason"]["text"]
+    assert rec is not None and rec.status()["reason"]["text"].startswith("unreadable record: ")
+    assert "UTF-8" in rec.status()["reason"]["text"] or "utf-8" in rec.status()["reason"]["text"]
     assert len(rq_jobs_of(redis_client, poison)) == 1  # the one the producer made: no requeue ever
-    assert not [h for h in rec.record.get("history", []) if h.get("event") == "batch_stopped"]
+    assert not [h for h in rec.status().get("history", []) if h.get("event") == "batch_stopped"]
     assert redis_client.zscore(INFLIGHT, poison) is None
     wait_until(lambda: stored_state(redis_client, good) == b"delivered", timeout=10, message=worker.text())
     assert worker.proc.poll() is None
 
 
-def test_a_record_hash_that_cannot_be_parsed_is_failed_by_the_worker_once(
+def test_a_record_hash_that_cannot_be_parsed_is_quarantined_by_the_worker_once(
     redis_client: redis.Redis, smtp_server: SmtpServer, start_workers: StartWorkers
 ) -> None:
     sink = smtp_server()
@@ -73,8 +75,8 @@ def test_a_record_hash_that_cannot_be_parsed_is_failed_by_the_worker_once(
     worker = start_workers(smtp_url(sink.port))
 
     sink.wait_for_messages(1, timeout=30)
-    wait_until(lambda: stored_state(redis_client, broken) == b"failed", timeout=20, message=worker.text())
-    assert redis_client.zscore(state_key("failed"), broken) is not None
+    wait_until(lambda: stored_state(redis_client, broken) == b"broken", timeout=20, message=worker.text())
+    assert redis_client.zscore(state_key("broken"), broken) is not None
     assert redis_client.zscore(state_key("queued"), broken) is None
     assert redis_client.zscore(INFLIGHT, broken) is None
     assert len(rq_jobs_of(redis_client, broken)) == 1
@@ -82,7 +84,7 @@ def test_a_record_hash_that_cannot_be_parsed_is_failed_by_the_worker_once(
     assert any(e.get("event") == "mail_unreadable" and e.get("send_id") == broken for e in worker.events())
 
 
-def test_the_reaper_fails_an_expired_unreadable_record_once_without_an_error(
+def test_the_reaper_quarantines_an_expired_unreadable_record_once_without_an_error(
     redis_client: redis.Redis,
 ) -> None:
     broken = Producer(redis_client).enqueue(mail(5)).id
@@ -91,7 +93,8 @@ def test_the_reaper_fails_an_expired_unreadable_record_once_without_an_error(
 
     assert reap_abandoned(redis_client) == []
     assert redis_client.zscore(INFLIGHT, broken) is None  # not looked at again every round
-    assert stored_state(redis_client, broken) == b"failed"
+    assert stored_state(redis_client, broken) == b"broken"
+    assert redis_client.zscore(state_key("broken"), broken) is not None
     assert b"unreadable record" in (redis_client.hget(send_key(broken), "record") or b"")
     assert reap_abandoned(redis_client) == []
 

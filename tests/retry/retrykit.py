@@ -22,7 +22,8 @@ from typing import Any
 import redis
 
 from dispatcher.delivery.jobs import Attempt
-from dispatcher.queue.store import SendRecord, SendStore
+from dispatcher.queue.records import SendRecord
+from dispatcher.queue.store import SendStore
 from dispatcher.settings import load_settings
 from dispatcher.worker.runtime import Runtime
 
@@ -197,7 +198,7 @@ def state_of(connection: redis.Redis, send_id: str) -> str | None:
 
 def attempts_made(rec: SendRecord) -> list[dict[str, Any]]:
     """The history entries that are delivery attempts (not retry requests or worker-loss notes)."""
-    return [h for h in rec.record.get("history", []) if "event" not in h]
+    return [h for h in rec.status().get("history", []) if "event" not in h]
 
 
 def mail(to: Iterable[str], subject: str = "retry test", **extra: Any) -> dict[str, Any]:

@@ -84,7 +84,7 @@ def explain(problems: list[str], store: SendStore, server: ScriptedSmtpServer) -
     for send_id in list(dict.fromkeys(p.split()[0] for p in problems))[:3]:
         rec = store.load(send_id)
         assert rec is not None
-        lines.append(f"{send_id}: {rec.state} outcomes={rec.outcomes} history={rec.record.get('history')}")
+        lines.append(f"{send_id}: {rec.state} outcomes={rec.outcomes} history={rec.status()['history']}")
         for message in server.messages:
             if message_id_of(message.data) == rec.message_id:
                 record = server.records[message.connection_id - 1]
@@ -140,10 +140,10 @@ def test_chaos_every_recipient_delivered_once_or_failed_or_unknown_with_a_reason
         mid, rcpts = ids[rec.send_id]
         states[rec.state] += 1
         attempts[rec.attempts] += 1
-        if rec.state != "delivered" and not rec.record.get("reason"):
+        if rec.state != "delivered" and not rec.status().get("reason"):
             problems.append(f"{rec.send_id} {rec.state} without a reason")
         for rcpt in rcpts:
-            outcome = rec.outcomes.get(rcpt, {})
+            outcome = rec.status()["recipients"].get(rcpt, {})
             status = outcome.get("status")
             statuses[str(status)] += 1
             got = (accepted[(mid, rcpt)], maybe[(mid, rcpt)])
@@ -169,7 +169,7 @@ def test_chaos_every_recipient_delivered_once_or_failed_or_unknown_with_a_reason
     assert sum(states.values()) == MAILS
     assert failed_jobs == 0, "rq jobs crashed"
     bounced = Counter(
-        str(rec.outcomes[r].get("status"))
+        str(rec.status()["recipients"][r].get("status"))
         for rec in store.load_many(ids)
         for r in rec.outcomes
         if r in bounces

@@ -58,7 +58,7 @@ def test_kill_9_before_the_data_resumes_for_recipients_not_yet_accepted(
     )
     print(f"resumed and delivered {time.monotonic() - killed_at:.1f} s after kill -9")
     rec = load(redis_client, done.id)
-    assert any(h.get("event") == "worker_lost" for h in rec.record["history"])
+    assert any(h.get("event") == "worker_lost" for h in rec.status()["history"])
     accepted = deliveries(server.messages, only_final=b"250")
     assert accepted[(done.message_id, first)] == 1
     assert accepted[(done.message_id, second)] == 1
@@ -86,10 +86,10 @@ def test_kill_9_after_the_final_dot_leaves_the_send_unknown_and_never_resends_it
     start_worker(env)
     wait_until(lambda: state_of(redis_client, done.id) == "unknown", 60, message="not marked unknown")
     rec = load(redis_client, done.id)
-    assert [rec.outcomes[r]["status"] for r in recipients] == ["unknown"] * 3
-    assert "may have been delivered" in rec.record["reason"]["text"]
+    assert [rec.status()["recipients"][r]["status"] for r in recipients] == ["unknown"] * 3
+    assert "may have been delivered" in rec.status()["reason"]["text"]
     assert rec.data_out is None
-    assert any(h.get("event") == "worker_lost_after_data" for h in rec.record["history"])
+    assert any(h.get("event") == "worker_lost_after_data" for h in rec.status()["history"])
     # Nothing was sent again: one MAIL on the whole server, on the first connection.
     assert _mails_sent(server) == 1
     assert len(server.messages) == 1

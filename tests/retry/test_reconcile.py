@@ -12,9 +12,9 @@ from helpers import wait_until
 from retrykit import StartWorker, deliveries, env_for, load, mail, smtp_url, state_of
 from servers import RecordingSmtpServer
 
+from dispatcher.queue.keys import INFLIGHT
 from dispatcher.queue.producer import Producer, rq_queue
 from dispatcher.queue.reconcile import owned_jobs, reconcile
-from dispatcher.queue.store import INFLIGHT
 
 Sink = Callable[..., RecordingSmtpServer]
 
@@ -35,7 +35,7 @@ def test_a_popped_job_whose_worker_died_gets_a_new_owner(redis_client: redis.Red
     assert reconcile(redis_client, older_than=60, now=time.time() + 61) == [done.id]
     rec = load(redis_client, done.id)
     assert rec.state == "queued" and rec.rq_job != lost and rec.rq_job in owned_jobs(redis_client)
-    last = rec.record["history"][-1]
+    last = rec.status()["history"][-1]
     assert last["event"] == "reconciled" and last["lost_job"] == lost
     assert reconcile(redis_client, older_than=60, now=time.time() + 61) == []  # owned again: nothing to do
 

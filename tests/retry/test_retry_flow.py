@@ -154,7 +154,7 @@ def test_max_age_stops_the_schedule_too(
         message="the retry schedule never ended",
     )
     rec = load(redis_client, done.id)
-    assert rec.state == "failed" and rec.record["reason"]["kind"] == "exhausted"
+    assert rec.state == "failed" and rec.status()["reason"]["kind"] == "exhausted"
     assert 2 <= rec.attempts < 50
 
 

@@ -28,8 +28,8 @@ from retrykit import (
 )
 from servers import RecordingSmtpServer, Rule
 
+from dispatcher.queue.keys import ledger_key
 from dispatcher.queue.producer import Producer
-from dispatcher.queue.store import ledger_key
 
 Sink = Callable[..., RecordingSmtpServer]
 FINAL = ("delivered", "failed", "unknown")
@@ -177,7 +177,7 @@ def failures(
     run_burst(start_worker, env)
     for send_id in ids.values():
         assert state_of(redis_client, send_id) == "failed"
-    assert load(redis_client, ids["y"]).record["reason"]["kind"] == "exhausted"
+    assert load(redis_client, ids["y"]).status()["reason"]["kind"] == "exhausted"
     return ids, between, sink
 
 

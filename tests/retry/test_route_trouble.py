@@ -66,6 +66,6 @@ def test_trouble_before_mail_defers_without_spending_an_attempt(
     assert runner.attempt(done.id)["state"] == "deferred"
     rec = load(redis_client, done.id)
     assert rec.attempts == 0, "route trouble spent the message's attempt"
-    outcome = rec.outcomes[RCPT]
+    outcome = rec.status()["recipients"][RCPT]
     assert (outcome["status"], outcome["kind"]) == ("transient", "route"), outcome
     assert not [line for line in server.lines() if line.upper().startswith(b"MAIL")]

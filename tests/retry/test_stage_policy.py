@@ -18,8 +18,8 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 from servers import Fault, Rule, ScriptedSmtpServer
 
+from dispatcher.queue.keys import ledger_key
 from dispatcher.queue.producer import Producer, attempt_job_id
-from dispatcher.queue.store import ledger_key
 
 Scripted = Callable[..., ScriptedSmtpServer]
 STAGES = ("mail", "rcpt", "data", "data_end")
@@ -75,22 +75,22 @@ def assert_deferred_then_delivered(
     """``spent``: 0 when nothing of the message was offered (a 421 or a drop before MAIL got its reply:
     the attempt is given back, issue 13), else 1."""
     rec = load(redis_client, send_id)
-    assert rec.state == "deferred", rec.record
+    assert rec.state == "deferred", rec.status()
     assert rec.attempts == spent
-    outcome = rec.outcomes[RCPT]
+    outcome = rec.status()["recipients"][RCPT]
     assert (outcome["status"], outcome["stage"], outcome["code"]) == ("transient", stage, code), outcome
     at = attempts_made(rec)[-1]["at"]
     assert rec.next_attempt_at is not None and at < rec.next_attempt_at <= at + 60
     assert rec.rq_job == attempt_job_id(send_id, 0, spent + 1)
     when = scheduled_at(redis_client, rec.rq_job)
     assert when is not None and abs(when - rec.next_attempt_at) <= 1.0, "retry not scheduled in rq"
-    assert rec.record["reason"]["stage"] == stage
+    assert rec.status()["reason"]["stage"] == stage
 
     server.faults = {}  # healed: the retry goes through
     assert runner.attempt(send_id)["state"] == "delivered"
     rec = load(redis_client, send_id)
-    assert (rec.state, rec.attempts, rec.outcomes[RCPT]["status"]) == ("delivered", spent + 1, "accepted")
-    assert rec.next_attempt_at is None and rec.record["reason"] is None
+    assert (rec.state, rec.attempts, rec.status_of(RCPT)) == ("delivered", spent + 1, "accepted")
+    assert rec.next_attempt_at is None and rec.status()["reason"] is None
     assert deliveries(server.messages, only_final=b"250")[(mid, RCPT)] == 1
 
 
@@ -103,8 +103,8 @@ def test_4xx_defers_with_a_scheduled_retry_that_delivers(
     send_id, mid = enqueue(redis_client)
     assert runner.attempt(send_id)["state"] == "deferred"
     rec = load(redis_client, send_id)
-    assert rec.outcomes[RCPT]["enhanced"] == "4.3.0"
-    assert rec.record["reason"]["code"] == 451
+    assert rec.status()["recipients"][RCPT]["enhanced"] == "4.3.0"
+    assert rec.status()["reason"]["code"] == 451
     assert_deferred_then_delivered(redis_client, server, runner, send_id, mid, stage, 451)
 
 
@@ -132,7 +132,7 @@ def test_5xx_fails_now_with_the_reply_kept_and_no_retry(
     assert runner.attempt(send_id)["state"] == "failed"
     rec = load(redis_client, send_id)
     code, enhanced = int(reply[:3]), reply[4:9].decode()
-    outcome = rec.outcomes[RCPT]
+    outcome = rec.status()["recipients"][RCPT]
     assert (outcome["status"], outcome["stage"], outcome["code"], outcome["enhanced"]) == (
         "permanent",
         stage,
@@ -140,7 +140,7 @@ def test_5xx_fails_now_with_the_reply_kept_and_no_retry(
         enhanced,
     )
     assert reply[10:-2].decode() in outcome["text"]
-    reason = rec.record["reason"]
+    reason = rec.status()["reason"]
     assert (reason["kind"], reason["stage"], reason["code"], reason["enhanced"]) == (
         kind,
         stage,
@@ -150,7 +150,7 @@ def test_5xx_fails_now_with_the_reply_kept_and_no_retry(
     assert rec.next_attempt_at is None and rec.attempts == 1
     assert rec.rq_job == send_id, "a new attempt was scheduled for a permanent failure"
     assert queued_jobs(redis_client) == queued_before, "a retry was queued"
-    assert rec.record["transcript"], "the failure record keeps the last attempt's transcript"
+    assert rec.status()["transcript"], "the failure record keeps the last attempt's transcript"
     # The same rq job delivered again (a requeue by hand) changes nothing and sends nothing.
     server.faults = {}
     assert runner.attempt(send_id).get("stale_job") is True
@@ -219,9 +219,9 @@ def test_no_reply_after_the_final_dot_is_unknown_and_not_resent(
     queued_before = queued_jobs(redis_client)
     assert runner.attempt(send_id)["state"] == "unknown"
     rec = load(redis_client, send_id)
-    outcome = rec.outcomes[RCPT]
+    outcome = rec.status()["recipients"][RCPT]
     assert (outcome["status"], outcome["stage"], outcome["kind"]) == ("unknown", "data_end", "unknown")
-    assert rec.record["reason"]["kind"] == "unknown"
+    assert rec.status()["reason"]["kind"] == "unknown"
     assert rec.next_attempt_at is None and rec.rq_job == send_id
     assert queued_jobs(redis_client) == queued_before, "a retry was queued"
     assert unanswered(server.messages)[(mid, RCPT)] == 1
@@ -265,9 +265,9 @@ def test_no_reply_after_the_dot_is_unknown_only_for_recipients_the_data_went_to(
     assert unanswered(server.messages)[(mid, took)] == 1
     assert unanswered(server.messages)[(mid, refused)] == 0, "the data never went to the refused recipient"
     rec = load(redis_client, send_id)
-    assert rec.outcomes[took]["status"] == "unknown"
-    assert (rec.outcomes[refused]["status"], rec.outcomes[refused]["stage"]) == (expected, "rcpt")
-    assert rec.outcomes[refused]["code"] == int(refusal[:3])
+    assert rec.status()["recipients"][took]["status"] == "unknown"
+    assert (rec.outcomes[refused].status, rec.outcomes[refused].stage) == (expected, "rcpt")
+    assert rec.status()["recipients"][refused]["code"] == int(refusal[:3])
     assert rec.state == ("deferred" if expected == "transient" else "unknown")
 
 

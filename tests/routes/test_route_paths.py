@@ -91,7 +91,7 @@ def test_daily_capped_mail_waits_for_the_reset_and_never_fails_unsent(
     store = SendStore(redis_client)
     held = [rec for i in ids if (rec := store.load(i)) is not None and rec.state == "deferred"]
     assert all(rec.attempts == 0 for rec in held), [rec.attempts for rec in held]
-    assert all("resumes at" in str(rec.record.get("reason", {}).get("text")) for rec in held)
+    assert all("resumes at" in str(rec.status().get("reason", {}).get("text")) for rec in held)
     # While capped, each held send waits for the reset: no job per send every few seconds.
     queue_jobs = sum(Queue(name, connection=redis_client, serializer=JSONSerializer).count
                      for name in ("mail-high", "mail-default", "mail-bulk"))  # fmt: skip

@@ -16,7 +16,8 @@ line), ``mail``, ``rcpt``, ``data`` (the 354), ``data_block`` (as soon as messag
 ``noop``, ``quit``. Actions: ``reply`` (send these raw bytes instead; a reply starting ``421`` closes the
 connection after it), ``drop`` (close without answering), ``hang`` (answer nothing more, keep the socket
 open and keep reading until the client or ``stop()`` closes it), ``split`` (send the normal reply one byte per
-``send()`` with TCP_NODELAY).
+``send()`` with TCP_NODELAY), ``hold`` (set ``server.holding``, wait for ``server.release``, then answer the
+payload or the normal reply).
 
 Two strictness modes copy real servers that are within the RFCs but less forgiving than most:
 ``strictness="exim"`` (Exim 4.96): a refused ``DATA``/``BDAT`` (no valid recipient) keeps the envelope, so a
@@ -51,7 +52,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-FaultAction = Literal["reply", "drop", "hang", "split"]
+FaultAction = Literal["reply", "drop", "hang", "split", "hold"]
 Strictness = Literal["exim", "haraka"]
 HARAKA_PIPELINED_AFTER_DATA = b"503 Bad sequence of commands - pipelined after end of DATA\r\n"
 EXIM_SENDER_GIVEN = b"503 sender already given\r\n"
@@ -168,6 +169,9 @@ class ScriptedSmtpServer:
         self._sockets: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
+        self.holding = threading.Event()
+        """Set when a ``hold`` fault is waiting; ``release.set()`` lets it answer."""
+        self.release = threading.Event()
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -408,6 +412,13 @@ class _Session:
                 raise _Close("fault")
             if fault.action == "hang":
                 self._hang()
+            if fault.action == "hold":  # answer (the payload, else normally) once the test says so
+                self._flush()
+                self.server.holding.set()
+                self.server.release.wait()
+                reply = fault.payload or reply
+                self.out.append(reply)
+                return reply
             if fault.action == "split":
                 self._flush()
                 for byte in reply:

@@ -1,0 +1,89 @@
+"""The typed record (``dispatcher.queue.records``): the stored JSON decodes into typed outcomes, reason and
+history, and encodes back to the same JSON; a value of the wrong shape makes the record unreadable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dispatcher.queue.records import DeliveryStatus, HistoryEntry, Reason, RecipientRecord, SendRecord
+from dispatcher.queue.states import SendState
+from dispatcher.queue.store import DECODE_ERRORS
+
+STORED = {
+    "outcomes": {
+        "a@x.org": {"status": "accepted", "stage": "data_end", "code": 250, "enhanced": "2.0.0",
+                    "text": "ok", "kind": "recipient", "at": 1.5},
+        "b@x.org": {"status": "pending"},
+    },
+    "history": [
+        {"attempt": 1, "generation": 0, "at": 1.5, "ms": 3.2, "conn_id": "c1", "worker": "w",
+         "job_id": "j", "outcomes": {"a@x.org": "accepted"}, "reply": None},
+        {"attempt": 1, "generation": 0, "at": 2.0, "event": "reconciled", "lost_job": "j0"},
+    ],
+    "reason": {"kind": "recipient", "stage": "rcpt", "code": 550, "enhanced": "5.1.1", "text": "550 no"},
+    "last_reply": {"code": 550, "enhanced": "5.1.1", "lines": ["no"]},
+    "transcript": [{"stage": "mail", "command": "MAIL FROM:<a@x.org>"}],
+    "first_attempt_at": 1.0,
+    "delivered_via": "backup",
+    "written_by_a_newer_version": [1, 2],
+}  # fmt: skip
+
+
+def _hash(record: object) -> dict[bytes, bytes]:
+    mail = {"message_id": "<m@x>", "envelope": {"sender": "s@x.org", "recipients": ["a@x.org", "b@x.org"]}}
+    return {b"mail": json.dumps(mail).encode(), b"state": b"deferred", b"record": json.dumps(record).encode()}
+
+
+def test_the_stored_record_decodes_typed_and_encodes_back_to_the_same_json() -> None:
+    rec = SendRecord.from_hash("s1", _hash(STORED))
+    assert rec.outcomes["a@x.org"] == RecipientRecord(
+        DeliveryStatus.ACCEPTED, "data_end", 250, "2.0.0", "ok", "recipient", 1.5
+    )
+    assert rec.status_of("b@x.org") is DeliveryStatus.PENDING and rec.status_of("nobody@x.org").open
+    assert rec.reason == Reason(kind="recipient", text="550 no", stage="rcpt", code=550, enhanced="5.1.1")
+    assert rec.history[1] == HistoryEntry(at=2.0, event="reconciled", attempt=1, generation=0,
+                                          details={"lost_job": "j0"})  # fmt: skip
+    assert (rec.first_attempt_at, rec.delivered_via) == (1.0, "backup")
+    assert rec.record_json() == STORED
+    assert json.loads(rec.to_hash()["record"]) == STORED
+
+
+def test_a_new_record_has_pending_recipients_and_no_reason() -> None:
+    rec = SendRecord("s2", {"message_id": "<m@x>"}, SendState.QUEUED, outcomes={"a@x.org": RecipientRecord()})
+    pending = {"a@x.org": {"status": "pending"}}
+    assert rec.record_json() == {"outcomes": pending, "history": [], "reason": None}
+
+
+def test_history_keeps_the_newest_fifty() -> None:
+    rec = SendRecord("s3", {"message_id": "<m@x>"}, SendState.QUEUED)
+    for n in range(60):
+        rec.note(HistoryEntry(at=float(n), event="e"))
+    assert [h.at for h in rec.history] == [float(n) for n in range(10, 60)]
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        [],  # not an object
+        {"outcomes": []},
+        {"outcomes": {"a@x.org": "accepted"}},
+        {"outcomes": {"a@x.org": {"status": "delivered-ish"}}},
+        {"outcomes": {"a@x.org": {"status": "accepted", "code": "250"}}},
+        {"history": {"at": 1}},
+        {"history": [{"at": 1, "outcomes": ["a"]}]},
+        {"reason": "550 no"},
+        {"last_reply": "550"},
+    ],
+    ids=repr,
+)
+def test_a_record_of_the_wrong_shape_is_unreadable(record: object) -> None:
+    with pytest.raises(DECODE_ERRORS):
+        SendRecord.from_hash("s4", _hash(record))
+
+
+def test_an_operator_retry_keeps_the_last_reply_for_reference() -> None:
+    refused = RecipientRecord(DeliveryStatus.PERMANENT, "rcpt", 550, "5.1.1", "no such user", "user", 3.0)
+    again = refused.pending_again()
+    assert again.status is DeliveryStatus.PENDING and (again.code, again.text) == (550, "no such user")
