@@ -11,14 +11,14 @@ The send store's keys (``queue.store.SendStore`` is the only code that reads or 
     dispatch:inflight           zset   send ids being sent, scored by lease expiry (crash recovery)
     dispatch:delivered:<minute> string messages delivered in that minute (overview chart)
     dispatch:worker:<name>      string JSON: a live worker's routes and SMTP connection states
+    dispatch:routes             zset   route names the live workers have -> when that sighting expires
     dispatch:reconciler         string the lock of the worker reconciling sends this round (30 s)
 
 Other owners build their keys from ``PREFIX`` here: a route's limits, slots and breaker
 (``routes.config.route_key``, one module per kind: ``routes.throttle``, ``routes.slots``,
-``routes.breaker``), the live workers' route names (``queue.known_routes``: ``dispatch:routes``, a zset
-of name -> expiry, 95 s after the last refresh), the dashboard's login lockout (``dashboard.auth``) and
-its sessions (``dashboard.sessions``: ``dispatch:session:<sha256(id)>``, a string of JSON, 1 to 8 h).
-rq's own keys are rq's.
+``routes.breaker``), the dashboard's login lockout (``dashboard.auth``) and its sessions
+(``dashboard.sessions``: ``dispatch:session:<sha256(id)>``, a string of JSON, 1 to 8 h). rq's own keys are
+rq's.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ RECORD_TTL = 30 * 86400
 STATS_TTL = 3 * 3600
 INFLIGHT = f"{PREFIX}:inflight"
 RECONCILER_LOCK = f"{PREFIX}:reconciler"
+ROUTES = f"{PREFIX}:routes"
 
 
 def send_key(send_id: str) -> str:

@@ -28,7 +28,6 @@ from dispatcher.mail.fields import PRIORITIES, uses_template
 from dispatcher.mail.limits import MAX_RECIPIENTS
 from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
 from dispatcher.mail.mime import validated
-from dispatcher.queue import known_routes
 from dispatcher.queue.records import RecipientRecord, SendRecord, mail_summary, new_send_id
 from dispatcher.queue.states import initial_state
 from dispatcher.queue.store import OUTAGE, SendStore, unavailable
@@ -133,7 +132,7 @@ class Producer:
 
     def validate(self, data: Mapping[str, Any] | Mail) -> Mail:
         """The mail checked field by field, and its ``route`` against the routes the live workers publish
-        (``queue.known_routes``): when some are published, any other route is a field error."""
+        (``SendStore.known_routes``): when some are published, any other route is a field error."""
         if isinstance(data, Mail) and data.raw:
             mail = data
         else:
@@ -156,8 +155,8 @@ class Producer:
         now = time.monotonic()
         if self._routes_read_at is None or now - self._routes_read_at >= ROUTES_READ_INTERVAL:
             try:
-                self._routes = known_routes.known(self.redis)
-            except redis.RedisError:
+                self._routes = self.store.known_routes()
+            except QueueUnavailable:
                 return frozenset()
             self._routes_read_at = now
         return self._routes

@@ -44,7 +44,6 @@ from rq.utils import current_timestamp, now, utcformat
 from rq.worker import WorkerStatus
 
 from dispatcher.errors import QueueUnavailable
-from dispatcher.queue import known_routes
 from dispatcher.queue.producer import BATCH_FUNCTION, FAILURE_TTL, JOB_BATCH_SIZE, JOB_FUNCTION, connect
 from dispatcher.queue.reconcile import reconcile
 from dispatcher.queue.records import text
@@ -271,7 +270,7 @@ class MailWorker(SimpleWorker):
     def run_maintenance_tasks(self) -> None:
         try:
             self.publish_status(limits=True)
-            known_routes.publish(self.connection, self.runtime.settings.routes, ttl=STATUS_TTL)
+            SendStore(self.connection).publish_routes(self.runtime.settings.routes, ttl=STATUS_TTL)
         except (redis.RedisError, QueueUnavailable) as exc:
             logger.warning("worker_status_failed", error=str(exc))
         try:
