@@ -1,8 +1,8 @@
 """A ``route`` no worker is configured with (issue 14: ``--route nosuchroute`` was accepted, then retried
 for up to 2 days). Workers publish their route names (``SendStore.publish_routes``, ``dispatch:routes``);
-every producer — the Python API, ``enqueue.py send`` and ``bulk`` here, the HTTP API in ``tests/dashboard/test_api.py`` —
-refuses another route with a field error naming the known ones. With none published it cannot tell and
-accepts; the worker then fails the send permanently, kind ``route``."""
+every producer — the Python API, ``enqueue.py send`` and ``bulk`` here, the HTTP API in
+``tests/dashboard/test_api.py`` — refuses another route with a field error naming the known ones. With
+none published it cannot tell and accepts; the worker then fails the send permanently, kind ``route``."""
 
 from __future__ import annotations
 
