@@ -176,3 +176,26 @@ def test_a_421_at_mail_in_a_stream_charges_no_message_an_attempt(
     states = {(rec.state, rec.attempts) for rec in records if rec is not None}
     assert states <= {("delivered", 1), ("deferred", 0)}, states
     assert server.connection_count >= 2
+
+
+@pytest.mark.parametrize(
+    "greeting", [b"421 4.3.2 busy, try later\r\n", b"554 5.3.2 not accepting mail\r\n"], ids=["421", "554"]
+)
+def test_route_trouble_at_the_greeting_of_a_stream_charges_no_message(
+    greeting: bytes, redis_url: str, scripted_server: Callable[..., ScriptedSmtpServer]
+) -> None:
+    """Issue 13: on the stream path a connection that failed before MAIL was the messages' outcome, with
+    no reconnect, and a 5xx greeting failed them permanently. It is the route's trouble: each message of
+    the batch is delivered on a later connection or deferred with its attempt given back, none failed."""
+    server = scripted_server(faults={"greeting": Fault("reply", greeting)}, faults_on_connection=1)
+    connection = redis.Redis.from_url(redis_url)
+    results = Producer(connection).enqueue_many(mails(5))
+    run_worker_burst(redis_url, server.port)
+    store = SendStore(connection)
+    records = [store.load(r.id) for r in results if not isinstance(r, Exception)]
+    assert len(records) == 5 and all(rec is not None for rec in records)
+    states = {(rec.state, rec.attempts) for rec in records if rec is not None}
+    assert states <= {("delivered", 1), ("deferred", 0)}, states
+    kinds = {o.kind for rec in records if rec is not None and rec.state == "deferred"
+             for o in rec.outcomes.values()}  # fmt: skip
+    assert kinds <= {"route"}, kinds

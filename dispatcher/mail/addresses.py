@@ -19,11 +19,11 @@ from email.errors import NonASCIILocalPartDefect
 
 from dispatcher.mail.header_text import control_character_problem, header_text_problem
 from dispatcher.mail.limits import MAX_DISPLAY_NAME_CHARS
+from dispatcher.smtp.commands import MAX_ADDRESS_OCTETS
 
 __all__ = ["Address", "control_character_problem", "header_text_problem", "parse_address"]
 
 MAX_LOCAL_OCTETS = 64  # RFC 5321 §4.5.3.1.1
-MAX_ADDRESS_OCTETS = 254  # RFC 5321 §4.5.3.1.3 path limit (256) minus the angle brackets
 MAX_DOMAIN_OCTETS = 253
 MAX_LABEL_OCTETS = 63
 

@@ -7,6 +7,12 @@ The owners of a send that is not final (``queued``, ``scheduled``, ``deferred`` 
     being started by rq             rq:intermediate:… / rq:wip:mail-<p>    rq's own in-flight bookkeeping
     leased by a worker              dispatch:inflight                      ``recovery`` reaps expired leases
 
+rq's started registry (``rq:wip``) counts as an owner only for ``older_than`` seconds after rq recorded the
+job's execution: a live worker leases a job's sends milliseconds after that, so a send still waiting, with
+no lease, on a job rq started longer ago lost its worker between the two (``kill -9`` there left it
+waiting for rq's job timeout, an hour). The reconcile delay must therefore stay far above the time a
+worker takes from rq's start of a job to its lease (the default, 60 s, is).
+
 rq dequeues several queues with ``BLPOP``: a job popped by a worker that dies before rq records it as
 started is in no list and no registry, and its sends (up to 20 for a batch) would wait forever. The
 reconciler, run in every worker's maintenance round (one worker at a time, under a short lock), looks at
@@ -24,6 +30,7 @@ import uuid
 
 import redis
 import structlog
+from rq.executions import Execution
 from rq.intermediate_queue import IntermediateQueue
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
@@ -40,16 +47,26 @@ LOCK_SECONDS = 30
 DEFAULT_LIMIT = 500
 
 
-def owned_jobs(connection: redis.Redis) -> set[str]:
-    """Every rq job id that a queue list, rq's in-flight bookkeeping or a registry holds right now."""
+def owned_jobs(connection: redis.Redis, started_since: float | None = None) -> set[str]:
+    """Every rq job id that a queue list, rq's in-flight bookkeeping or a registry holds right now; with
+    ``started_since``, a job in rq's started registry only if rq recorded its execution at or after it."""
     pipe = connection.pipeline(transaction=False)
     for priority in PRIORITIES:
         queue = rq_queue(connection, priority)
         pipe.lrange(queue.key, 0, -1)
         pipe.lrange(IntermediateQueue.get_intermediate_queue_key(queue.key), 0, -1)
-        pipe.zrange(StartedJobRegistry(queue=queue).key, 0, -1)
         pipe.zrange(ScheduledJobRegistry(queue=queue).key, 0, -1)  # type: ignore[no-untyped-call]
-    return {text(job_id).split(":", 1)[0] for ids in pipe.execute() for job_id in ids}
+        pipe.zrange(StartedJobRegistry(queue=queue).key, 0, -1)
+    found = pipe.execute()
+    jobs = {text(job_id) for i, ids in enumerate(found) if i % 4 != 3 for job_id in ids}
+    started = [text(entry) for ids in found[3::4] for entry in ids]  # "<job id>:<execution id>"
+    if started_since is not None and started:
+        pipe = connection.pipeline(transaction=False)
+        for entry in started:
+            pipe.hget(Execution.from_composite_key(entry, connection).key, "created_at")
+        created = pipe.execute()
+        started = [e for e, at in zip(started, created, strict=True) if at and float(at) >= started_since]
+    return jobs | {entry.split(":", 1)[0] for entry in started}
 
 
 def reconcile(
@@ -66,7 +83,7 @@ def reconcile(
         candidates = store.waiting_since(WAITING_STATES, now - older_than, limit)
         if not candidates:
             return []
-        jobs = owned_jobs(connection)
+        jobs = owned_jobs(connection, started_since=now - older_than)
         leased = store.leased()
         orphans = [
             rec.send_id

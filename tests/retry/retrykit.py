@@ -117,8 +117,14 @@ class WorkerProcess:
             todo.extend(tree.get(pid, []))
         return found
 
+    def children(self) -> list[int]:
+        """The live pool children (worker processes) of this ``worker.py`` right now, remembered too."""
+        self.remember_descendants()
+        return sorted(p for p in _children_map().get(self.pid, []) if alive(p, self.known.get(p)))
+
     def log_text(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def kill9(self) -> None:

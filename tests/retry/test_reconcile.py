@@ -1,6 +1,7 @@
 """Every send that is not final has an owner (issue 13, invariant 1): the reconciler finds the ones that lost
-theirs — a job popped the way rq pops several queues (BLPOP) by a worker that died before it began — and
-gives each a job of its own, never one that a live owner holds."""
+theirs — a job popped the way rq pops several queues (BLPOP) by a worker that died before it began, or one
+rq had already recorded as started when its worker died — and gives each a job of its own, never one that
+a live owner holds."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from collections.abc import Callable
 import redis
 from helpers import wait_until
 from retrykit import StartWorker, deliveries, env_for, load, mail, smtp_url, state_of
+from rq import Queue, SimpleWorker
+from rq.serializers import JSONSerializer
 from servers import RecordingSmtpServer
 
+from dispatcher.mail.fields import PRIORITIES
 from dispatcher.queue.keys import INFLIGHT
 from dispatcher.queue.producer import Producer, rq_queue
 from dispatcher.queue.reconcile import owned_jobs, reconcile
@@ -25,6 +29,30 @@ def pop_like_a_dying_worker(client: redis.Redis, priority: str = "default") -> s
     job_id = client.lpop(rq_queue(client, priority).key)
     assert job_id is not None, "nothing queued"
     return job_id.decode()
+
+
+def start_like_a_dying_worker(client: redis.Redis) -> str:
+    """What rq does with a job before our function runs: it leaves the queue list and is recorded in rq's
+    started registry (an execution of this worker) — and the worker is killed there, before the attempt
+    takes its lease. Seen in the chaos run: the send then waited for rq's job timeout (an hour)."""
+    queues = [rq_queue(client, p) for p in PRIORITIES]  # a worker's queues: rq pops them with (BL)POP
+    popped = Queue.dequeue_any(queues, None, connection=client, serializer=JSONSerializer)
+    assert popped is not None, "nothing queued"
+    job = popped[0]
+    SimpleWorker(queues, connection=client, serializer=JSONSerializer).prepare_execution(job)
+    return str(job.id)
+
+
+def test_a_job_rq_recorded_as_started_by_a_worker_that_died_gets_a_new_owner(
+    redis_client: redis.Redis,
+) -> None:
+    done = Producer(redis_client).enqueue(mail(["started@example.test"]))
+    lost = start_like_a_dying_worker(redis_client)
+    assert lost in owned_jobs(redis_client)  # rq's started registry holds it: its worker may be running it
+    assert reconcile(redis_client, older_than=60) == []  # too recent: the attempt may still be beginning
+    assert reconcile(redis_client, older_than=60, now=time.time() + 61) == [done.id]
+    rec = load(redis_client, done.id)
+    assert rec.state == "queued" and rec.rq_job != lost and rec.history[-1].details["lost_job"] == lost
 
 
 def test_a_popped_job_whose_worker_died_gets_a_new_owner(redis_client: redis.Redis) -> None:

@@ -2,7 +2,9 @@
 
 Never the machine's Redis: the port is picked from the ephemeral range (6379 is refused outright) and the
 data directory is private. No persistence by default (``--save '' --appendonly no``); ``appendonly=True``
-plus a fixed ``data_dir`` lets ``restart()`` prove that data survives a restart on the same port.
+plus a fixed ``data_dir`` lets ``restart()`` prove that data survives a restart on the same port
+(``appendfsync`` = ``everysec``, Redis's default, or ``always``). ``restart(kill=True)`` crashes it with
+SIGKILL instead of shutting it down; ``restart(while_down=f)`` calls ``f`` while it is gone (an outage).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -35,6 +38,7 @@ class RedisServer:
         *,
         port: int | None = None,
         appendonly: bool = False,
+        appendfsync: str = "everysec",
         data_dir: Path | None = None,
         executable: str = DEFAULT_EXECUTABLE,
         start_timeout: float = 10.0,
@@ -44,6 +48,9 @@ class RedisServer:
         self._fixed_port = port
         self.port = port or 0
         self.appendonly = appendonly
+        if appendfsync not in ("everysec", "always", "no"):
+            raise ValueError(f"appendfsync must be everysec, always or no, not {appendfsync!r}")
+        self.appendfsync = appendfsync
         self._own_dir = data_dir is None
         self.data_dir = Path(tempfile.mkdtemp(prefix="test-redis-")) if data_dir is None else Path(data_dir)
         self.executable = executable
@@ -84,6 +91,7 @@ class RedisServer:
             "--bind", "127.0.0.1",
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", self.appendfsync,
             "--dir", str(self.data_dir),
             "--logfile", str(self.log_path),
             "--daemonize", "no",
@@ -112,20 +120,36 @@ class RedisServer:
         """Shut redis-server down (SIGTERM: it flushes the AOF) and wait for it; keeps port and dir."""
         self._terminate()
 
-    def _terminate(self) -> None:
+    def aof_file(self) -> Path:
+        """The AOF file Redis appends to now (Redis 7: the last ``incr`` file of ``appendonlydir``)."""
+        manifest = (self.data_dir / "appendonlydir" / "appendonly.aof.manifest").read_text().split("\n")
+        names = [line.split()[1] for line in manifest if line.endswith(" type i")]
+        return self.data_dir / "appendonlydir" / names[-1]
+
+    def kill(self) -> None:
+        """Crash redis-server (SIGKILL: no shutdown, no AOF flush beyond what ``appendfsync`` did)."""
+        self._terminate(kill=True)
+
+    def _terminate(self, *, kill: bool = False) -> None:
         process, self.process = self.process, None
         if process is None:
             return
-        process.terminate()
+        if kill:
+            process.kill()
+        else:
+            process.terminate()
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
 
-    def restart(self) -> None:
-        """Stop and start again on the same port with the same data directory."""
-        self.stop()
+    def restart(self, *, kill: bool = False, while_down: Callable[[], object] | None = None) -> None:
+        """Stop (SIGTERM, or SIGKILL with ``kill``) and start again on the same port with the same data
+        directory; ``while_down`` is called in between."""
+        self._terminate(kill=kill)
+        if while_down is not None:
+            while_down()
         fixed, self._fixed_port = self._fixed_port, self.port
         try:
             self.start()

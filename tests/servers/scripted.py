@@ -47,6 +47,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from base64 import b64decode
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -78,7 +79,8 @@ class AuthAttempt:
 @dataclass
 class ScriptedMessage:
     """A message as it arrived. ``raw`` = wire bytes (DATA: incl. dot-stuffing and the final ``.\\r\\n``;
-    BDAT: the chunks joined); ``data`` = decoded content; ``final_reply`` None if none was sent."""
+    BDAT: the chunks joined); ``data`` = decoded content; ``final_reply`` None if none was sent; ``at`` =
+    ``time.monotonic()`` when its data had all arrived."""
 
     connection_id: int
     mail_from: str
@@ -89,6 +91,7 @@ class ScriptedMessage:
     chunks: list[bytes]
     via: Literal["DATA", "BDAT"]
     final_reply: bytes | None = None
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
