@@ -125,7 +125,7 @@ def _problems(exc: ValidationError, prefix: str = "") -> str:
 
 def cmd_send(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     mail = mail_from_args(args)
-    producer = Producer(connect(args.redis_url), max_bytes=args.max_bytes)
+    producer = Producer(connect(args.redis_url), max_bytes=args.max_bytes, max_recipients=args.max_recipients)
     try:
         result = producer.enqueue(mail)
     except ValidationError as exc:
@@ -164,7 +164,7 @@ def _lines(stream: IO[Any]) -> Iterator[tuple[int, dict[str, Any] | ValidationEr
 
 
 def cmd_bulk(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    producer = Producer(connect(args.redis_url), max_bytes=args.max_bytes)
+    producer = Producer(connect(args.redis_url), max_bytes=args.max_bytes, max_recipients=args.max_recipients)
     # Bytes, decoded line by line: one line that is not UTF-8 must not stop the others.
     stdin: IO[Any] = getattr(sys.stdin, "buffer", sys.stdin)
     stream: IO[Any] = stdin if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
@@ -331,6 +331,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout, err: TextI
         given = args.redis_url
         args.redis_url = parse_redis_url("--redis-url", given) if given else settings.redis_url
         args.max_bytes = settings.max_message_bytes
+        args.max_recipients = settings.max_recipients
         code: int = args.handler(args, out, err)
         return code
     except (UsageError, ConfigurationError) as exc:

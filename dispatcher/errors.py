@@ -6,6 +6,7 @@ matching built-in (``ValueError``, ``ConnectionError``, ``TimeoutError``) so cal
 
     DispatcherError
     ├── ConfigurationError (ValueError)          bad SMTP/Redis URL or setting
+    │   └── UnknownRoute                         a mail names a route this worker is not configured with
     ├── ValidationError (ValueError)             a mail that may not be enqueued; names field + problem
     │   └── IdempotencyConflict                  its key already names a different mail (HTTP 409)
     │   └── HeaderInjection                      the MIME writer wrote a header line it was not asked for
@@ -45,6 +46,11 @@ class DispatcherError(Exception):
 
 class ConfigurationError(DispatcherError, ValueError):
     """A setting or URL is wrong; the message says which and why."""
+
+
+class UnknownRoute(ConfigurationError):
+    """A send names a route this worker has no ``SMTP_URL_<NAME>`` for (and no other worker publishes it):
+    the send fails permanently with kind ``route`` instead of being retried for days."""
 
 
 class ValidationError(DispatcherError, ValueError):

@@ -10,7 +10,8 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from dispatcher.errors import ConfigurationError
+from dispatcher.errors import ConfigurationError, UnknownRoute
+from dispatcher.mail.limits import MAX_RECIPIENTS
 from dispatcher.mail.message import DEFAULT_MAX_BYTES
 from dispatcher.routes.config import RoutePolicy, check_fallbacks, parse_policy, split_route_url
 from dispatcher.smtp.config import SmtpConfig, parse_smtp_url
@@ -35,6 +36,10 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "DISPATCH_RETRY_MAX_AGE": ("172800", "seconds after the first attempt when retrying stops"),
     "DISPATCH_RESEND_UNKNOWN": ("false", "resend when no reply came after the final dot (risks duplicates)"),
     "DISPATCH_MAX_MESSAGE_BYTES": (str(DEFAULT_MAX_BYTES), "largest MIME message accepted at enqueue"),
+    "DISPATCH_MAX_RECIPIENTS": (
+        str(MAX_RECIPIENTS),
+        "most addresses in to, cc and bcc of one mail at enqueue",
+    ),
     "DISPATCH_LEASE_SECONDS": ("30", "in-flight lease; a dead worker's send is requeued after it expires"),
     "DISPATCH_RECONCILE_AFTER": ("60", "seconds a waiting send may lack an rq job before it gets a new one"),
     "DISPATCH_JOB_TIMEOUT_MARGIN": ("60", "seconds added to the routes' summed deadlines: rq's job timeout"),
@@ -81,6 +86,7 @@ class Settings:
     policies: Mapping[str, RoutePolicy] = field(default_factory=dict)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     max_message_bytes: int = DEFAULT_MAX_BYTES
+    max_recipients: int = MAX_RECIPIENTS
     lease_seconds: float = 30.0
     reconcile_after: float = 60.0
     job_timeout_margin: float = 60.0
@@ -91,9 +97,7 @@ class Settings:
             return self.routes[name]
         except KeyError:
             known = ", ".join(sorted(self.routes)) or "none"
-            raise ConfigurationError(
-                f"route {name!r} is not configured on this worker (known: {known})"
-            ) from None
+            raise UnknownRoute(f"route {name!r} is not configured on this worker (known: {known})") from None
 
     def job_timeout(self) -> float:
         """Every job's wall-time bound: the slowest route's stage deadlines summed, plus a margin."""
@@ -163,6 +167,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, need_routes: bool = F
         policies=read_policies(env),
         retry=retry,
         max_message_bytes=int(_number(env, "DISPATCH_MAX_MESSAGE_BYTES", DEFAULT_MAX_BYTES, minimum=1024)),
+        max_recipients=int(_number(env, "DISPATCH_MAX_RECIPIENTS", MAX_RECIPIENTS, minimum=1)),
         lease_seconds=_number(env, "DISPATCH_LEASE_SECONDS", 30.0, minimum=2.0),
         reconcile_after=_number(env, "DISPATCH_RECONCILE_AFTER", 60.0, minimum=1.0),
         job_timeout_margin=_number(env, "DISPATCH_JOB_TIMEOUT_MARGIN", 60.0, minimum=1.0),

@@ -1,11 +1,13 @@
-"""Small helpers for tests: wait on a condition with a deadline, pick a free port."""
+"""Small helpers for tests: wait on a condition with a deadline, pick a free port, count work."""
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
+from types import FrameType
 
 
 def wait_until(
@@ -42,3 +44,23 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def count_calls(work: Callable[[], object]) -> int:
+    """Python and C function calls made while ``work()`` runs (an exception it raises is swallowed):
+    a measure of work that, unlike a timing, does not depend on how loaded the machine is."""
+    count = 0
+
+    def profile(frame: FrameType, event: str, arg: object) -> None:
+        nonlocal count
+        if event in ("call", "c_call"):
+            count += 1
+
+    sys.setprofile(profile)
+    try:
+        work()
+    except Exception:
+        pass
+    finally:
+        sys.setprofile(None)
+    return count

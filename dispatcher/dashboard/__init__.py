@@ -55,7 +55,7 @@ def create_app(config: DashboardConfig, *, connection: redis.Redis | None = None
         redis=conn,
         store=SendStore(conn),
         operations=Operations(conn),
-        producer=Producer(conn, max_bytes=config.max_message_bytes),
+        producer=Producer(conn, max_bytes=config.max_message_bytes, max_recipients=config.max_recipients),
     )
     filters.register(app)
     auth.register(app)

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from dispatcher.errors import ConfigurationError
+from dispatcher.mail.limits import MAX_RECIPIENTS
 from dispatcher.mail.message import DEFAULT_MAX_BYTES
 from dispatcher.settings import DEFAULT_REDIS_URL
 from dispatcher.values import parse_flag, parse_number, parse_redis_url
@@ -84,6 +85,7 @@ class DashboardConfig:
     api_token: str | None = field(default=None, repr=False)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_message_bytes: int = DEFAULT_MAX_BYTES
+    max_recipients: int = MAX_RECIPIENTS
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     secure_cookie: bool = False
@@ -151,6 +153,7 @@ def load_config(
         api_token=env.get("DISPATCH_API_TOKEN") or None,
         max_request_bytes=_int(env, "DISPATCH_API_MAX_BYTES", DEFAULT_MAX_REQUEST_BYTES),
         max_message_bytes=_int(env, "DISPATCH_MAX_MESSAGE_BYTES", DEFAULT_MAX_BYTES),
+        max_recipients=_int(env, "DISPATCH_MAX_RECIPIENTS", MAX_RECIPIENTS),
         host=host,
         port=port,
         secure_cookie=_flag(env, "DISPATCH_DASHBOARD_SECURE_COOKIE"),

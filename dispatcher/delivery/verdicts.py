@@ -10,6 +10,8 @@
     after the final dot        no reply (timeout, drop)       unknown           not resent (configurable)
     route: set-up (greeting,   any, a 5xx too                 transient (route) retry, the attempt given
       EHLO, STARTTLS, AUTH)                                                     back; blamed on the route
+    route not configured       on this worker nor published   permanent (route) failed now
+      (``UnknownRoute``)         by any live worker
     before MAIL is answered    421, drop                      transient         the attempt given back
     local: SIZE, SMTPUTF8      refused before sending         permanent         failed now
 
@@ -25,7 +27,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dispatcher.errors import ConfigurationError, DispatcherError, SmtpError, UnknownOutcome
+from dispatcher.errors import ConfigurationError, DispatcherError, SmtpError, UnknownOutcome, UnknownRoute
 from dispatcher.queue.records import DeliveryStatus, Reason, RecipientRecord, SendRecord
 from dispatcher.queue.states import SendState
 from dispatcher.settings import RetryPolicy
@@ -85,6 +87,8 @@ class Verdict:
 
 def verdict_for_error(exc: DispatcherError, policy: RetryPolicy) -> Verdict:
     """What an exception from the client means for every recipient still pending in that attempt."""
+    if isinstance(exc, UnknownRoute):  # no live worker has it: retrying for days would not help
+        return Verdict(RecipientStatus.PERMANENT, None, None, "route", str(exc))
     if isinstance(exc, ConfigurationError):
         return Verdict(RecipientStatus.TRANSIENT, None, None, "route", str(exc))
     assert isinstance(exc, SmtpError)

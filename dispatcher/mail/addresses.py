@@ -18,6 +18,7 @@ from email import policy as email_policy
 from email.errors import NonASCIILocalPartDefect
 
 from dispatcher.mail.header_text import control_character_problem, header_text_problem
+from dispatcher.mail.limits import MAX_DISPLAY_NAME_CHARS
 from dispatcher.smtp.commands import MAX_ADDRESS_OCTETS
 
 __all__ = ["Address", "control_character_problem", "header_text_problem", "parse_address"]
@@ -78,6 +79,8 @@ def parse_address(value: str) -> Address:
     """
     if not isinstance(value, str):
         raise ValueError("must be a string")
+    if len(value) > MAX_DISPLAY_NAME_CHARS + MAX_ADDRESS_OCTETS + 8:  # '"name" <addr>' and some spaces
+        raise ValueError(f"too long: {len(value)} characters for one address")
     problem = header_text_problem(value)
     if problem is not None:
         raise ValueError(problem)
@@ -93,6 +96,9 @@ def parse_address(value: str) -> Address:
         if not text.endswith(">"):
             raise ValueError("not an email address: text after '>'")
         display_name = _parse_display_name(text[:angle_start].strip())
+        if len(display_name) > MAX_DISPLAY_NAME_CHARS:
+            limit = MAX_DISPLAY_NAME_CHARS
+            raise ValueError(f"display name too long: {len(display_name)} characters, the limit is {limit}")
         addr_spec = text[angle_start + 1 : -1].strip()
         if _find_unquoted(addr_spec, "<") is not None or _find_unquoted(addr_spec, ">") is not None:
             raise ValueError("not an email address: stray '<' or '>'")

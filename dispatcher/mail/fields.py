@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import math
 import re
@@ -22,6 +23,7 @@ from email import policy as email_policy
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, TypeVar, cast
 
+from dispatcher.mail import limits
 from dispatcher.mail.addresses import Address, parse_address
 from dispatcher.mail.header_text import header_text_problem
 
@@ -39,6 +41,7 @@ MAX_LINE_OCTETS = 998  # RFC 5322 §2.1.1
 MAX_METADATA_BYTES = 4096
 MAX_KEY_LENGTH = 200
 MAX_FILENAME_LENGTH = 255
+_MAX_DATE_CHARS = 100
 
 Priority = Literal["high", "default", "bulk"]
 PRIORITIES: tuple[Priority, ...] = ("high", "default", "bulk")
@@ -141,6 +144,21 @@ def address_list(path: str, value: Any, problems: dict[str, str]) -> tuple[Addre
     return tuple(address for address in found if address is not None)
 
 
+def subject(path: str, value: Any, problems: dict[str, str]) -> str | None:
+    if isinstance(value, str) and len(value) > limits.MAX_SUBJECT_CHARS:
+        problems[path] = limits.too_long(len(value), limits.MAX_SUBJECT_CHARS)
+        return None
+    return header_text(path, value, problems)
+
+
+def reply_to(path: str, value: Any, problems: dict[str, str]) -> tuple[Address, ...]:
+    count = limits.count_addresses(value)
+    if count > limits.MAX_REPLY_TO:
+        problems[path] = limits.too_many("addresses", count, limits.MAX_REPLY_TO)
+        return ()
+    return address_list(path, value, problems)
+
+
 def header_text(path: str, value: Any, problems: dict[str, str]) -> str | None:
     if not isinstance(value, str):
         problems[path] = "must be a string"
@@ -162,6 +180,9 @@ def body(path: str, value: Any, problems: dict[str, str]) -> str | None:
 def attachments(path: str, value: Any, problems: dict[str, str]) -> tuple[Attachment, ...]:
     if not isinstance(value, list):
         problems[path] = "must be a list of objects"
+        return ()
+    if len(value) > limits.MAX_ATTACHMENTS:
+        problems[path] = limits.too_many("attachments", len(value), limits.MAX_ATTACHMENTS)
         return ()
     out: list[Attachment] = []
     for index, item in enumerate(value):
@@ -235,11 +256,10 @@ def _filename(path: str, value: Any, problems: dict[str, str]) -> str | None:
     if not isinstance(value, str) or not value.strip():
         problems[path] = "must be a non-empty string"
         return None
-    problem = header_text_problem(value)
+    problem = limits.too_long(len(value), MAX_FILENAME_LENGTH) if len(value) > MAX_FILENAME_LENGTH else None
+    problem = problem or header_text_problem(value)
     if problem is None and ("/" in value or "\\" in value):
         problem = "must be a bare file name (no '/' or '\\')"
-    if problem is None and len(value) > MAX_FILENAME_LENGTH:
-        problem = f"too long: more than {MAX_FILENAME_LENGTH} characters"
     if problem is not None:
         problems[path] = problem
     return value
@@ -274,6 +294,9 @@ def _base64(path: str, value: Any, problems: dict[str, str]) -> bytes | None:
 def headers(path: str, value: Any, problems: dict[str, str]) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, Mapping):
         problems[path] = "must be an object of header name to value"
+        return ()
+    if len(value) > limits.MAX_CUSTOM_HEADERS:
+        problems[path] = limits.too_many("headers", len(value), limits.MAX_CUSTOM_HEADERS)
         return ()
     out: list[tuple[str, str]] = []
     seen: set[str] = set()
@@ -356,7 +379,7 @@ def message_id(path: str, value: Any, problems: dict[str, str]) -> str | None:
 
 
 def date(path: str, value: Any, problems: dict[str, str]) -> str | None:
-    if not isinstance(value, str) or header_text_problem(value) is not None:
+    if not isinstance(value, str) or len(value) > _MAX_DATE_CHARS or header_text_problem(value) is not None:
         problems[path] = "must be an RFC 5322 date string"
         return None
     try:
@@ -394,6 +417,8 @@ def custom_header_problem(name: object, value: object, seen: set[str]) -> str | 
         return "duplicate header name (names are case-insensitive)"
     if not isinstance(value, str):
         return "must be a string"
+    if len(value) > limits.MAX_HEADER_VALUE_CHARS:
+        return limits.too_long(len(value), limits.MAX_HEADER_VALUE_CHARS)
     problem = header_text_problem(value)
     if problem is not None:
         return problem
@@ -420,7 +445,14 @@ def _plain_unstructured(lowered_name: str, value: str) -> bool:
 
 def unencodable_text(data: Mapping[str, Any]) -> dict[str, str]:
     """Every string in ``data`` (keys too, at any depth) that UTF-8 cannot encode — a lone surrogate such
-    as ``"\\udce9"``, which a JSON decoder lets through — by field path (``metadata.k``, ``to[0]``)."""
+    as ``"\\udce9"``, which a JSON decoder lets through — by field path (``metadata.k``, ``to[0]``).
+
+    A mail of JSON values that encodes as UTF-8 in one ``json.dumps`` has none (a few C calls, whatever
+    its size); only otherwise is every value visited to name the fields.
+    """
+    with contextlib.suppress(TypeError, ValueError):  # not JSON values (Python API): look at each one
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+        return {}
     problems: dict[str, str] = {}
     todo: list[tuple[str, Any]] = [(str(key), value) for key, value in data.items()]
     for key in data:

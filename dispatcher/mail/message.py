@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Any, cast
 
 from dispatcher.errors import ValidationError
-from dispatcher.mail import fields
+from dispatcher.mail import fields, limits
 from dispatcher.mail.addresses import Address
 from dispatcher.mail.fields import DEFAULT_ROUTE, Attachment, MetadataValue, Priority
 
@@ -54,10 +54,12 @@ class Mail:
     """The MIME bytes, built once at validation: every attempt sends exactly these."""
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Mail:
+    def from_dict(cls, data: Mapping[str, Any], *, max_recipients: int | None = None) -> Mail:
         """Validate the JSON schema field by field; raise ``ValidationError`` listing every problem found.
 
-        The checks that need the MIME bytes (the size limit) are ``dispatcher.mail.mime.validated``'s.
+        ``max_recipients`` caps to + cc + bcc (``None``: no cap — a worker rebuilding a mail accepted under
+        its producer's cap). The checks that need the MIME bytes (the size limit) are
+        ``dispatcher.mail.mime.validated``'s.
         """
         if not isinstance(data, Mapping):
             raise ValidationError({"mail": "must be an object"})
@@ -71,10 +73,14 @@ class Mail:
         if "from" not in data or data["from"] is None:
             checker.problems["from"] = "missing"
         sender = checker.run("from", fields.one_address)
-        to, cc, bcc, reply_to = (
-            checker.run(n, fields.address_list, ()) for n in ("to", "cc", "bcc", "reply_to")
-        )
-        if not (to or cc or bcc) and not checker.has_problem("to", "cc", "bcc"):
+        too_many = limits.recipients_problem(data, max_recipients)
+        if too_many is not None:  # refused before any address is parsed: a long list costs nothing
+            checker.problems["recipients"] = too_many
+            to = cc = bcc = ()
+        else:
+            to, cc, bcc = (checker.run(n, fields.address_list, ()) for n in limits.RECIPIENT_FIELDS)
+        reply_to = checker.run("reply_to", fields.reply_to, ())
+        if not (to or cc or bcc) and not checker.has_problem("to", "cc", "bcc", "recipients"):
             checker.problems["to"] = "missing: at least one recipient in to, cc or bcc"
         text = checker.run("text", fields.body)
         html = checker.run("html", fields.body)
@@ -95,7 +101,7 @@ class Mail:
             cc=cc,
             bcc=bcc,
             reply_to=reply_to,
-            subject=checker.run("subject", fields.header_text, ""),
+            subject=checker.run("subject", fields.subject, ""),
             text=text,
             html=html,
             attachments=attachments,

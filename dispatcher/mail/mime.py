@@ -28,13 +28,12 @@ from collections.abc import Mapping
 from email import errors as email_errors
 from email import policy as email_policy
 from email.message import EmailMessage
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from dispatcher.errors import HeaderInjection, ValidationError
+from dispatcher.mail import address_header
+from dispatcher.mail.limits import MAX_RECIPIENTS
 from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
-
-if TYPE_CHECKING:
-    from dispatcher.mail.addresses import Address
 
 # Above this share of non-ASCII UTF-8 bytes base64 is shorter than quoted-printable (3 vs 4/3 octets).
 _BASE64_THRESHOLD = 1 / 6
@@ -45,15 +44,21 @@ _FIELD_OF_HEADER = {"from": "from", "to": "to", "cc": "cc", "reply-to": "reply_t
                     "date": "date", "message-id": "message_id"}  # fmt: skip
 
 
-def validated(data: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_BYTES, build: bool = True) -> Mail:
-    """A mail from its JSON form, checked field by field (``Mail.from_dict``) and for size; raises
-    ``ValidationError`` listing every problem.
+def validated(
+    data: Mapping[str, Any],
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_recipients: int | None = MAX_RECIPIENTS,
+    build: bool = True,
+) -> Mail:
+    """A mail from its JSON form, checked field by field (``Mail.from_dict``, with the recipient cap) and
+    for size; raises ``ValidationError`` listing every problem.
 
     ``build=False`` (the producer) skips building the MIME message — the worker builds it, byte for byte
     the same every time — unless a cheap upper bound of its size says it may exceed ``max_bytes``; then it
     is built and measured exactly. With ``build`` the mail comes back with its ``raw`` bytes.
     """
-    mail = Mail.from_dict(data)
+    mail = Mail.from_dict(data, max_recipients=max_recipients)
     if not build and size_upper_bound(mail) <= max_bytes:
         return mail
     try:
@@ -84,15 +89,15 @@ def build_message(mail: Mail) -> bytes:
 
 def compose(mail: Mail) -> EmailMessage:
     """The message object ``build_message`` writes (boundaries already fixed)."""
-    policy = email_policy.SMTPUTF8 if mail.needs_smtputf8 else email_policy.SMTP
+    # Raw (``set_raw``) values are written as given: the address headers, folded by ``address_header``.
+    base = email_policy.SMTPUTF8 if mail.needs_smtputf8 else email_policy.SMTP
+    options: dict[str, Any] = {**vars(base), "refold_source": "none", "folded": {}}
+    policy = _FoldOnce().clone(**options)
     message = EmailMessage(policy=policy)
-    message["From"] = mail.from_address.formatted()
-    if mail.to:
-        message["To"] = _address_list(mail.to)
-    if mail.cc:
-        message["Cc"] = _address_list(mail.cc)
-    if mail.reply_to:
-        message["Reply-To"] = _address_list(mail.reply_to)
+    for name, addresses in (("From", (mail.from_address,)), ("To", mail.to), ("Cc", mail.cc),
+                            ("Reply-To", mail.reply_to)):  # fmt: skip
+        if addresses:
+            message.set_raw(name, address_header.folded(name, addresses, utf8=policy.utf8))
     if mail.subject:
         message["Subject"] = mail.subject
     message["Date"] = mail.date
@@ -129,6 +134,23 @@ def compose(mail: Mail) -> EmailMessage:
             cast(list[EmailMessage], message.get_payload())[-1].set_param("charset", attachment.charset)
     _tidy_parts(message, mail.message_id)
     return message
+
+
+class _FoldOnce(email_policy.EmailPolicy):
+    """A policy that folds each header value once per message: ``check_written`` reuses what the
+    generator wrote instead of folding it again (the email package's folding is most of a build's time)."""
+
+    folded: dict[tuple[str, int], bytes] | None = None
+    """(name, id of the header value object) -> its folded bytes; the values live as long as the message."""
+
+    def fold_binary(self, name: str, value: Any) -> bytes:
+        if self.folded is None:
+            return super().fold_binary(name, value)
+        key = (name, id(value))
+        found = self.folded.get(key)
+        if found is None:
+            found = self.folded[key] = super().fold_binary(name, value)
+        return found
 
 
 def check_written(raw: bytes, message: EmailMessage) -> None:
@@ -233,10 +255,6 @@ def _field(header: str, index: int, part: EmailMessage) -> str:
 
 def _injection(field: str, detail: str) -> HeaderInjection:
     return HeaderInjection({field: f"header injection, refused: {detail}"})
-
-
-def _address_list(addresses: tuple[Address, ...]) -> str:
-    return ", ".join(address.formatted() for address in addresses)
 
 
 def _text_encoding(text: str) -> str:

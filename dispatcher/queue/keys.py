@@ -11,6 +11,7 @@ The send store's keys (``queue.store.SendStore`` is the only code that reads or 
     dispatch:inflight           zset   send ids being sent, scored by lease expiry (crash recovery)
     dispatch:delivered:<minute> string messages delivered in that minute (overview chart)
     dispatch:worker:<name>      string JSON: a live worker's routes and SMTP connection states
+    dispatch:routes             zset   route names the live workers have -> when that sighting expires
     dispatch:reconciler         string the lock of the worker reconciling sends this round (30 s)
 
 Other owners build their keys from ``PREFIX`` here: a route's limits, slots and breaker
@@ -31,6 +32,7 @@ RECORD_TTL = 30 * 86400
 STATS_TTL = 3 * 3600
 INFLIGHT = f"{PREFIX}:inflight"
 RECONCILER_LOCK = f"{PREFIX}:reconciler"
+ROUTES = f"{PREFIX}:routes"
 
 
 def send_key(send_id: str) -> str:

@@ -25,6 +25,7 @@ from rq.serializers import JSONSerializer
 from dispatcher import testing
 from dispatcher.errors import IdempotencyConflict, PartiallyEnqueued, QueueUnavailable, ValidationError
 from dispatcher.mail.fields import PRIORITIES, uses_template
+from dispatcher.mail.limits import MAX_RECIPIENTS
 from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
 from dispatcher.mail.mime import validated
 from dispatcher.queue.records import RecipientRecord, SendRecord, mail_summary, new_send_id
@@ -41,6 +42,7 @@ DEFAULT_JOB_TIMEOUT = 3600
 RESULT_TTL = 86400
 FAILURE_TTL = 7 * 86400
 BATCH = 500
+ROUTES_READ_INTERVAL = 5.0
 
 
 def queue_name(priority: str) -> str:
@@ -116,19 +118,48 @@ class Producer:
         connection: redis.Redis,
         *,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        max_recipients: int = MAX_RECIPIENTS,
         templates_dir: str | Path | None = None,
     ) -> None:
         self.redis = connection
         self.store = SendStore(connection)
         self.max_bytes = max_bytes
+        self.max_recipients = max_recipients
+        self._routes: frozenset[str] = frozenset()
+        self._routes_read_at: float | None = None
         self.templates_dir = templates_dir
         """Root of the named templates; ``None``: ``DISPATCH_TEMPLATES_DIR``."""
 
     def validate(self, data: Mapping[str, Any] | Mail) -> Mail:
+        """The mail checked field by field, and its ``route`` against the routes the live workers publish
+        (``SendStore.known_routes``): when some are published, any other route is a field error."""
         if isinstance(data, Mail) and data.raw:
-            return data
-        mapping = data.to_dict() if isinstance(data, Mail) else self.rendered(data)
-        return validated(mapping, max_bytes=self.max_bytes, build=False)
+            mail = data
+        else:
+            mapping = data.to_dict() if isinstance(data, Mail) else self.rendered(data)
+            mail = validated(
+                mapping, max_bytes=self.max_bytes, max_recipients=self.max_recipients, build=False
+            )
+        known = self.known_routes()
+        if known and mail.route not in known:
+            names = ", ".join(sorted(known))
+            problem = f"no worker is configured with route {mail.route!r} (known: {names})"
+            raise ValidationError({"route": problem})
+        return mail
+
+    def known_routes(self) -> frozenset[str]:
+        """The published route names, read at most every ``ROUTES_READ_INTERVAL`` seconds. Redis trouble
+        reads as none (the enqueue itself then reports it; a worker fails an unknown route anyway)."""
+        if testing.capturing():  # an app's test outbox is open: touch no Redis
+            return frozenset()
+        now = time.monotonic()
+        if self._routes_read_at is None or now - self._routes_read_at >= ROUTES_READ_INTERVAL:
+            try:
+                self._routes = self.store.known_routes()
+            except QueueUnavailable:
+                return frozenset()
+            self._routes_read_at = now
+        return self._routes
 
     def rendered(self, data: Mapping[str, Any]) -> Mapping[str, Any]:
         """``data`` with a named template rendered into it (subject, text, html), once, at enqueue."""

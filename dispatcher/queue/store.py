@@ -39,6 +39,7 @@ from dispatcher.queue.keys import (
     LEDGER_TTL,
     RECONCILER_LOCK,
     RECORD_TTL,
+    ROUTES,
     STATS_TTL,
     delivered_key,
     idempotency_key,
@@ -395,6 +396,24 @@ class SendStore:
     @_outage_is_unavailable
     def forget_worker(self, name: str) -> None:
         self.redis.delete(worker_key(name))
+
+    @_outage_is_unavailable
+    def publish_routes(self, names: Iterable[str], ttl: float, now: float | None = None) -> None:
+        """A live worker has the routes ``names``, for the next ``ttl`` seconds: producers refuse a
+        ``route`` outside every live worker's names (``known_routes``). Each sighting expires on its own
+        (its score), the set when no worker refreshes it."""
+        now = time.time() if now is None else now
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(ROUTES, dict.fromkeys(names, now + ttl))
+            pipe.zremrangebyscore(ROUTES, "-inf", now)
+            pipe.expire(ROUTES, max(1, int(ttl) + 1))
+            pipe.execute()
+
+    @_outage_is_unavailable
+    def known_routes(self, now: float | None = None) -> frozenset[str]:
+        """The route names some live worker published (empty: none has yet, or none is running)."""
+        now = time.time() if now is None else now
+        return frozenset(text(name) for name in self.redis.zrangebyscore(ROUTES, now, "+inf"))
 
     # -- the reconciler's lock ------------------------------------------------------------------------
 

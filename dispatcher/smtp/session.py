@@ -36,6 +36,7 @@ from dispatcher.smtp.auth import AuthExchange, choose_mechanism
 from dispatcher.smtp.channel import Channel, check_envelope
 from dispatcher.smtp.config import SmtpConfig, TlsMode, parse_smtp_url
 from dispatcher.smtp.connection import Connection
+from dispatcher.smtp.envelopes import MAX_RCPT_PER_TRANSACTION, EnvelopePlan, wants_next_transaction
 from dispatcher.smtp.extensions import Extensions, parse_ehlo
 from dispatcher.smtp.outcomes import SendResult
 from dispatcher.smtp.protocol import Transaction, error_after_break
@@ -90,6 +91,10 @@ class SmtpClient:
         self._channel: Channel | None = None
         self._transcript = Transcript("")
         self._stream: MessageStream | None = None
+        self._alone: Outgoing | None = None
+        """A stream's message with more recipients than one transaction takes, while ``send`` sends it."""
+        self._data_out_earlier = False
+        """An earlier transaction of the current ``send`` wrote its data (a message in several)."""
         self._host_tag = uuid.uuid4().hex[:6]
 
     @classmethod
@@ -120,8 +125,9 @@ class SmtpClient:
 
     @property
     def data_in_flight(self) -> bool:
-        """Message data is being written: interrupted now, the message may have been delivered."""
-        return self._channel.data_in_flight if self._channel else False
+        """Message data is being written — or, for a message in several transactions, was by an earlier
+        one: interrupted now, the message may have been delivered."""
+        return self._data_out_earlier or (self._channel.data_in_flight if self._channel else False)
 
     def take_replies(self) -> tuple[Reply, ...]:
         """Every refusal or 421 this client read since the last call — including those it recovered from
@@ -151,9 +157,45 @@ class SmtpClient:
 
         ``before_data`` is called right before the write that carries the message's data (from then on
         the message may be delivered): a queue makes that durable there. If it raises, no data is sent.
+
+        More than ``MAX_RCPT_PER_TRANSACTION`` (100) recipients, or a 452 "too many recipients" to some,
+        and the message goes in several transactions one after the other (``dispatcher.smtp.envelopes``;
+        RFC 5321 §4.5.3.1.8 and §4.5.3.1.10), ``before_data`` before each one's data. An error once a
+        transaction has ended is no longer raised: it becomes the outcome of the recipients it left.
         """
         check_envelope(sender, recipients)  # refuse bad arguments before connecting
         self._transcript.begin()
+        return self._send_plan(EnvelopePlan(recipients), sender, data, before_data)
+
+    def _send_plan(
+        self, plan: EnvelopePlan, sender: str, data: bytes, before_data: Callable[[], None] | None
+    ) -> SendResult:
+        """The transactions ``plan`` still holds, one after the other; see ``send``."""
+        wrote: list[bool] = [True] if plan.started else []
+
+        def data_goes_out() -> None:
+            wrote.append(True)
+            if before_data is not None:
+                before_data()
+
+        self._data_out_earlier = bool(wrote)  # left set when an interruption (not an SmtpError) breaks out
+        while (batch := plan.next_batch()) is not None:
+            if plan.started:
+                self._transcript.event("smtp_next_transaction", recipients=len(batch))
+            try:
+                plan.settle(self._transaction(sender, batch, data, data_goes_out))
+            except SmtpError as exc:
+                if not plan.started:
+                    raise
+                plan.broke(exc, batch)
+            self._data_out_earlier = bool(wrote)
+        self._data_out_earlier = False
+        return plan.result()
+
+    def _transaction(
+        self, sender: str, recipients: Sequence[str], data: bytes, before_data: Callable[[], None] | None
+    ) -> SendResult:
+        """One transaction; a 421 or a drop before MAIL was answered costs it one reconnect."""
         reconnects = 0
         while True:
             channel = self._ready()
@@ -176,9 +218,14 @@ class SmtpClient:
         """Send what ``source`` yields back to back on one connection, one round trip per message where the
         server allows it (``dispatcher.smtp.stream``); each message comes back with its result or error, in
         order. It ends when ``source`` does, at the connection's message cap, or when the connection breaks:
-        call it again to go on with the rest of ``source``. ``before_data`` as for ``send``, per message."""
+        call it again to go on with the rest of ``source``. ``before_data`` as for ``send``, per message.
+
+        A message with more recipients than one transaction takes ends the stream and goes alone
+        (``send``); one whose transaction answered 452 to some recipients (and accepted others) comes back
+        after the stream, once those went in the next transaction."""
         self._transcript.begin()
         self._stream = None
+        self._alone = None
         try:
             channel = self._ready()
         except SmtpError as exc:
@@ -197,19 +244,50 @@ class SmtpClient:
                 if self.state is not SessionState.READY:
                     return
             return
+        large: list[Outgoing] = []  # a message for several transactions ends the stream and goes alone
+        more: list[tuple[Outgoing, SendResult]] = []  # answered 452 to some: they go once the stream ends
         self._stream = MessageStream(
-            channel, source, may_follow, on_break=self.abort, before_data=before_data
+            channel, _until_large(source, large), may_follow, on_break=self.abort, before_data=before_data
         )
         self.state = SessionState.IN_TRANSACTION
         try:
-            yield from self._stream.run()
+            for message, streamed in self._stream.run():
+                if isinstance(streamed, SendResult) and wants_next_transaction(streamed):
+                    more.append((message, streamed))
+                else:
+                    yield message, streamed
         finally:
             if self._channel is not None and self.state is SessionState.IN_TRANSACTION:
                 self.state = SessionState.READY
+        for message, first in more:
+            hook = functools.partial(before_data, message) if before_data is not None else None
+            plan = EnvelopePlan(message.recipients)
+            plan.next_batch()  # what the stream sent: all of them (never more than one transaction takes)
+            plan.settle(first)
+            self._alone = message  # left set when an interruption breaks out: ``stream_in_flight`` tells
+            self._transcript.event("smtp_next_transaction", recipients=len(plan.todo))
+            result = self._send_plan(plan, message.sender, message.data, hook)  # raises no SmtpError
+            self._alone = None
+            yield message, result
+        for message in large:
+            hook = functools.partial(before_data, message) if before_data is not None else None
+            self._alone = message  # left set when an interruption breaks out: ``stream_in_flight`` tells
+            try:
+                outcome: SendResult | SmtpError = self.send(
+                    message.sender, message.recipients, message.data, before_data=hook
+                )
+            except SmtpError as exc:
+                outcome = exc
+            self._alone = None
+            yield message, outcome
+            if self.state is SessionState.READY:
+                yield from self.send_stream(source, may_follow, before_data=before_data)
 
     def stream_in_flight(self) -> list[tuple[Outgoing, bool]]:
         """After an interruption: the messages of the last stream that were on the wire, each with whether
         all of its data had been written (those may have been accepted)."""
+        if self._alone is not None:
+            return [(self._alone, self.data_in_flight)]
         return self._stream.in_flight() if self._stream is not None else []
 
     def connect(self) -> None:
@@ -387,6 +465,16 @@ class SmtpClient:
         if tx.needs_rset and not channel.rset():
             self._discard(SessionState.CLOSED)
         return channel.result(tx, round_trips)
+
+
+def _until_large(source: Iterator[Outgoing], large: list[Outgoing]) -> Iterator[Outgoing]:
+    """``source`` up to the first message with more recipients than one transaction takes: that one is
+    put in ``large`` (for ``send``, which splits it) and the stream ends there."""
+    for message in source:
+        if len(message.recipients) > MAX_RCPT_PER_TRANSACTION:
+            large.append(message)
+            return
+        yield message
 
 
 def _stage_name(exc: SmtpError) -> str | None:

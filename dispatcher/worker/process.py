@@ -270,6 +270,7 @@ class MailWorker(SimpleWorker):
     def run_maintenance_tasks(self) -> None:
         try:
             self.publish_status(limits=True)
+            SendStore(self.connection).publish_routes(self.runtime.settings.routes, ttl=STATUS_TTL)
         except (redis.RedisError, QueueUnavailable) as exc:
             logger.warning("worker_status_failed", error=str(exc))
         try:

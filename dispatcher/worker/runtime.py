@@ -18,9 +18,12 @@ from typing import ClassVar
 import redis
 
 from dispatcher.delivery.journal import Journal
+from dispatcher.errors import ConfigurationError, UnknownRoute
+from dispatcher.queue.store import SendStore
 from dispatcher.routes.gate import RouteGate
 from dispatcher.routes.slots import ConnectionSlots, capped_client
 from dispatcher.settings import Settings, load_settings
+from dispatcher.smtp.config import SmtpConfig
 from dispatcher.smtp.session import SmtpClient
 
 
@@ -78,7 +81,7 @@ class Runtime:
         semaphore while its connection is open (``dispatcher.routes.slots``)."""
         client = self.clients.get(route)
         if client is None:
-            config = self.settings.route(route)
+            config = self._config(route, connection)
             policy = self.settings.policies.get(route)
             if connection is not None and policy is not None and policy.max_connections is not None:
                 client = capped_client(config, ConnectionSlots(connection, policy))
@@ -86,6 +89,16 @@ class Runtime:
                 client = SmtpClient(config)
             self.clients[route] = client
         return client
+
+    def _config(self, route: str, connection: redis.Redis | None) -> SmtpConfig:
+        """``route``'s configuration; ``UnknownRoute`` (permanent) when no live worker publishes it, a plain
+        ``ConfigurationError`` (transient: left for a worker that has it) when another one does."""
+        try:
+            return self.settings.route(route)
+        except UnknownRoute as exc:
+            if connection is not None and route in SendStore(connection).known_routes():
+                raise ConfigurationError(f"{exc}; other workers have it") from None
+            raise
 
     def describe(self) -> dict[str, dict[str, object]]:
         """Each configured route with the state of this process's connection to it (no secrets)."""

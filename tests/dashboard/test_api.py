@@ -12,7 +12,8 @@ from dashboard_support import API_TOKEN, AUTH, mail, make_config, state_of
 from flask.testing import FlaskClient
 from helpers import free_port
 
-from dispatcher.dashboard import create_app
+from dispatcher.dashboard import create_app, state
+from dispatcher.queue.store import SendStore
 
 
 def send_keys(client: redis.Redis) -> list[bytes]:
@@ -302,3 +303,44 @@ def test_an_idempotency_key_reused_for_a_different_mail_is_409(
     other = client.post("/api/v1/messages", json=mail(subject="a different mail"), headers=headers)
     assert other.status_code == 409 and "key" in other.get_json()["problems"]
     assert len(send_keys(redis_client)) == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "fields"),
+    [("recipients", {"to": [f"u{i}@example.org" for i in range(1001)]}),
+     ("subject", {"subject": "s" * 1_000_000}), ("headers.X-A", {"headers": {"X-A": "v " * 250_000}}),
+     ("headers", {"headers": {f"X-H{i}": "v" for i in range(51)}})],
+)  # fmt: skip
+def test_a_mail_over_a_limit_is_a_422_naming_the_field(
+    client: FlaskClient, redis_client: redis.Redis, path: str, fields: dict[str, Any]
+) -> None:
+    """Issue 14: 100,000 recipients, a 1 MB subject and a 500 KB header value were accepted."""
+    response = client.post("/api/v1/messages", json={**mail(), **fields}, headers=AUTH)
+    assert response.status_code == 422, response.get_data(as_text=True)[:200]
+    problems = response.get_json()["problems"]
+    assert list(problems) == [path] and "limit" in problems[path]
+    assert send_keys(redis_client) == []
+
+
+def test_the_recipient_limit_follows_the_setting(redis_url: str) -> None:
+    app = create_app(make_config(redis_url, max_recipients=2))
+    client = app.test_client()
+    three = client.post("/api/v1/messages", json=mail(to=["a@x.org", "b@x.org", "c@x.org"]), headers=AUTH)
+    assert three.status_code == 422 and "recipients" in three.get_json()["problems"]
+    assert (
+        client.post("/api/v1/messages", json=mail(to=["a@x.org", "b@x.org"]), headers=AUTH).status_code == 202
+    )
+    with app.app_context():
+        state().redis.close()
+
+
+def test_a_route_no_worker_publishes_is_a_422(client: FlaskClient, redis_client: redis.Redis) -> None:
+    """Issue 14: ``"route": "nosuchroute"`` was accepted and then retried for 2 days."""
+    SendStore(redis_client).publish_routes(["default", "bulk"], ttl=60)
+    response = client.post("/api/v1/messages", json=mail(route="nosuchroute"), headers=AUTH)
+    assert response.status_code == 422, response.get_data(as_text=True)[:200]
+    assert response.get_json()["problems"] == {
+        "route": "no worker is configured with route 'nosuchroute' (known: bulk, default)"
+    }
+    assert send_keys(redis_client) == []
+    assert client.post("/api/v1/messages", json=mail(route="bulk"), headers=AUTH).status_code == 202

@@ -58,6 +58,7 @@ Strictness = Literal["exim", "haraka"]
 HARAKA_PIPELINED_AFTER_DATA = b"503 Bad sequence of commands - pipelined after end of DATA\r\n"
 EXIM_SENDER_GIVEN = b"503 sender already given\r\n"
 EXIM_NO_VALID_RCPT = b"503 valid RCPT command must precede DATA\r\n"
+TOO_MANY_RECIPIENTS = b"452 4.5.3 Error: too many recipients\r\n"
 
 
 @dataclass(frozen=True)
@@ -144,8 +145,11 @@ class ScriptedSmtpServer:
         starttls_context: ssl.SSLContext | None = None,
         auth_reply: bytes | None = None,
         strictness: Strictness | None = None,
+        max_rcpts: int | None = None,
     ) -> None:
-        """``replies``: per-stage reply overrides on every connection. ``faults`` and ``raw_script`` apply
+        """``max_rcpts``: recipients one transaction takes; every RCPT after them gets Postfix's
+        ``452 4.5.3 Error: too many recipients`` (RFC 5321 §4.5.3.1.10). ``replies``: per-stage reply
+        overrides on every connection. ``faults`` and ``raw_script`` apply
         on connection number ``faults_on_connection`` (1-based) or on all when None. ``raw_script`` is sent
         on connect instead of the greeting, one ``send()`` per item; then ``after_raw_script`` decides."""
         self.host, self.port, self.hostname = host, port, hostname
@@ -160,6 +164,7 @@ class ScriptedSmtpServer:
         self.starttls_context = starttls_context
         self.auth_reply = auth_reply
         self.strictness = strictness
+        self.max_rcpts = max_rcpts
         self.records: list[ConnectionRecord] = []
         self._messages: list[ScriptedMessage] = []
         self._cond = threading.Condition()
@@ -565,6 +570,9 @@ class _Session:
             return
         address = match.group(1).decode("utf-8", "surrogateescape")
         normal = self.server.per_recipient.get(address.lower(), b"250 2.1.5 Ok\r\n")
+        cap = self.server.max_rcpts
+        if cap is not None and len(self.rcpts) >= cap:
+            normal = TOO_MANY_RECIPIENTS
         if self._answer("rcpt", normal).startswith(b"2"):
             self.rcpts.append(address)
 
