@@ -1,10 +1,14 @@
 """Dashboard sessions kept in Redis; the cookie carries only a random id. Owns ``dispatch:session:*``.
 
 Why server-side: a signed cookie stays valid after logout (a copy of it logs in again until it expires).
-Here the browser's cookie ``dispatch_session`` holds 256 random bits and nothing else; the session (user,
-CSRF token, flashed messages) is ``dispatch:session:<sha256 of the id>`` — hashed, so whoever can read
-Redis learns no cookie that works — with a TTL: ``LOGGED_IN_TTL`` for a logged-in session, ``ANONYMOUS_TTL``
-for one that only carries the login form's CSRF token, renewed by each request.
+Here a logged-in browser's cookie ``dispatch_session`` holds 256 random bits and nothing else; the session
+(user, CSRF token, flashed messages) is ``dispatch:session:<sha256 of the id>`` — hashed, so whoever can
+read Redis learns no cookie that works — with a TTL of ``LOGGED_IN_TTL``, renewed by each request.
+
+A session nobody logged in to (the login form's CSRF token, a flashed "wrong password") is not stored:
+it travels in the cookie itself, signed with the app's secret and good for ``ANONYMOUS_TTL``, so an
+unauthenticated client fetching ``/login`` in a loop creates nothing in Redis. It grants nothing a copy
+could abuse; logging in moves the session into Redis under a new id.
 
 Revoked:
 * **on logout** (``revoke``: the key is deleted before the answer is sent; a copied cookie finds nothing);
@@ -36,7 +40,8 @@ import redis
 import structlog
 from flask import Flask, Request, Response, current_app
 from flask.json.tag import TaggedJSONSerializer
-from flask.sessions import SecureCookieSession, SessionInterface, SessionMixin
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface, SessionInterface, SessionMixin
+from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from dispatcher.queue.keys import SESSION_PREFIX
 from dispatcher.queue.keys import session_key as _stored_under
@@ -64,7 +69,8 @@ def fingerprint(user: str | None, password: str | None) -> str:
 
 
 class ServerSession(SecureCookieSession):
-    """The session's data plus where it lives: ``sid`` is None until it is first stored."""
+    """The session's data plus where it lives: ``sid`` is None until it is first stored (a logged-in
+    session) — an anonymous one is never stored, it is the signed cookie."""
 
     def __init__(
         self, initial: dict[str, Any] | None = None, *, sid: str | None = None, had_cookie: bool = False
@@ -121,7 +127,7 @@ class RedisSessions(SessionInterface):
         if not sid:
             return ServerSession()
         if _ID.fullmatch(sid) is None:
-            return ServerSession(had_cookie=True)
+            return self._anonymous(app, sid)
         try:
             raw = self.redis.get(session_key(sid))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -144,6 +150,23 @@ class RedisSessions(SessionInterface):
             return ServerSession(had_cookie=True)
         return ServerSession(data, sid=sid, had_cookie=True)
 
+    @staticmethod
+    def _signer(app: Flask) -> URLSafeTimedSerializer:
+        signer = SecureCookieSessionInterface().get_signing_serializer(app)
+        assert signer is not None, "the dashboard always has a secret key"
+        return signer
+
+    def _anonymous(self, app: Flask, value: str) -> ServerSession:
+        """The session a signed cookie carries (not logged in); empty if it is forged, expired or claims a
+        user (only a stored session can be logged in)."""
+        try:
+            data = self._signer(app).loads(value, max_age=ANONYMOUS_TTL)
+        except BadSignature:
+            return ServerSession(had_cookie=True)
+        if not isinstance(data, dict) or "user" in data:
+            return ServerSession(had_cookie=True)
+        return ServerSession(data, had_cookie=True)
+
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
         assert isinstance(session, ServerSession)
         if session.accessed:
@@ -151,11 +174,14 @@ class RedisSessions(SessionInterface):
         if session.unavailable:
             return
         try:
-            if not session:
-                if session.sid is not None:
+            if not session or not session.get("user"):
+                if session.sid is not None:  # logged out: the stored session goes first
                     self.redis.delete(session_key(session.sid))
                     session.sid = None
-                if session.had_cookie:
+                if session:
+                    if session.modified or not session.had_cookie:
+                        self._cookie(app, response, self._signer(app).dumps(dict(session)))
+                elif session.had_cookie:
                     self._cookie(app, response, None)
             elif session.sid is None:
                 session.sid = secrets.token_urlsafe(32)
@@ -164,7 +190,7 @@ class RedisSessions(SessionInterface):
             elif session.modified:
                 self._store(session.sid, session)
             else:
-                self.redis.expire(session_key(session.sid), _ttl(session))
+                self.redis.expire(session_key(session.sid), LOGGED_IN_TTL)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             logger.warning("dashboard_session_not_saved", error=str(exc))
 
@@ -174,7 +200,7 @@ class RedisSessions(SessionInterface):
             "fingerprint": fingerprint(self.user, self.password),
             "saved": time.time(),
         }
-        self.redis.set(session_key(sid), json.dumps(stored), ex=_ttl(session))
+        self.redis.set(session_key(sid), json.dumps(stored), ex=LOGGED_IN_TTL)
 
     def _cookie(self, app: Flask, response: Response, sid: str | None) -> None:
         """Set the cookie to ``sid``, or delete it (None)."""
@@ -189,7 +215,3 @@ class RedisSessions(SessionInterface):
             response.set_cookie(
                 name, sid, path=path, domain=domain, secure=secure, httponly=httponly, samesite=samesite
             )
-
-
-def _ttl(session: ServerSession) -> int:
-    return LOGGED_IN_TTL if session.get("user") else ANONYMOUS_TTL

@@ -13,6 +13,7 @@ from pathlib import Path
 import redis
 from dashboard_support import PASSWORD, USER, DashboardProcess, csrf_of, log_in, make_config, worker_env
 from flask import Flask
+from flask.sessions import SecureCookieSessionInterface
 from flask.testing import FlaskClient
 from helpers import free_port
 from servers.redis_server import RedisServer
@@ -96,11 +97,32 @@ def test_a_password_change_ends_the_sessions_of_the_old_password(
 
 def test_login_gets_a_new_session_id(client: FlaskClient, redis_client: redis.Redis) -> None:
     assert client.get("/login").status_code == 200
-    before = cookie_of(client)
-    assert 0 < redis_client.ttl(key_of(before)) <= ANONYMOUS_TTL
+    before = cookie_of(client)  # the login form's CSRF token, in a signed cookie: nothing stored
+    assert not re.fullmatch(r"[A-Za-z0-9_-]{43}", before) and not redis_client.exists(key_of(before))
     log_in(client)
     after = cookie_of(client)
-    assert after != before and not redis_client.exists(key_of(before))
+    assert after != before and re.fullmatch(r"[A-Za-z0-9_-]{43}", after)
+    assert 0 < redis_client.ttl(key_of(after)) <= LOGGED_IN_TTL
+
+
+def test_fetching_the_login_form_in_a_loop_stores_nothing(app: Flask, redis_client: redis.Redis) -> None:
+    """Issue 14's hostile neighbours: an unauthenticated client creating a stored session per request could
+    fill Redis. Only a logged-in session is stored; the login form's token rides in a signed cookie."""
+    before = len(list(redis_client.scan_iter(match="dispatch:session:*")))
+    for _ in range(50):
+        assert app.test_client().get("/login").status_code == 200
+    assert len(list(redis_client.scan_iter(match="dispatch:session:*"))) == before
+    browser = app.test_client()
+    log_in(browser)  # the signed form token still guards the login
+    assert logged_in_page(browser)
+
+
+def test_an_anonymous_cookie_forged_to_claim_a_user_is_no_session(app: Flask) -> None:
+    signed = SecureCookieSessionInterface().get_signing_serializer(app)
+    assert signed is not None
+    page = with_cookie(app, signed.dumps({"user": USER})).get("/")
+    assert page.status_code == 302 and "/login" in page.headers["Location"]
+    assert ANONYMOUS_TTL <= LOGGED_IN_TTL
 
 
 def test_a_forged_or_unknown_cookie_is_no_session(app: Flask) -> None:
