@@ -110,14 +110,15 @@ def worker_env(redis_url: str, smtp_port: int) -> dict[str, str]:
     return env
 
 
-class WorkerProcess:
-    """``python worker.py`` in its own process group; ``stop()`` sends SIGTERM and waits with a deadline."""
+class LoggedProcess:
+    """A subprocess of ours in its own process group, its output in ``log_path``; ``stop()`` sends SIGTERM
+    and waits with a deadline, then kills the group (rq's scheduler child, if one is left)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, command: list[str], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "worker.py"],
+            command,
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -126,11 +127,10 @@ class WorkerProcess:
             start_new_session=True,
         )
 
-    def log(self) -> str:
-        return self.log_path.read_bytes().decode("utf-8", "replace")[-6000:]
+    def text(self) -> str:
+        return self.log_path.read_bytes().decode("utf-8", "replace")
 
     def stop(self) -> int:
-        """Warm shutdown; the worker's group (rq's scheduler child) is killed if it outlives the deadline."""
         try:
             if self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGTERM)
@@ -141,9 +141,19 @@ class WorkerProcess:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 return self.proc.wait(timeout=STOP_DEADLINE)
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)  # only our own group: the rq scheduler, if left
             self._log.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)  # only our own group
+
+
+class WorkerProcess(LoggedProcess):
+    """``python worker.py``."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        super().__init__([sys.executable, "worker.py"], env, log_path)
+
+    def log(self) -> str:
+        return self.log_path.read_bytes().decode("utf-8", "replace")[-6000:]
 
 
 @contextlib.contextmanager
@@ -169,22 +179,12 @@ def state_of(redis_url: str, send_id: str) -> str | None:
     return value.decode() if isinstance(value, bytes) else None
 
 
-class DashboardProcess:
+class DashboardProcess(LoggedProcess):
     """``python -m dispatcher.dashboard --port 0`` as a subprocess; its log (stderr) goes to ``log_path``,
     ``url`` is read from its ``dashboard_started`` line; ``stop()`` sends SIGTERM and waits."""
 
     def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dispatcher.dashboard", "--port", "0", *args],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=self._log,
-            start_new_session=True,
-        )
+        super().__init__([sys.executable, "-m", "dispatcher.dashboard", "--port", "0", *args], env, log_path)
         self.url = ""
 
         def started() -> bool:
@@ -197,19 +197,3 @@ class DashboardProcess:
             return False
 
         wait_until(started, timeout=30, message=f"dashboard did not start:\n{self.text()}")
-
-    def text(self) -> str:
-        return self.log_path.read_bytes().decode("utf-8", "replace")
-
-    def stop(self) -> int:
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout=STOP_DEADLINE)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                return self.proc.wait(timeout=STOP_DEADLINE)
-        finally:
-            self._log.close()
