@@ -14,6 +14,7 @@ import ctypes
 import os
 import signal
 import sys
+from types import FrameType
 
 from rq.scheduler import RQScheduler
 
@@ -32,9 +33,26 @@ def die_with_parent(signum: int = signal.SIGTERM) -> None:
         os.kill(os.getpid(), signum)
 
 
+stops_noted: list[int] = []
+"""Stop signals that reached this process before rq's own handlers were installed (``note_early_stop``);
+a forked child inherits the list with the handler."""
+
+
+def note_early_stop(signum: int, frame: FrameType | None) -> None:
+    """The stop-signal handler of a worker process until rq installs its own: remember, act later."""
+    stops_noted.append(signum)
+
+
 class OwnedScheduler(RQScheduler):
-    """rq's scheduler, in a process that stops when the worker that forked it dies."""
+    """rq's scheduler, in a process that stops when the worker that forked it dies — and that stops when
+    told to, however early: forked before the worker installed rq's handlers, it inherits
+    ``note_early_stop``, so a SIGTERM sent in the moment before its own handler is in place would be
+    noted and ignored, and the worker stopping it would wait in ``join()`` forever (seen: a pool told to
+    stop right after it started hung)."""
 
     def work(self) -> None:
+        self._install_signal_handlers()  # type: ignore[no-untyped-call]
+        if stops_noted:
+            self.request_stop()  # type: ignore[no-untyped-call]
         die_with_parent()
         super().work()  # type: ignore[no-untyped-call]

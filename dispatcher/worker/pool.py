@@ -30,8 +30,8 @@ from dispatcher.queue.producer import QUEUE_NAMES
 from dispatcher.settings import load_settings
 from dispatcher.values import parse_redis_url
 from dispatcher.worker.backoff import RestartBackoff
-from dispatcher.worker.lineage import die_with_parent
-from dispatcher.worker.process import STOP_SIGNALS, note_early_stop, run_one
+from dispatcher.worker.lineage import die_with_parent, note_early_stop
+from dispatcher.worker.process import STOP_SIGNALS, run_one
 
 logger = structlog.get_logger("dispatcher.worker.pool")
 #: worker.py's exit codes (README, "Exit codes"): 0 stopped cleanly; 1 a worker process failed; 2 bad

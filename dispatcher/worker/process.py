@@ -30,7 +30,6 @@ import signal
 import time
 import zlib
 from collections.abc import Sequence
-from types import FrameType
 from typing import Any
 
 import redis
@@ -51,7 +50,8 @@ from dispatcher.queue.recovery import reap_abandoned
 from dispatcher.queue.store import SendStore
 from dispatcher.settings import load_settings
 from dispatcher.worker.backoff import RestartBackoff
-from dispatcher.worker.lineage import OwnedScheduler
+from dispatcher.worker.lineage import OwnedScheduler, note_early_stop
+from dispatcher.worker.lineage import stops_noted as _stop_before_start
 from dispatcher.worker.runtime import Runtime
 from dispatcher.worker.startup import wait_for_redis, where
 
@@ -299,11 +299,6 @@ class MailWorker(SimpleWorker):
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_stop_before_start: list[int] = []
-
-
-def note_early_stop(signum: int, frame: FrameType | None) -> None:
-    _stop_before_start.append(signum)
 
 
 def run_one(queue_names: Sequence[str], *, burst: bool, redis_url: str | None = None) -> int:

@@ -62,3 +62,33 @@ def _zombie(pid: int) -> bool:
 def _children_of_any(pool: WorkerRun) -> bool:
     """A restarted worker may hold a new scheduler (and its lock) by now."""
     return any(_children_of(pid) for pid in descendants(pool.pid) if pid in _children_of(pool.pid))
+
+
+def test_a_scheduler_told_to_stop_before_its_handler_was_in_place_stops(redis_client: redis.Redis) -> None:
+    """Seen once in a few full runs: a pool stopped right after it started hung, one child waiting forever
+    in rq's ``stop_scheduler`` → ``join()``. Its scheduler was forked before the worker had rq's handlers,
+    inherited the early-stop handler, and a SIGTERM that came before the scheduler's own handler was only
+    noted. Here the stop is noted before the fork (what that handler leaves behind): the scheduler must act
+    on it and end by itself."""
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    from dispatcher.queue.producer import QUEUE_NAMES
+    from dispatcher.worker import lineage
+
+    queues = [Queue(name, connection=redis_client, serializer=JSONSerializer) for name in QUEUE_NAMES]
+    scheduler = lineage.OwnedScheduler(queues, connection=redis_client, serializer=JSONSerializer)
+    scheduler.acquire_locks()
+    assert scheduler.acquired_locks, "another scheduler holds the locks of this private Redis"
+    lineage.stops_noted.append(signal.SIGTERM)
+    try:
+        process = scheduler.start()
+    finally:
+        lineage.stops_noted.remove(signal.SIGTERM)
+    process.join(timeout=15)
+    stopped = not process.is_alive()
+    if not stopped:
+        process.kill()
+        process.join(timeout=5)
+    assert stopped, "the scheduler ignored a stop it had been told of before its handler was in place"
+    assert process.exitcode == 0
