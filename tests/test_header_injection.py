@@ -33,7 +33,7 @@ from dispatcher import cli
 from dispatcher.dashboard import DashboardConfig, create_app
 from dispatcher.delivery.attempt import Attempt
 from dispatcher.errors import HeaderInjection, ValidationError
-from dispatcher.mail.fields import Attachment
+from dispatcher.mail.attachments import Attachment
 from dispatcher.mail.message import Mail
 from dispatcher.mail.mime import build_message, check_written, compose, validated
 from dispatcher.queue.keys import source_key

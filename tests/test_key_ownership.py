@@ -21,6 +21,7 @@ OTHER_OWNERS = {
     PACKAGE / "routes" / "config.py": {"PREFIX"},  # routes.config.route_key: limits, slots, breaker
     PACKAGE / "dashboard" / "auth.py": {"login_failures_key"},
     PACKAGE / "dashboard" / "sessions.py": {"SESSION_PREFIX", "session_key"},
+    PACKAGE / "queue" / "presence.py": {"RECONCILER_LOCK", "ROUTES", "worker_key"},
 }
 KEY_NAMES = {n for n in vars(keys) if not n.startswith("_")} - {"annotations", "hashlib"}
 KEY_HOLDERS = ("dispatcher.queue.keys", "dispatcher.queue.store")

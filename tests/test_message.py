@@ -10,7 +10,8 @@ import pytest
 
 from dispatcher.errors import ValidationError
 from dispatcher.mail.addresses import Address
-from dispatcher.mail.fields import PRIORITIES, Attachment
+from dispatcher.mail.attachments import Attachment
+from dispatcher.mail.fields import PRIORITIES
 from dispatcher.mail.message import DEFAULT_MAX_BYTES
 from dispatcher.mail.mime import validated
 

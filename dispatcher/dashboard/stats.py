@@ -18,6 +18,7 @@ from rq.serializers import JSONSerializer
 from dispatcher.dashboard.records import Unreadable, find
 from dispatcher.mail.fields import PRIORITIES
 from dispatcher.queue.operations import FailureFilter, describe_group, group_key
+from dispatcher.queue.presence import Presence
 from dispatcher.queue.producer import QUEUE_NAMES
 from dispatcher.queue.records import SendRecord
 from dispatcher.queue.store import SendStore
@@ -72,7 +73,7 @@ def workers(connection: redis.Redis, now: float | None = None) -> list[dict[str,
     now = now or time.time()
     rows = []
     found = Worker.all(connection=connection, serializer=JSONSerializer)
-    statuses = SendStore(connection).worker_statuses([w.name for w in found])
+    statuses = Presence(connection).worker_statuses([w.name for w in found])
     for worker, raw_status in zip(found, statuses, strict=True):
         heartbeat = worker.last_heartbeat.timestamp() if worker.last_heartbeat else None
         routes = raw_status["routes"] if raw_status else {}

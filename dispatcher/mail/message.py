@@ -20,7 +20,9 @@ from typing import Any, cast
 from dispatcher.errors import ValidationError
 from dispatcher.mail import fields, limits
 from dispatcher.mail.addresses import Address
-from dispatcher.mail.fields import DEFAULT_ROUTE, Attachment, MetadataValue, Priority
+from dispatcher.mail.attachments import Attachment
+from dispatcher.mail.attachments import attachments as attachment_parts
+from dispatcher.mail.fields import DEFAULT_ROUTE, MetadataValue, Priority
 
 DEFAULT_MAX_BYTES = 25 * 1024 * 1024
 FIELDS = frozenset(
@@ -84,7 +86,7 @@ class Mail:
             checker.problems["to"] = "missing: at least one recipient in to, cc or bcc"
         text = checker.run("text", fields.body)
         html = checker.run("html", fields.body)
-        attachments = checker.run("attachments", fields.attachments, ())
+        attachments = checker.run("attachments", attachment_parts, ())
         if not (text or html or attachments) and not checker.has_problem("text", "html", "attachments"):
             checker.problems["text"] = "missing: at least one of text, html or attachments"
         send_at = checker.run("send_at", fields.send_at)

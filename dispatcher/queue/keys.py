@@ -10,6 +10,9 @@ The send store's keys (``queue.store.SendStore`` is the only code that reads or 
     dispatch:state:<state>:<p>  zset   the same per priority (the dashboard's per-queue counts)
     dispatch:inflight           zset   send ids being sent, scored by lease expiry (crash recovery)
     dispatch:delivered:<minute> string messages delivered in that minute (overview chart)
+
+The workers' presence (``queue.presence.Presence``):
+
     dispatch:worker:<name>      string JSON: a live worker's routes and SMTP connection states
     dispatch:routes             zset   route names the live workers have -> when that sighting expires
     dispatch:reconciler         string the lock of the worker reconciling sends this round (30 s)
@@ -17,8 +20,8 @@ The send store's keys (``queue.store.SendStore`` is the only code that reads or 
 Other owners build their keys from ``PREFIX`` here: a route's limits, slots and breaker
 (``routes.config.route_key``, one module per kind: ``routes.throttle``, ``routes.slots``,
 ``routes.breaker``), the dashboard's login lockout (``dashboard.auth``) and its sessions
-(``dashboard.sessions``: ``dispatch:session:<sha256(id)>``, a string of JSON, 1 to 8 h). rq's own keys are
-rq's.
+(``dashboard.sessions``: ``dispatch:session:<sha256(id)>``, a string of JSON, 8 h; logged-in sessions
+only). rq's own keys are rq's.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from dispatcher.mail.fields import PRIORITIES, uses_template
 from dispatcher.mail.limits import MAX_RECIPIENTS
 from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
 from dispatcher.mail.mime import validated
+from dispatcher.queue.presence import Presence
 from dispatcher.queue.records import RecipientRecord, SendRecord, mail_summary, new_send_id
 from dispatcher.queue.states import initial_state
 from dispatcher.queue.store import OUTAGE, SendStore, unavailable
@@ -132,7 +133,7 @@ class Producer:
 
     def validate(self, data: Mapping[str, Any] | Mail) -> Mail:
         """The mail checked field by field, and its ``route`` against the routes the live workers publish
-        (``SendStore.known_routes``): when some are published, any other route is a field error."""
+        (``Presence.known_routes``): when some are published, any other route is a field error."""
         if isinstance(data, Mail) and data.raw:
             mail = data
         else:
@@ -155,7 +156,7 @@ class Producer:
         now = time.monotonic()
         if self._routes_read_at is None or now - self._routes_read_at >= ROUTES_READ_INTERVAL:
             try:
-                self._routes = self.store.known_routes()
+                self._routes = Presence(self.redis).known_routes()
             except QueueUnavailable:
                 return frozenset()
             self._routes_read_at = now

@@ -35,6 +35,7 @@ from rq.intermediate_queue import IntermediateQueue
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
 from dispatcher.mail.fields import PRIORITIES
+from dispatcher.queue.presence import Presence
 from dispatcher.queue.producer import attempt_job_id, rq_queue, schedule_attempt
 from dispatcher.queue.records import HistoryEntry, text
 from dispatcher.queue.states import SendState
@@ -75,9 +76,9 @@ def reconcile(
     """Give a new job to every send (at most ``limit`` a round) waiting longer than ``older_than`` seconds
     with no owner; returns their ids. A no-op while another worker holds the reconciler's lock."""
     now = time.time() if now is None else now
-    store = SendStore(connection)
+    store, presence = SendStore(connection), Presence(connection)
     token = uuid.uuid4().hex
-    if not store.take_reconciler_lock(token, LOCK_SECONDS):
+    if not presence.take_reconciler_lock(token, LOCK_SECONDS):
         return []
     try:
         candidates = store.waiting_since(WAITING_STATES, now - older_than, limit)
@@ -95,7 +96,7 @@ def reconcile(
             logger.warning("mail_reconciled", sends=done, reason="no queued, scheduled or running job")
         return done
     finally:
-        store.drop_reconciler_lock(token)
+        presence.drop_reconciler_lock(token)
 
 
 def _adopt(store: SendStore, send_id: str, jobs: set[str], now: float) -> bool:

@@ -24,7 +24,6 @@ Invariants the store's writes keep (README "Guarantees"):
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
@@ -37,9 +36,7 @@ from dispatcher.queue.keys import (
     INFLIGHT,
     KEY_TTL,
     LEDGER_TTL,
-    RECONCILER_LOCK,
     RECORD_TTL,
-    ROUTES,
     STATS_TTL,
     delivered_key,
     idempotency_key,
@@ -47,7 +44,6 @@ from dispatcher.queue.keys import (
     send_key,
     source_key,
     state_key,
-    worker_key,
 )
 from dispatcher.queue.records import SendRecord, text
 from dispatcher.queue.states import FINAL_STATES, SendState
@@ -86,7 +82,7 @@ def unavailable(exc: BaseException) -> QueueUnavailable:
     return error
 
 
-def _outage_is_unavailable(method: Callable[P, R]) -> Callable[P, R]:
+def outage_is_unavailable(method: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(method)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
@@ -120,7 +116,7 @@ class SendStore:
         """A pipeline for an optimistic transaction: ``watch_send`` on it, read, then ``multi()``."""
         return self.redis.pipeline(transaction=True)
 
-    @_outage_is_unavailable
+    @outage_is_unavailable
     def watch_send(self, pipe: Any, send_id: str, *, leases: bool = True) -> None:
         """WATCH ``send_id``'s record (and, with ``leases``, the in-flight set) on ``pipe``."""
         keys = [send_key(send_id), INFLIGHT] if leases else [send_key(send_id)]
@@ -137,19 +133,19 @@ class SendStore:
 
     # -- reads ----------------------------------------------------------------------------------------
 
-    @_outage_is_unavailable
+    @outage_is_unavailable
     def load(self, send_id: str) -> SendRecord | None:
         raw = self.redis.hgetall(send_key(send_id))
         return SendRecord.from_hash(send_id, raw) if raw else None
 
-    @_outage_is_unavailable
+    @outage_is_unavailable
     def load_raw(self, send_id: str) -> dict[bytes, bytes]:
         """The record's hash as stored, undecoded (empty when there is none): for records too broken
         to decode."""
         raw: dict[bytes, bytes] = self.redis.hgetall(send_key(send_id))  # type: ignore[assignment]
         return raw
 
-    @_outage_is_unavailable
+    @outage_is_unavailable
     def load_many_tolerant(
         self, send_ids: Iterable[str]
     ) -> tuple[list[SendRecord], list[tuple[str, BaseException]]]:
@@ -170,7 +166,7 @@ class SendStore:
                 unreadable.append((send_id, exc))
         return readable, unreadable
 
-    @_outage_is_unavailable
+    @outage_is_unavailable
     def load_many(self, send_ids: Iterable[str]) -> list[SendRecord]:
         ids = list(send_ids)
         pipe = self.redis.pipeline(transaction=False)
@@ -178,18 +174,18 @@ class SendStore:
             pipe.hgetall(send_key(send_id))
         return [SendRecord.from_hash(i, raw) for i, raw in zip(ids, pipe.execute(), strict=True) if raw]
 
-    @_outage_is_unavailable
+    @outage_is_unavailable
     def ledger(self, message_id: str) -> set[str]:
         return {text(m) for m in self.redis.smembers(ledger_key(message_id))}
 
-    @_outage_is_unavailable
+    @outage_is_unavailable
     def ids_in_state(self, state: str, *, since: float | None = None, limit: int | None = None) -> list[str]:
         low: float | str = since if since is not None else "-inf"
         start, num = (0, limit) if limit is not None else (None, None)
         ids = self.redis.zrevrangebyscore(state_key(state), "+inf", low, start=start, num=num)
         return [text(i) for i in ids]
 
-    @_outage_is_unavailable
+    @outage_is_unavailable
     def waiting_since(self, states: Iterable[SendState], before: float, limit: int) -> list[str]:
         """Ids of sends in ``states`` not updated since ``before``, oldest first, at most ``limit`` each."""
         found: list[str] = []
@@ -198,7 +194,7 @@ class SendStore:
             found.extend(text(i) for i in ids)
         return found
 
-    @_outage_is_unavailable
+    @outage_is_unavailable
     def count_states(self, priority: str | None = None) -> dict[str, int]:
         """Sends per state, over every queue or in one priority's."""
         pipe = self.redis.pipeline(transaction=False)
@@ -206,7 +202,7 @@ class SendStore:
             pipe.zcard(state_key(state, priority))
         return dict(zip(STATES, pipe.execute(), strict=True))
 
-    @_outage_is_unavailable
+    @outage_is_unavailable
     def delivered_per_minute(self, minutes: int = 60, *, now: float | None = None) -> list[tuple[int, int]]:
         current = int((now or time.time()) // 60)
         keys = [delivered_key(m) for m in range(current - minutes + 1, current + 1)]
@@ -218,7 +214,7 @@ class SendStore:
 
     # -- creating sends -------------------------------------------------------------------------------
 
-    @_outage_is_unavailable
+    @outage_is_unavailable
     def watch_idempotency(self, pipe: Any, keys: Iterable[str]) -> dict[str, str]:
         """WATCH the idempotency keys ``keys`` (as producers give them) on ``pipe`` and read them: each
         one already claimed maps to what its claim holds (``"<send id> <fingerprint>"``)."""
@@ -304,7 +300,7 @@ class SendStore:
 
     # -- attempts -------------------------------------------------------------------------------------
 
-    @_outage_is_unavailable
+    @outage_is_unavailable
     def begin_attempt(
         self, rec: SendRecord, *, now: float, lease_seconds: float
     ) -> tuple[set[str], bytes | None] | None:
@@ -330,7 +326,7 @@ class SendStore:
         members, source = result
         return {text(m).casefold() for m in members}, source
 
-    @_outage_is_unavailable
+    @outage_is_unavailable
     def mark_data_out(self, send_id: str, attempt: int) -> None:
         """Record, before the first byte of its data is sent, that ``attempt`` may deliver the message.
         One round trip; it raises (and so no data goes out) when Redis does not acknowledge it."""
@@ -356,7 +352,7 @@ class SendStore:
 
     # -- leases ---------------------------------------------------------------------------------------
 
-    @_outage_is_unavailable
+    @outage_is_unavailable
     def lease(self, send_ids: Iterable[str], until: float, *, refresh: bool = False) -> None:
         """Lease ``send_ids`` until ``until``; ``refresh`` only extends leases that still exist (a send
         whose outcome was recorded meanwhile is not brought back)."""
@@ -366,12 +362,12 @@ class SendStore:
     def stage_release(pipe: Any, send_id: str) -> None:
         pipe.zrem(INFLIGHT, send_id)
 
-    @_outage_is_unavailable
+    @outage_is_unavailable
     def leased(self) -> set[str]:
         """Every send id under a lease now, expired or not."""
         return {text(i) for i in self.redis.zrange(INFLIGHT, 0, -1)}
 
-    @_outage_is_unavailable
+    @outage_is_unavailable
     def expired_leases(self, now: float) -> list[str]:
         return [text(m) for m in self.redis.zrangebyscore(INFLIGHT, "-inf", now)]
 
@@ -379,51 +375,3 @@ class SendStore:
     def is_leased(pipe: Any, send_id: str) -> bool:
         """On a pipeline in WATCH mode (immediate): whether ``send_id`` is under a lease."""
         return pipe.zscore(INFLIGHT, send_id) is not None
-
-    # -- workers --------------------------------------------------------------------------------------
-
-    @_outage_is_unavailable
-    def publish_worker(self, name: str, status: Mapping[str, Any], ttl: int) -> None:
-        """What worker ``name`` says of its routes and connections, until it stops refreshing it."""
-        self.redis.set(worker_key(name), json.dumps(status), ex=ttl)
-
-    @_outage_is_unavailable
-    def worker_statuses(self, names: Sequence[str]) -> list[dict[str, Any] | None]:
-        """The published status of each of ``names`` (None where there is none)."""
-        values = self.redis.mget([worker_key(n) for n in names]) if names else []
-        return [json.loads(v) if v else None for v in values]
-
-    @_outage_is_unavailable
-    def forget_worker(self, name: str) -> None:
-        self.redis.delete(worker_key(name))
-
-    @_outage_is_unavailable
-    def publish_routes(self, names: Iterable[str], ttl: float, now: float | None = None) -> None:
-        """A live worker has the routes ``names``, for the next ``ttl`` seconds: producers refuse a
-        ``route`` outside every live worker's names (``known_routes``). Each sighting expires on its own
-        (its score), the set when no worker refreshes it."""
-        now = time.time() if now is None else now
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(ROUTES, dict.fromkeys(names, now + ttl))
-            pipe.zremrangebyscore(ROUTES, "-inf", now)
-            pipe.expire(ROUTES, max(1, int(ttl) + 1))
-            pipe.execute()
-
-    @_outage_is_unavailable
-    def known_routes(self, now: float | None = None) -> frozenset[str]:
-        """The route names some live worker published (empty: none has yet, or none is running)."""
-        now = time.time() if now is None else now
-        return frozenset(text(name) for name in self.redis.zrangebyscore(ROUTES, now, "+inf"))
-
-    # -- the reconciler's lock ------------------------------------------------------------------------
-
-    @_outage_is_unavailable
-    def take_reconciler_lock(self, token: str, seconds: int) -> bool:
-        """Whether this caller (``token``) holds the reconciler's lock now, for ``seconds`` at most."""
-        return bool(self.redis.set(RECONCILER_LOCK, token, nx=True, ex=seconds))
-
-    @_outage_is_unavailable
-    def drop_reconciler_lock(self, token: str) -> None:
-        """Let the lock go, if ``token`` still holds it."""
-        if text(self.redis.get(RECONCILER_LOCK) or b"") == token:
-            self.redis.delete(RECONCILER_LOCK)

@@ -22,23 +22,21 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Protocol
 
 from dispatcher.errors import (
     ConnectionLost,
-    PolicyError,
-    ReplyError,
     ServiceClosing,
     SmtpError,
 )
 from dispatcher.smtp import commands
-from dispatcher.smtp.auth import AuthExchange, choose_mechanism
 from dispatcher.smtp.channel import Channel, check_envelope
 from dispatcher.smtp.config import SmtpConfig, TlsMode, parse_smtp_url
 from dispatcher.smtp.connection import Connection
 from dispatcher.smtp.envelopes import MAX_RCPT_PER_TRANSACTION, EnvelopePlan, wants_next_transaction
-from dispatcher.smtp.extensions import Extensions, parse_ehlo
+from dispatcher.smtp.extensions import Extensions
+from dispatcher.smtp.handshake import open_session
 from dispatcher.smtp.outcomes import SendResult
+from dispatcher.smtp.permit import ConnectionPermit
 from dispatcher.smtp.protocol import Transaction, error_after_break
 from dispatcher.smtp.replies import Reply
 from dispatcher.smtp.stages import Stage
@@ -46,7 +44,6 @@ from dispatcher.smtp.stream import MessageStream, Outgoing
 from dispatcher.smtp.transcript import Transcript
 
 FREE_RECONNECTS = 1
-_HELO_FALLBACK_CODES = frozenset({500, 502})
 _connection_numbers = itertools.count(1)
 
 
@@ -55,27 +52,6 @@ class SessionState(enum.Enum):
     READY = "ready"
     IN_TRANSACTION = "in_transaction"
     CLOSED = "closed"
-
-
-class ConnectionPermit(Protocol):
-    """What a connection must hold while it is open — a route's connection slot (``routes.slots``) — given
-    to the client, which only takes it before the TCP connect and gives it back when the connection ends.
-    The rest (waiting for it in a job, sharing it with waiting workers) is its owner's business."""
-
-    def acquire(self) -> None:
-        """Hold the permit (waiting as its owner allows); raise an ``SmtpError`` when it does not come."""
-
-    def release(self) -> None:
-        """The connection ended (QUIT, abort, failure, retirement)."""
-
-    def take(self, max_wait: float) -> bool:
-        """Hold the permit, waiting up to ``max_wait`` seconds; True when it is held."""
-
-    def share(self) -> None:
-        """A send ended: give the permit (and so the connection) up if others wait for one."""
-
-    def in_use(self) -> contextlib.AbstractContextManager[object]:
-        """Held while a job uses the client, so the permit's owner never closes it mid-send."""
 
 
 class SmtpClient:
@@ -361,74 +337,16 @@ class SmtpClient:
             self._transcript.event(
                 "smtp_connected", host=config.host, port=config.port, tls=self._transcript.tls_version
             )
-            channel.expect(Stage.GREETING, {220})
-            self._learn(channel, self._hello(channel))
-            self._negotiate_tls(channel)
-            self._authenticate(channel)
+            open_session(channel, config, self._transcript)
         except SmtpError as exc:  # the route is not usable now: its trouble, never the message's
             self._discard(SessionState.CLOSED)
             raise exc.not_offered(route_trouble=True) from exc
         except BaseException:
             self._discard(SessionState.CLOSED)
             raise
+        finally:
+            self.extensions = channel.extensions
         self.state = SessionState.READY
-
-    def _learn(self, channel: Channel, extensions: Extensions) -> None:
-        self.extensions = channel.extensions = extensions
-
-    def _hello(self, channel: Channel) -> Extensions:
-        name = self.config.ehlo_name
-        reply = channel.command(Stage.EHLO, commands.ehlo(name), None)
-        if reply.code == 250:
-            return parse_ehlo(reply)
-        if reply.code not in _HELO_FALLBACK_CODES:
-            raise ReplyError("EHLO refused", stage=Stage.EHLO, reply=reply)
-        helo = channel.command(Stage.HELO, commands.helo(name), {250})
-        return Extensions.none(helo.text)
-
-    def _negotiate_tls(self, channel: Channel) -> None:
-        mode = self.config.tls
-        if mode in (TlsMode.OFF, TlsMode.IMPLICIT):
-            return
-        if not self.extensions.starttls:
-            if mode is TlsMode.REQUIRED:
-                raise PolicyError(
-                    "the route requires TLS but the server does not offer STARTTLS",
-                    stage=Stage.STARTTLS,
-                    route_level=True,
-                )
-            self._transcript.event("smtp_tls_unavailable", reason="STARTTLS not offered")
-            return
-        reply = channel.command(Stage.STARTTLS, commands.starttls(), None)
-        if reply.code != 220:
-            if mode is TlsMode.REQUIRED:
-                raise ReplyError("STARTTLS refused", stage=Stage.STARTTLS, reply=reply)
-            self._transcript.event("smtp_tls_unavailable", reason=reply.summary())
-            return
-        channel.conn.start_tls()
-        # RFC 3207 §4.2: forget everything learnt before TLS and ask again.
-        self._learn(channel, Extensions.none())
-        self._transcript.tls_version = channel.conn.tls_version
-        self._transcript.event("smtp_tls_established", tls=channel.conn.tls_version)
-        self._learn(channel, self._hello(channel))
-
-    def _authenticate(self, channel: Channel) -> None:
-        credentials = self.config.credentials
-        if credentials is None:
-            return
-        if not channel.conn.is_tls and not self.config.allow_plaintext_auth:
-            raise PolicyError(
-                "refusing to send credentials over a plaintext connection "
-                "(set allow_plaintext_auth=true to permit it)",
-                stage=Stage.AUTH,
-                route_level=True,
-            )
-        exchange = AuthExchange(choose_mechanism(self.extensions.auth_mechanisms, credentials), credentials)
-        line: bytes | None = exchange.start()
-        while line is not None:
-            self._transcript.command(Stage.AUTH, exchange.redacted(line))
-            channel.conn.send(line, Stage.AUTH)
-            line = exchange.receive(channel.read(Stage.AUTH))
 
     def _discard(self, state: SessionState) -> None:
         if self._channel is not None:

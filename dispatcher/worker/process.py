@@ -43,11 +43,11 @@ from rq.utils import current_timestamp, now, utcformat
 from rq.worker import WorkerStatus
 
 from dispatcher.errors import QueueUnavailable
+from dispatcher.queue.presence import Presence
 from dispatcher.queue.producer import BATCH_FUNCTION, FAILURE_TTL, JOB_BATCH_SIZE, JOB_FUNCTION, connect
 from dispatcher.queue.reconcile import reconcile
 from dispatcher.queue.records import text
 from dispatcher.queue.recovery import reap_abandoned
-from dispatcher.queue.store import SendStore
 from dispatcher.settings import load_settings
 from dispatcher.worker.backoff import RestartBackoff
 from dispatcher.worker.lineage import OwnedScheduler, note_early_stop
@@ -263,14 +263,14 @@ class MailWorker(SimpleWorker):
             route["limits"] = self._limits.get(name, {})
         status = {"routes": routes, "updated_at": time.time()}
         try:
-            SendStore(self.connection).publish_worker(self.name, status, STATUS_TTL)
+            Presence(self.connection).publish_worker(self.name, status, STATUS_TTL)
         except (redis.RedisError, QueueUnavailable) as exc:
             logger.warning("worker_status_failed", error=str(exc))
 
     def run_maintenance_tasks(self) -> None:
         try:
             self.publish_status(limits=True)
-            SendStore(self.connection).publish_routes(self.runtime.settings.routes, ttl=STATUS_TTL)
+            Presence(self.connection).publish_routes(self.runtime.settings.routes, ttl=STATUS_TTL)
         except (redis.RedisError, QueueUnavailable) as exc:
             logger.warning("worker_status_failed", error=str(exc))
         try:
@@ -291,7 +291,7 @@ class MailWorker(SimpleWorker):
     def teardown(self) -> None:
         self.runtime.close()
         with contextlib.suppress(redis.RedisError, QueueUnavailable):
-            SendStore(self.connection).forget_worker(self.name)
+            Presence(self.connection).forget_worker(self.name)
         try:
             super().teardown()  # type: ignore[no-untyped-call]
         except redis.RedisError as exc:  # Redis away: rq's registration expires by itself

@@ -19,7 +19,7 @@ import redis
 
 from dispatcher.delivery.journal import Journal
 from dispatcher.errors import ConfigurationError, UnknownRoute
-from dispatcher.queue.store import SendStore
+from dispatcher.queue.presence import Presence
 from dispatcher.routes.gate import RouteGate
 from dispatcher.routes.slots import ConnectionSlots, capped_client
 from dispatcher.settings import Settings, load_settings
@@ -96,7 +96,7 @@ class Runtime:
         try:
             return self.settings.route(route)
         except UnknownRoute as exc:
-            if connection is not None and route in SendStore(connection).known_routes():
+            if connection is not None and route in Presence(connection).known_routes():
                 raise ConfigurationError(f"{exc}; other workers have it") from None
             raise
 

@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 from helpers import free_port
 
 from dispatcher.dashboard import create_app, state
-from dispatcher.queue.store import SendStore
+from dispatcher.queue.presence import Presence
 
 
 def send_keys(client: redis.Redis) -> list[bytes]:
@@ -336,7 +336,7 @@ def test_the_recipient_limit_follows_the_setting(redis_url: str) -> None:
 
 def test_a_route_no_worker_publishes_is_a_422(client: FlaskClient, redis_client: redis.Redis) -> None:
     """Issue 14: ``"route": "nosuchroute"`` was accepted and then retried for 2 days."""
-    SendStore(redis_client).publish_routes(["default", "bulk"], ttl=60)
+    Presence(redis_client).publish_routes(["default", "bulk"], ttl=60)
     response = client.post("/api/v1/messages", json=mail(route="nosuchroute"), headers=AUTH)
     assert response.status_code == 422, response.get_data(as_text=True)[:200]
     assert response.get_json()["problems"] == {

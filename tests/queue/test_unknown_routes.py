@@ -1,5 +1,5 @@
 """A ``route`` no worker is configured with (issue 14: ``--route nosuchroute`` was accepted, then retried
-for up to 2 days). Workers publish their route names (``SendStore.publish_routes``, ``dispatch:routes``);
+for up to 2 days). Workers publish their route names (``Presence.publish_routes``, ``dispatch:routes``);
 every producer — the Python API, ``enqueue.py send`` and ``bulk`` here, the HTTP API in
 ``tests/dashboard/test_api.py`` — refuses another route with a field error naming the known ones. With
 none published it cannot tell and accepts; the worker then fails the send permanently, kind ``route``."""
@@ -21,6 +21,7 @@ from servers import RecordingSmtpServer
 import dispatcher
 from dispatcher import cli
 from dispatcher.errors import ConfigurationError, UnknownRoute, ValidationError
+from dispatcher.queue.presence import Presence
 from dispatcher.queue.producer import Producer
 from dispatcher.queue.store import SendStore
 from dispatcher.settings import load_settings
@@ -37,7 +38,7 @@ def test_a_worker_publishes_its_routes_and_producers_refuse_others(
     sink = smtp_server()
     worker = start_workers(smtp_url(sink.port), env={"SMTP_URL_BULK": smtp_url(sink.port)})
     wait_until(
-        lambda: SendStore(redis_client).known_routes() == {"default", "bulk"},
+        lambda: Presence(redis_client).known_routes() == {"default", "bulk"},
         timeout=20,
         message=worker.text(),
     )
@@ -76,7 +77,7 @@ def test_a_worker_publishes_its_routes_and_producers_refuse_others(
 def test_bulk_reports_the_line_with_an_unknown_route(
     redis_client: redis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    SendStore(redis_client).publish_routes(["default"], ttl=60)
+    Presence(redis_client).publish_routes(["default"], ttl=60)
     lines = [json.dumps(BASE), json.dumps({**BASE, "route": "nosuchroute"})]
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
     out, err = io.StringIO(), io.StringIO()
@@ -88,8 +89,8 @@ def test_bulk_reports_the_line_with_an_unknown_route(
 
 
 def test_expired_sightings_count_as_none(redis_client: redis.Redis) -> None:
-    SendStore(redis_client).publish_routes(["default"], ttl=10, now=time.time() - 11)
-    assert SendStore(redis_client).known_routes() == frozenset()
+    Presence(redis_client).publish_routes(["default"], ttl=10, now=time.time() - 11)
+    assert Presence(redis_client).known_routes() == frozenset()
     assert Producer(redis_client).enqueue({**BASE, "route": "nosuchroute"}).id  # cannot tell: accepted
 
 
@@ -113,7 +114,7 @@ def test_a_route_another_worker_publishes_is_left_to_it(redis_client: redis.Redi
     runtime = Runtime(load_settings({"SMTP_URL": "smtp://127.0.0.1:25?tls=off"}))
     with pytest.raises(UnknownRoute):
         runtime.client("bulk", redis_client)
-    SendStore(redis_client).publish_routes(["default", "bulk"], ttl=60)
+    Presence(redis_client).publish_routes(["default", "bulk"], ttl=60)
     with pytest.raises(ConfigurationError) as caught:
         runtime.client("bulk", redis_client)
     assert not isinstance(caught.value, UnknownRoute) and "other workers have it" in str(caught.value)
