@@ -1,5 +1,6 @@
 """The send store: the one owner of a send's Redis keys (``queue.keys``) — records, sources, idempotency
-keys, the ledger, the state indexes, in-flight leases, worker statuses and the delivery stats.
+keys, the ledger, the state indexes, in-flight leases and the delivery stats (who is alive is
+``queue.presence``'s).
 
 rq jobs only carry a send id; the record is the source of truth for state, attempts and every
 recipient's outcome, so retries, the CLI and the dashboard never depend on rq's registries or pickles.
@@ -13,8 +14,10 @@ talks to Redis itself.
 Invariants the store's writes keep (README "Guarantees"):
 
 1. A send that is not final has one owner: its queued or scheduled rq job, or a worker's lease in
-   ``dispatch:inflight`` (``begin_attempt`` leases it in the same transaction that moves it to ``sending``;
-   ``stage_outcome`` drops the lease in the one that records the outcome).
+   ``dispatch:inflight`` (``begin_attempt`` leases it in the same script that moves it to ``sending`` —
+   and only if the record still names the job and state the attempt read, so a job the reconciler
+   replaced can never take it back; ``stage_outcome`` drops the lease in the transaction that records the
+   outcome, or the outcome waits in the worker's journal, ``delivery.journal``, until Redis takes it).
 2. ``data_out`` (``mark_data_out``) is durable before the first byte of an attempt's message data is
    written; recovery then settles the send *unknown*, never resends it.
 3. A recipient in the ledger is never sent to again: ``stage_outcome`` adds the accepted ones in the same
