@@ -111,35 +111,45 @@ class Journal:
         An entry stays while Redis is away; a line that cannot be read is logged and dropped."""
         done = 0
         for path in self._files():
-            with self._locked(path, "r+") as handle:
-                kept: list[str] = []
-                for line in handle.read().splitlines():
-                    if not line.strip():
-                        continue
-                    if kept:  # Redis went away on an earlier entry: keep the rest for the next round
-                        kept.append(line)
-                        continue
-                    try:
-                        entry = Entry.from_line(line)
-                    except (ValueError, TypeError, KeyError, IndexError) as exc:
-                        logger.error("journal_entry_unreadable", journal=str(path), error=str(exc))
-                        continue
-                    try:
-                        result = replay_entry(SendStore(connection), entry)
-                    except (QueueUnavailable, redis.ConnectionError, redis.TimeoutError):
-                        kept.append(line)
-                        continue
-                    done += 1
-                    logger.info("outcome_replayed", send_id=entry.send_id, attempt=entry.attempts,
-                                result=result)  # fmt: skip
-                handle.seek(0)
-                handle.truncate()
-                if kept:
-                    handle.write("\n".join(kept) + "\n")
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                else:
-                    path.unlink()
+            try:
+                done += self._replay_file(path, connection)
+            except FileNotFoundError:  # another worker of this host replayed and removed it meanwhile
+                continue
+        return done
+
+    def _replay_file(self, path: Path, connection: redis.Redis) -> int:
+        done = 0
+        with self._locked(path, "r+") as handle:
+            if os.fstat(handle.fileno()).st_nlink == 0:
+                return 0  # replayed and removed while we waited for the lock
+            kept: list[str] = []
+            for line in handle.read().splitlines():
+                if not line.strip():
+                    continue
+                if kept:  # Redis went away on an earlier entry: keep the rest for the next round
+                    kept.append(line)
+                    continue
+                try:
+                    entry = Entry.from_line(line)
+                except (ValueError, TypeError, KeyError, IndexError) as exc:
+                    logger.error("journal_entry_unreadable", journal=str(path), error=str(exc))
+                    continue
+                try:
+                    result = replay_entry(SendStore(connection), entry)
+                except (QueueUnavailable, redis.ConnectionError, redis.TimeoutError):
+                    kept.append(line)
+                    continue
+                done += 1
+                logger.info("outcome_replayed", send_id=entry.send_id, attempt=entry.attempts,
+                            result=result)  # fmt: skip
+            handle.seek(0)
+            handle.truncate()
+            if kept:
+                handle.write("\n".join(kept) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            elif _same_file(path, handle):  # never a newer file a writer made at the same path
+                path.unlink()
         return done
 
     def _files(self) -> list[Path]:
@@ -156,6 +166,13 @@ class Journal:
                 yield handle
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _same_file(path: Path, handle: IO[str]) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _lines(path: Path) -> list[str]:

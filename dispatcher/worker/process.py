@@ -281,6 +281,11 @@ class MailWorker(SimpleWorker):
             logger.exception("maintenance_failed", error=str(exc))
         try:
             self.runtime.journal().replay(self.connection)  # first: before recovery settles those sends
+        except StopRequested:
+            raise
+        except Exception as exc:  # a journal the worker cannot read must not stop recovery
+            logger.exception("journal_replay_failed", error=str(exc))
+        try:
             reap_abandoned(self.connection)
             reconcile(self.connection, older_than=self.runtime.settings.reconcile_after)
         except StopRequested:  # rq's warm stop, raised from its signal handler while idle: let it through
