@@ -18,8 +18,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, TextIO
 
-import redis
-
 from dispatcher.errors import ConfigurationError, QueueUnavailable, ValidationError
 from dispatcher.logs import configure_logging
 from dispatcher.mail.fields import PRIORITIES
@@ -27,7 +25,7 @@ from dispatcher.queue.operations import FailureFilter, Operations
 from dispatcher.queue.producer import BATCH, Enqueued, Producer, connect
 from dispatcher.queue.recovery import UNREADABLE, describe_unreadable
 from dispatcher.queue.states import FAILURE_STATES, RETRYABLE_STATES
-from dispatcher.queue.store import SendStore
+from dispatcher.queue.store import OUTAGE, SendStore
 from dispatcher.settings import load_settings
 from dispatcher.values import parse_redis_url, parse_since
 
@@ -340,7 +338,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout, err: TextI
     except ValidationError as exc:  # an option's value (cmd_send reports a mail's problems itself)
         err.write(_problems(exc, "error: "))
         return EXIT_USAGE
-    except (QueueUnavailable, redis.ConnectionError, redis.TimeoutError) as exc:
+    except (QueueUnavailable, *OUTAGE) as exc:
         text = str(exc)
         err.write(f"error: {text if text.startswith('Redis') else f'Redis is unreachable: {text}'}\n")
         return EXIT_UNAVAILABLE

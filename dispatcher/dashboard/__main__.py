@@ -19,7 +19,6 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-import redis
 import structlog
 from werkzeug.serving import WSGIRequestHandler, make_server
 
@@ -27,6 +26,7 @@ from dispatcher.dashboard import context, create_app, sessions
 from dispatcher.dashboard.config import DEFAULT_HOST, DEFAULT_PORT, load_config
 from dispatcher.errors import ConfigurationError
 from dispatcher.logs import configure_logging
+from dispatcher.queue.store import OUTAGE
 
 logger = structlog.get_logger("dispatcher.dashboard")
 access_logger = structlog.get_logger("dispatcher.dashboard.access")
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         revoked = sessions.revoke_stale(connection, config.user, config.password)
         if revoked:
             logger.info("dashboard_sessions_revoked", count=revoked, reason="other credentials")
-    except (redis.ConnectionError, redis.TimeoutError) as exc:  # each is refused when presented anyway
+    except OUTAGE as exc:  # each is refused when presented anyway
         logger.warning("dashboard_sessions_not_swept", error=str(exc))
     server = make_server(config.host, config.port, app, threaded=True, request_handler=AccessLogHandler)
 

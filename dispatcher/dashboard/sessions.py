@@ -45,6 +45,7 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from dispatcher.queue.keys import SESSION_PREFIX
 from dispatcher.queue.keys import session_key as _stored_under
+from dispatcher.queue.store import OUTAGE
 
 logger = structlog.get_logger("dispatcher.dashboard.sessions")
 LOGGED_IN_TTL = 8 * 3600
@@ -130,7 +131,7 @@ class RedisSessions(SessionInterface):
             return self._anonymous(app, sid)
         try:
             raw = self.redis.get(session_key(sid))
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except OUTAGE as exc:
             logger.warning("dashboard_session_unreadable", error=str(exc))
             session = ServerSession(had_cookie=True)
             session.unavailable = True
@@ -191,7 +192,7 @@ class RedisSessions(SessionInterface):
                 self._store(session.sid, session)
             else:
                 self.redis.expire(session_key(session.sid), LOGGED_IN_TTL)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except OUTAGE as exc:
             logger.warning("dashboard_session_not_saved", error=str(exc))
 
     def _store(self, sid: str, session: ServerSession) -> None:

@@ -42,7 +42,7 @@ from dispatcher.errors import QueueUnavailable
 from dispatcher.queue.producer import schedule_attempt
 from dispatcher.queue.records import HistoryEntry, SendRecord
 from dispatcher.queue.states import SendState
-from dispatcher.queue.store import DECODE_ERRORS, SendStore
+from dispatcher.queue.store import DECODE_ERRORS, OUTAGE, SendStore
 
 logger = structlog.get_logger("dispatcher.delivery.journal")
 SUFFIX = ".jsonl"
@@ -136,7 +136,7 @@ class Journal:
                     continue
                 try:
                     result = replay_entry(SendStore(connection), entry)
-                except (QueueUnavailable, redis.ConnectionError, redis.TimeoutError):
+                except (QueueUnavailable, *OUTAGE):  # rq stages its enqueue outside the store
                     kept.append(line)
                     continue
                 done += 1

@@ -56,7 +56,8 @@ DECODE_ERRORS = (ValueError, KeyError, TypeError, AttributeError)
 KeyError for a missing field; an unknown state is a ValueError of ``SendState``)."""
 STATES = tuple(SendState)
 OUTAGE = (redis.ConnectionError, redis.TimeoutError)
-"""What redis-py raises when Redis cannot be reached or does not answer in time."""
+"""What redis-py raises when Redis cannot be reached, does not answer in time, or is still loading its
+data after a restart (``BusyLoadingError`` is a ``ConnectionError``): the one definition of an outage."""
 
 _BEGIN_ATTEMPT = """
 local stored = redis.call('HMGET', KEYS[1], 'rq_job', 'state')

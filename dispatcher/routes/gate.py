@@ -30,6 +30,7 @@ import redis
 import structlog
 
 from dispatcher.errors import SmtpError
+from dispatcher.queue.store import OUTAGE
 from dispatcher.routes.breaker import Breaker, is_connection_failure
 from dispatcher.routes.config import RoutePolicy
 from dispatcher.routes.throttle import Throttle, is_slow_down
@@ -37,8 +38,6 @@ from dispatcher.smtp.replies import Reply
 from dispatcher.smtp.session import SmtpClient
 
 logger = structlog.get_logger("dispatcher.routes.gate")
-OUTAGE = (redis.ConnectionError, redis.TimeoutError)
-"""Redis unreachable, not answering in time, or still loading its data after a restart."""
 RESUME_SPREAD = 30.0
 """Seconds over which the sends a cap held back resume after its window ends (no thundering herd)."""
 

@@ -16,6 +16,8 @@ from collections.abc import Callable
 import redis
 import structlog
 
+from dispatcher.queue.store import OUTAGE
+
 logger = structlog.get_logger("dispatcher.worker.startup")
 BASE = 0.5
 CAP = 10.0
@@ -38,7 +40,7 @@ def wait_for_redis(connection: redis.Redis, stop: Callable[[], bool]) -> bool:
         attempt += 1
         try:
             connection.ping()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except OUTAGE as exc:
             logger.warning(
                 "worker_waiting_for_redis",
                 redis=where(connection),
