@@ -187,7 +187,8 @@ class Attempt:
 
     def _begin(self, rec: SendRecord, now: float) -> tuple[set[str], bytes | None] | None:
         """Mark the send in flight under a lease; read its ledger and (unless the MIME bytes are stored)
-        the mail to build them from, as stored (bytes: ``prepare`` decodes it) — in one transaction."""
+        the mail to build them from, as stored (bytes: ``prepare`` decodes it) — in one script, and only if
+        the record still names the job and state it was read with (None otherwise: the send moved on)."""
         rec.move(SendState.SENDING)
         rec.attempts += 1
         if rec.first_attempt_at is None:
