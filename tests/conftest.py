@@ -6,6 +6,7 @@ Import helpers in tests as ``from helpers import wait_until, free_port`` and ser
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 from collections.abc import Callable, Iterator
@@ -14,10 +15,14 @@ from typing import Any
 
 import pytest
 import redis
+import structlog
 import trustme
 from servers.recording import RecordingSmtpServer
 from servers.redis_server import RedisServer
 from servers.scripted import ScriptedSmtpServer
+from structlog.stdlib import ProcessorFormatter
+
+from dispatcher.logs import reset_logging
 
 
 @pytest.fixture(scope="session")
@@ -158,3 +163,21 @@ def private_state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
         os.environ.pop("XDG_STATE_HOME", None)
     else:
         os.environ["XDG_STATE_HOME"] = before
+
+
+@pytest.fixture(autouse=True)
+def structlog_defaults() -> Iterator[None]:
+    """Every test starts and ends with structlog's defaults — every level, the default chain — whatever a
+    test before it configured in-process (``cli.main`` runs ``configure_logging(level="WARNING")``): so
+    ``structlog.testing.capture_logs`` sees every event in any test order. ``reset_logging`` reaches the
+    loggers an earlier configuration cached; the stdlib handlers and levels ``configure_logging`` set are
+    taken off again."""
+    root, rq = logging.getLogger(), logging.getLogger("rq")
+    levels = root.level, rq.level
+    reset_logging()
+    yield
+    reset_logging()
+    structlog.contextvars.clear_contextvars()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h.formatter, ProcessorFormatter)]
+    root.setLevel(levels[0])
+    rq.setLevel(levels[1])

@@ -362,9 +362,12 @@ class SmtpClient:
     def _run(
         self, channel: Channel, tx: Transaction, before_data: Callable[[], None] | None = None
     ) -> SendResult:
-        """Drive one transaction step by step; a break closes the connection (see ``error_after_break``)."""
+        """Drive one transaction step by step; a break closes the connection (see ``error_after_break``).
+        Its lines, and the RSET after it, are one ``smtp_transaction`` event (``transcript``)."""
         self.state = SessionState.IN_TRANSACTION
         round_trips = 0
+        log = self._transcript.transaction()
+        self._transcript.select(log)
         try:
             while (step := tx.next_step()) is not None:
                 if step.is_data and before_data is not None:
@@ -376,11 +379,17 @@ class SmtpClient:
                 for stage in step.expect:
                     tx.receive(stage, channel.read(stage))
         except SmtpError as exc:
+            self._transcript.finish(log, exc)
             self._discard(SessionState.CLOSED)
             raise error_after_break(tx, exc) from exc
+        except BaseException as exc:  # interrupted mid-dialogue (a job timeout): told, then passed on
+            self._transcript.finish(log, exc)
+            raise
         channel.ended()
         self.state = SessionState.READY
-        if tx.needs_rset and not channel.rset():
+        reset = not tx.needs_rset or channel.rset()
+        self._transcript.finish(log)
+        if not reset:
             self._discard(SessionState.CLOSED)
         return channel.result(tx, round_trips)
 

@@ -40,6 +40,7 @@ from dispatcher.smtp.outcomes import SendResult
 from dispatcher.smtp.protocol import Step, Transaction, error_after_break
 from dispatcher.smtp.quirks import SERVER_QUIRKS
 from dispatcher.smtp.stages import Stage
+from dispatcher.smtp.transcript import TransactionLog
 
 WINDOW = 2
 
@@ -63,6 +64,8 @@ Outcome = tuple[Outgoing, SendResult | SmtpError]
 class _InFlight:
     message: Outgoing
     tx: Transaction
+    log: TransactionLog
+    """Its lines, told as one ``smtp_transaction`` event when it ends (``transcript``)."""
     follows: bool = False
     """Written while another transaction was open on the wire: it opens with RSET."""
     opened: bool = False
@@ -123,8 +126,13 @@ class MessageStream:
             self.on_break()
             self._fail_inflight(exc)
             yield from self._hand_back()
+        except BaseException as exc:  # the caller stopped early, or an interruption came mid-dialogue
+            for item in self.inflight:  # (maybe in a later job's context: put back as it was)
+                with structlog.contextvars.bound_contextvars(**item.message.log_context):
+                    self.channel.transcript.finish(item.log, exc)
+            raise
         finally:
-            if self.inflight:  # the caller stopped early, or an interruption came mid-dialogue
+            if self.inflight:
                 self.on_break()
 
     def _hand_back(self) -> Iterator[Outcome]:
@@ -136,8 +144,7 @@ class MessageStream:
         SMTPUTF8…) go to ``done``."""
         channel = self.channel
         if self.again:  # already counted against the connection's cap when it was first pulled
-            again = self.again.popleft()
-            return _InFlight(again, channel.transaction(again.sender, again.recipients, again.data), follows)
+            return self._in_flight(self.again.popleft(), follows)
         while not self.exhausted:
             if channel.messages + len(self.inflight) >= channel.config.max_messages:
                 self.exhausted = True
@@ -147,12 +154,15 @@ class MessageStream:
                 self.exhausted = True
                 break
             try:
-                return _InFlight(
-                    message, channel.transaction(message.sender, message.recipients, message.data), follows
-                )
+                return self._in_flight(message, follows)
             except SmtpError as exc:
                 self.done.append((message, exc))
         return None
+
+    def _in_flight(self, message: Outgoing, follows: bool) -> _InFlight:
+        """``message`` as a transaction; a local refusal (SIZE, SMTPUTF8…) raises here."""
+        tx = self.channel.transaction(message.sender, message.recipients, message.data)
+        return _InFlight(message, tx, self.channel.transcript.transaction(), follows)
 
     def _fill(self) -> None:
         """Put a message on the wire when none is, and more while the last one is a whole CHUNKING write."""
@@ -181,6 +191,7 @@ class MessageStream:
             self._read_expected(head)
         assert head.tx.finished, "a pipelined transaction ends with its data or before it"
         self.inflight.popleft()
+        self.channel.transcript.finish(head.log)
         if head.follows and head.tx.refused_out_of_sequence and id(head.message) not in self.resent:
             self._go_again(head)
             return
@@ -211,14 +222,14 @@ class MessageStream:
         """Write ``step`` of ``item`` — after an RSET if one is owed — and ``follower``'s first step."""
         payload, lines, expect = self._opening(item, step)
         data_size = step.data_size if step.is_data else 0
-        _bind(item.message)
+        self._bind(item)
         self.channel.log(lines, data_size=data_size)
         follow = follower.tx.next_step() if follower is not None else None
         follow_expect: list[Stage] = []
         if follower is not None and follow is not None:
             follow_payload, follow_lines, follow_expect = self._opening(follower, follow)
             payload += follow_payload
-            _bind(follower.message)
+            self._bind(follower)
             self.channel.log(follow_lines)
             self.inflight.append(follower)  # before the write: a break must give it an outcome too
         if self.before_data is not None:
@@ -245,23 +256,25 @@ class MessageStream:
         return payload, lines, expect
 
     def _read_expected(self, item: _InFlight) -> None:
-        _bind(item.message)
+        self._bind(item)
         while item.expect:
             stage = item.expect.popleft()
             reply = self.channel.read(stage)
             if stage is not Stage.RSET:  # RSET's own failure is ignored, as after any failed transaction
                 item.tx.receive(stage, reply)
 
+    def _bind(self, item: _InFlight) -> None:
+        """What is logged from here on is ``item``'s: its context bound, its transaction's lines selected."""
+        if item.message.log_context:
+            structlog.contextvars.bind_contextvars(**item.message.log_context)
+        self.channel.transcript.select(item.log)
+
     def _fail_inflight(self, exc: SmtpError) -> None:
         """Every message still on the wire gets an outcome from the break, in order."""
         for item in self.inflight:
+            self._bind(item)
+            self.channel.transcript.finish(item.log, exc)
             self.done.append((item.message, error_after_break(item.tx, exc)))
         self.inflight.clear()
         while self.again:  # refused out of sequence and not yet sent again: nothing of it was executed
             self.done.append((self.again.popleft(), exc.with_outcomes(())))
-
-
-def _bind(message: Outgoing) -> None:
-    if message.log_context:
-        structlog.contextvars.bind_contextvars(**message.log_context)
-

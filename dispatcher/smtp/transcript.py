@@ -1,11 +1,22 @@
 """Every command sent and reply received, as structlog events and as a record of the current send.
 
+What is logged at INFO — every line, once:
+- a **transaction's** lines (from its ``RSET`` / ``MAIL`` to its last reply, and the RSET after a failed
+  one) are one ``smtp_transaction`` event when it ends, its ``lines`` in the order they went and came
+  (``"rcpt > RCPT TO:<b@y.org>"``, ``"rcpt < 250 2.1.5 OK (0.31 ms)"``), WARNING when it broke (with
+  ``error``); each of its lines is also its own ``smtp_command`` / ``smtp_reply`` / ``smtp_data`` event at
+  DEBUG — made only when DEBUG is enabled (asked once per transaction), so they cost nothing at INFO;
+- the **connection's** own lines — greeting, EHLO, STARTTLS, AUTH, NOOP, QUIT — are their own
+  ``smtp_command`` / ``smtp_reply`` events at INFO, as are its events (``smtp_connected``,
+  ``smtp_tls_established``, ``smtp_reconnect``, ``smtp_closed``…).
+
 Lines reach this module already redacted (AUTH payloads are replaced before they get here); message data
 is never logged, only its size.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from typing import Any
@@ -21,8 +32,29 @@ MAX_ENTRIES = 200
 MAX_UNREPORTED = 64
 
 
+class TransactionLog:
+    """The lines of one transaction, for its ``smtp_transaction`` event."""
+
+    __slots__ = ("debug", "lines", "started")
+
+    def __init__(self, debug: bool) -> None:
+        self.lines: list[str] = []
+        self.started = time.monotonic()
+        self.debug = debug
+        """Each line is also its own DEBUG event (DEBUG was enabled when the transaction began)."""
+
+
+def _debug_enabled() -> bool:
+    enabled = getattr(logger, "is_enabled_for", None)  # structlog's filtering loggers have it
+    return True if enabled is None else bool(enabled(logging.DEBUG))
+
+
 class Transcript:
-    """Emits ``smtp_command`` / ``smtp_reply`` events and keeps the entries of the current send."""
+    """Emits the events of one connection and keeps the entries of the current send.
+
+    A line belongs to the transaction ``select``ed when it is written or read (the stream interleaves
+    several); with none selected it is the connection's own.
+    """
 
     def __init__(self, conn_id: str) -> None:
         self.conn_id = conn_id
@@ -30,11 +62,33 @@ class Transcript:
         self.entries: list[dict[str, Any]] = []
         self.unreported: deque[Reply] = deque(maxlen=MAX_UNREPORTED)
         """Refusals and 421s read since the last ``take_replies``: the ones a caller recovered from too."""
+        self.current: TransactionLog | None = None
         self._last_sent = time.monotonic()
 
     def begin(self) -> None:
         """Start recording a new send: entries of earlier sends are dropped."""
         self.entries = []
+        self.current = None
+
+    def transaction(self) -> TransactionLog:
+        """A new transaction's log (not selected yet)."""
+        return TransactionLog(_debug_enabled())
+
+    def select(self, log: TransactionLog | None) -> None:
+        """The lines from now on are ``log``'s (``None``: the connection's own)."""
+        self.current = log
+
+    def finish(self, log: TransactionLog, error: BaseException | None = None) -> None:
+        """``log``'s transaction ended (``error``: it broke): its one ``smtp_transaction`` event."""
+        if self.current is log:
+            self.current = None
+        ms = round((time.monotonic() - log.started) * 1000, 2)
+        conn, tls = self.conn_id, self.tls_version
+        if error is None:
+            logger.info("smtp_transaction", conn_id=conn, tls=tls, lines=log.lines, ms=ms)
+        else:
+            reason = str(error) or type(error).__name__
+            logger.warning("smtp_transaction", conn_id=conn, tls=tls, lines=log.lines, ms=ms, error=reason)
 
     def _record(self, entry: dict[str, Any]) -> None:
         if len(self.entries) < MAX_ENTRIES:
@@ -43,14 +97,27 @@ class Transcript:
     def command(self, stage: Stage, line: str) -> None:
         self._last_sent = time.monotonic()
         self._record({"dir": "C", "stage": stage.value, "line": line})
-        logger.info(
+        log = self.current
+        if log is not None:
+            log.lines.append(f"{stage.value} > {line}")
+            if not log.debug:
+                return
+        (logger.info if log is None else logger.debug)(
             "smtp_command", conn_id=self.conn_id, stage=stage.value, command=line, tls=self.tls_version
         )
 
     def data(self, stage: Stage, size: int) -> None:
         self._last_sent = time.monotonic()
-        self._record({"dir": "C", "stage": stage.value, "line": f"<{size} bytes of message data>"})
-        logger.info("smtp_data", conn_id=self.conn_id, stage=stage.value, bytes=size, tls=self.tls_version)
+        line = f"<{size} bytes of message data>"
+        self._record({"dir": "C", "stage": stage.value, "line": line})
+        log = self.current
+        if log is not None:
+            log.lines.append(f"{stage.value} > {line}")
+            if not log.debug:
+                return
+        (logger.info if log is None else logger.debug)(
+            "smtp_data", conn_id=self.conn_id, stage=stage.value, bytes=size, tls=self.tls_version
+        )
 
     def take_replies(self) -> tuple[Reply, ...]:
         """Every non-2xx/3xx reply read since the last call, oldest first (at most ``MAX_UNREPORTED``)."""
@@ -72,7 +139,12 @@ class Transcript:
                 "ms": ms,
             }
         )
-        logger.info(
+        log = self.current
+        if log is not None:
+            log.lines.append(f"{stage.value} < {reply.code} {reply.text} ({ms} ms)")
+            if not log.debug:
+                return
+        (logger.info if log is None else logger.debug)(
             "smtp_reply",
             conn_id=self.conn_id,
             stage=stage.value,
