@@ -4,15 +4,17 @@
 
 1. **Per event**: ``configure_logging(json=True)`` writing to ``/dev/null``, a job's context bound (the
    six fields ``Attempt.bind`` binds), then ``--events`` calls of each typical event — a command, a
-   reply, a ``mail_delivered`` summary, an ``smtp_transaction`` carrying eight command/reply entries, and
+   reply, a ``mail_delivered`` summary, an ``smtp_transaction`` carrying nine command/reply lines, and
    a DEBUG event while the level is INFO (filtered before the chain runs). Then each processor of the
    chain alone on a typical event, to see where the time goes.
 2. **Per delivered mail**: a real ``worker.py --burst`` (one process, a private Redis, the counting bench
    sink) delivers ``--mails`` mails at ``DISPATCH_LOG_LEVEL=DEBUG``, so every event any call site makes is
    in its output; the events are counted per delivered mail (all of them, and those at INFO or above:
    what a worker writes by default). Then every event of that run is replayed through a logger configured
-   at INFO to ``/dev/null`` — the same calls, fields and context, DEBUG ones filtered as in production —
-   and the replay's time divided by the mails delivered.
+   at INFO to ``/dev/null`` — the same calls, fields and context — and the replay's time divided by the
+   mails delivered: once only the events written at INFO, once with every DEBUG call too (made and
+   filtered: an upper bound where a call site skips them, as the transcript does at INFO). A second
+   run at INFO gives the worker's whole CPU time per mail, for scale.
 
 Timings are CPU time of this process (``time.process_time``: a shared machine's other work is not
 counted), best of 5: read them for proportions and before/after in one run, not as absolutes.
@@ -23,9 +25,11 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import json
 import logging
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -52,16 +56,18 @@ CONTEXT_KEYS = frozenset(CONTEXT)
 RENDERED_KEYS = frozenset({"timestamp", "level", "log_level", "logger"})
 """Fields the chain adds: not passed again when a captured event is replayed."""
 
-ENTRIES: list[dict[str, Any]] = [
-    {"dir": "C", "stage": "rset", "line": "RSET"},
-    {"dir": "C", "stage": "mail", "line": "MAIL FROM:<app@example.com> SIZE=1834"},
-    {"dir": "C", "stage": "rcpt", "line": "RCPT TO:<user3@example.org>"},
-    {"dir": "C", "stage": "bdat", "line": "BDAT 1834 LAST"},
-    {"dir": "C", "stage": "data_block", "line": "<1834 bytes of message data>"},
-    {"dir": "S", "stage": "rset", "code": 250, "enhanced": "2.0.0", "text": "2.0.0 OK", "ms": 0.21},
-    {"dir": "S", "stage": "mail", "code": 250, "enhanced": "2.1.0", "text": "2.1.0 OK", "ms": 0.22},
-    {"dir": "S", "stage": "rcpt", "code": 250, "enhanced": "2.1.5", "text": "2.1.5 OK", "ms": 0.22},
+LINES = [
+    "rset > RSET",
+    "mail > MAIL FROM:<app@example.com> SIZE=1834",
+    "rcpt > RCPT TO:<user3@example.org>",
+    "bdat > BDAT 1834 LAST",
+    "data_block > <1834 bytes of message data>",
+    "rset < 250 2.0.0 OK (0.21 ms)",
+    "mail < 250 2.1.0 OK (0.22 ms)",
+    "rcpt < 250 2.1.5 OK (0.22 ms)",
+    "bdat < 250 2.0.0 OK queued (0.32 ms)",
 ]
+"""An ``smtp_transaction``'s lines for one streamed message (CHUNKING)."""
 
 
 def _events(logger: Any) -> dict[str, Callable[[], None]]:
@@ -79,8 +85,8 @@ def _events(logger: Any) -> dict[str, Callable[[], None]]:
             "mail_delivered", recipients={"user3@example.org": "accepted"}, total_ms=4.2, conn_id=conn,
             next_attempt_at=None, reason=None,
         ),
-        "smtp_transaction, 8 entries (INFO)": lambda: logger.info(
-            "smtp_transaction", conn_id=conn, tls=None, transcript=ENTRIES, ms=0.9
+        "smtp_transaction, 9 lines (INFO)": lambda: logger.info(
+            "smtp_transaction", conn_id=conn, tls=None, lines=LINES, ms=0.9
         ),
         "smtp_command (DEBUG, filtered)": lambda: logger.debug(
             "smtp_command", conn_id=conn, stage="rcpt", command="RCPT TO:<user3@example.org>", tls=None
@@ -88,7 +94,7 @@ def _events(logger: Any) -> dict[str, Callable[[], None]]:
     }  # fmt: skip
 
 
-def _best_us(call: Callable[[], None], n: int, rounds: int = 5) -> float:
+def _best_us(call: Callable[[], object], n: int, rounds: int = 5) -> float:
     best = float("inf")
     for _ in range(rounds):
         t0 = time.process_time()
@@ -127,12 +133,17 @@ def per_event(n: int) -> None:
             name = getattr(proc, "__name__", type(proc).__name__)
             is_renderer = proc is processors[-1]
             base = rendered if is_renderer else sample
-            print(f"{name:40s} {_best_us(lambda p=proc, b=base: p(None, 'info', dict(b)), n):7.2f} µs")
+            print(f"{name:40s} {_best_us(functools.partial(_apply, proc, base), n):7.2f} µs")
         print(f"{'(dict copy alone)':40s} {_best_us(lambda: dict(sample), n):7.2f} µs")
 
 
-def _run_worker(mails: int, tmp: Path) -> tuple[list[dict[str, Any]], int]:
-    """Every event of one worker delivering ``mails`` at DEBUG, and how many the sink got."""
+def _apply(processor: Any, event: dict[str, Any]) -> object:
+    return processor(None, "info", dict(event))
+
+
+def _run_worker(mails: int, tmp: Path, level: str) -> tuple[list[dict[str, Any]], int, float]:
+    """Every event of one worker delivering ``mails`` at ``level``, how many the sink got, and the
+    worker's CPU seconds (user + system)."""
     import dispatcher
     from bench.redis_server import PrivateRedis
     from bench.scenarios import PROJECT_ROOT, BenchEnv, dispatcher_mail
@@ -142,14 +153,16 @@ def _run_worker(mails: int, tmp: Path) -> tuple[list[dict[str, Any]], int]:
         env = BenchEnv(redis_server.url, "127.0.0.1", sink.port, "logs", mails)
         dispatcher.enqueue_many([dispatcher_mail(i, env) for i in range(mails)],
                                 connection=Redis.from_url(redis_server.url))  # fmt: skip
-        log = tmp / "worker.log"
+        log = tmp / f"worker-{level}.log"
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         with log.open("w") as err:
             proc = subprocess.run(
                 [sys.executable, str(PROJECT_ROOT / "worker.py"), "--burst"],
-                env={**env.process_env(), "PATH": "/usr/bin:/bin", "DISPATCH_LOG_LEVEL": "DEBUG",
+                env={**env.process_env(), "PATH": "/usr/bin:/bin", "DISPATCH_LOG_LEVEL": level,
                      "DISPATCH_LOG_FORMAT": "json"},
                 cwd=PROJECT_ROOT, timeout=300, stdout=subprocess.DEVNULL, stderr=err, check=False,
             )  # fmt: skip
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         delivered = sink.stats().messages
     if proc.returncode:
         raise SystemExit(f"worker failed (rc={proc.returncode}): {log.read_text()[-2000:]}")
@@ -157,7 +170,8 @@ def _run_worker(mails: int, tmp: Path) -> tuple[list[dict[str, Any]], int]:
     for line in log.read_text().splitlines():
         with contextlib.suppress(ValueError):
             events.append(json.loads(line))
-    return events, delivered
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return events, delivered, cpu
 
 
 def _replay(events: list[dict[str, Any]], logger: Any) -> Callable[[], None]:
@@ -185,26 +199,30 @@ def _replay(events: list[dict[str, Any]], logger: Any) -> Callable[[], None]:
 
 def per_mail(mails: int) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-logs-") as tmp:
-        events, delivered = _run_worker(mails, Path(tmp))
+        events, delivered, _ = _run_worker(mails, Path(tmp), "DEBUG")
+        _, delivered_at_info, cpu = _run_worker(mails, Path(tmp), "INFO")
     ours = [e for e in events if "logger" not in e]
     if not delivered:
         raise SystemExit("the worker delivered nothing")
     info = [e for e in ours if e.get("level") != "debug"]
     print(f"--- a worker delivering {delivered}/{mails} mails (chunking sink, DISPATCH_LOG_LEVEL=DEBUG) ---")
-    print(f"events per delivered mail: {len(ours) / delivered:.2f} made, {len(info) / delivered:.2f} "
-          f"at INFO or above (written by default); {len(events) - len(ours)} stdlib records")  # fmt: skip
+    print(f"events per delivered mail: {len(ours) / delivered:.2f} made at DEBUG, "
+          f"{len(info) / delivered:.2f} at INFO or above (written by default); "
+          f"{len(events) - len(ours)} stdlib records")  # fmt: skip
     counts = collections.Counter((e.get("level", "?"), e["event"]) for e in ours)
-    for (level, name), count in counts.most_common(12):
+    for (level, name), count in counts.most_common(8):
         print(f"  {count / delivered:6.2f} per mail  {level:7s} {name}")
+    print("µs of logging per delivered mail (the run's events replayed through the chain at INFO):")
     with _configured():
-        replay = _replay(ours, structlog.get_logger("dispatcher.bench"))
-        replay()  # warm: the loggers are cached on first use
-        best = min(_timed(replay) for _ in range(5))
-        nothing = _replay(ours, _Nothing())
-        base = min(_timed(nothing) for _ in range(5))
-    print(f"µs of logging per delivered mail (the run's events replayed at INFO to /dev/null, best of 5): "
-          f"{(best - base) / delivered * 1e6:.1f} µs  ({len(info)} events written, "
-          f"{len(ours) - len(info)} filtered)")  # fmt: skip
+        for label, chosen in (("the events written at INFO", info),
+                              ("those + every DEBUG call made and filtered", ours)):  # fmt: skip
+            replay = _replay(chosen, structlog.get_logger("dispatcher.bench"))
+            replay()  # warm: the loggers are cached on first use
+            best = min(_timed(replay) for _ in range(5))
+            base = min(_timed(_replay(chosen, _Nothing())) for _ in range(5))
+            print(f"  {label:45s} {(best - base) / delivered * 1e6:6.1f} µs")
+    print(f"worker CPU per delivered mail at INFO (all of it, not only logs; {delivered_at_info} delivered): "
+          f"{cpu / max(delivered_at_info, 1) * 1e3:.3f} ms")  # fmt: skip
 
 
 def _timed(call: Callable[[], None]) -> float:
