@@ -17,7 +17,8 @@
    run at INFO gives the worker's whole CPU time per mail, for scale.
 
 Timings are CPU time of this process (``time.process_time``: a shared machine's other work is not
-counted), best of 5: read them for proportions and before/after in one run, not as absolutes.
+counted), best of 7 (per event) or 15 (per mail): read them for proportions and before/after in one
+run, not as absolutes.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def _events(logger: Any) -> dict[str, Callable[[], None]]:
     }  # fmt: skip
 
 
-def _best_us(call: Callable[[], object], n: int, rounds: int = 5) -> float:
+def _best_us(call: Callable[[], object], n: int, rounds: int = 7) -> float:
     best = float("inf")
     for _ in range(rounds):
         t0 = time.process_time()
@@ -118,7 +119,7 @@ def _configured(level: str = "INFO") -> Iterator[None]:
 
 
 def per_event(n: int) -> None:
-    print(f"--- µs per event through the configured chain (JSON, /dev/null, best of 5 x {n}) ---")
+    print(f"--- µs per event through the configured chain (JSON, /dev/null, best of 7 x {n}) ---")
     with _configured():
         structlog.contextvars.bind_contextvars(**CONTEXT)
         logger = structlog.get_logger("dispatcher.bench")
@@ -218,8 +219,8 @@ def per_mail(mails: int) -> None:
                               ("those + every DEBUG call made and filtered", ours)):  # fmt: skip
             replay = _replay(chosen, structlog.get_logger("dispatcher.bench"))
             replay()  # warm: the loggers are cached on first use
-            best = min(_timed(replay) for _ in range(5))
-            base = min(_timed(_replay(chosen, _Nothing())) for _ in range(5))
+            best = min(_timed(replay) for _ in range(15))
+            base = min(_timed(_replay(chosen, _Nothing())) for _ in range(15))
             print(f"  {label:45s} {(best - base) / delivered * 1e6:6.1f} µs")
     print(f"worker CPU per delivered mail at INFO (all of it, not only logs; {delivered_at_info} delivered): "
           f"{cpu / max(delivered_at_info, 1) * 1e3:.3f} ms")  # fmt: skip
