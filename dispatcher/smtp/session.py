@@ -366,31 +366,24 @@ class SmtpClient:
         Its lines, and the RSET after it, are one ``smtp_transaction`` event (``transcript``)."""
         self.state = SessionState.IN_TRANSACTION
         round_trips = 0
-        log = self._transcript.transaction()
-        self._transcript.select(log)
-        try:
-            while (step := tx.next_step()) is not None:
-                if step.is_data and before_data is not None:
-                    before_data()
-                channel.write(step.payload, step.lines, data_size=step.data_size if step.is_data else 0)
-                if step.is_data:
-                    tx.data_written()
-                round_trips += 1
-                for stage in step.expect:
-                    tx.receive(stage, channel.read(stage))
-        except SmtpError as exc:
-            self._transcript.finish(log, exc)
-            self._discard(SessionState.CLOSED)
-            raise error_after_break(tx, exc) from exc
-        except BaseException as exc:  # interrupted mid-dialogue (a job timeout): told, then passed on
-            self._transcript.finish(log, exc)
-            raise
-        channel.ended()
-        self.state = SessionState.READY
-        reset = not tx.needs_rset or channel.rset()
-        self._transcript.finish(log)
-        if not reset:
-            self._discard(SessionState.CLOSED)
+        with self._transcript.logged_transaction():
+            try:
+                while (step := tx.next_step()) is not None:
+                    if step.is_data and before_data is not None:
+                        before_data()
+                    channel.write(step.payload, step.lines, data_size=step.data_size if step.is_data else 0)
+                    if step.is_data:
+                        tx.data_written()
+                    round_trips += 1
+                    for stage in step.expect:
+                        tx.receive(stage, channel.read(stage))
+            except SmtpError as exc:
+                self._discard(SessionState.CLOSED)
+                raise error_after_break(tx, exc) from exc
+            channel.ended()
+            self.state = SessionState.READY
+            if tx.needs_rset and not channel.rset():
+                self._discard(SessionState.CLOSED)
         return channel.result(tx, round_trips)
 
 

@@ -16,9 +16,11 @@ is never logged, only its size.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 import structlog
@@ -77,6 +79,18 @@ class Transcript:
     def select(self, log: TransactionLog | None) -> None:
         """The lines from now on are ``log``'s (``None``: the connection's own)."""
         self.current = log
+
+    @contextlib.contextmanager
+    def logged_transaction(self) -> Iterator[TransactionLog]:
+        """The lines of the block are one transaction's, told when the block ends (an error: it broke)."""
+        log = self.transaction()
+        self.select(log)
+        try:
+            yield log
+        except BaseException as exc:
+            self.finish(log, exc)
+            raise
+        self.finish(log)
 
     def finish(self, log: TransactionLog, error: BaseException | None = None) -> None:
         """``log``'s transaction ended (``error``: it broke): its one ``smtp_transaction`` event."""
