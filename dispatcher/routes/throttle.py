@@ -160,12 +160,12 @@ class Throttle:
         limit = policy.max_wait if max_wait is None else max_wait
         held = self._held.get(policy.name)
         if held:
-            usable, due_ms = held[0]
+            usable, held_due_ms = held[0]
             wait = max(0.0, usable - time.monotonic())
             if wait > limit:
                 return Reservation(False, wait, self._factors.get(policy.name, 1.0))
             held.popleft()
-            return Reservation(True, wait, self._factors.get(policy.name, 1.0), due_ms=due_ms)
+            return Reservation(True, wait, self._factors.get(policy.name, 1.0), due_ms=held_due_ms)
         count = self.batch_size(policy)
         code, wait_ms, factor_text, before_text, per_ms_text, now_text = self._reserve(
             keys=[bucket_key(policy.name), day_key(policy.name, period=policy.daily_period)],
