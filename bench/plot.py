@@ -39,7 +39,8 @@ def plot(results: Path = RESULTS_DIR / "latest.json", out: Path | None = None) -
     ax1.set_ylabel("messages / s (1 worker, incl. start-up)")
     ax1.set_yscale("log")
     ax1.set_title("Scenario 1: end-to-end throughput")
-    ax1.legend(fontsize=7)
+    if names:
+        ax1.legend(fontsize=7)
 
     scaling = doc["scenarios"].get("scaling", [])
     for name in dict.fromkeys(r["scenario"] for r in scaling):
@@ -61,7 +62,8 @@ def plot(results: Path = RESULTS_DIR / "latest.json", out: Path | None = None) -
     ax2.set_xlabel("worker processes / concurrency")
     ax2.set_ylabel("messages / s")
     ax2.set_title(f"Scenario 2: scaling at {scaling[0]['rtt_ms']:.0f} ms RTT" if scaling else "Scenario 2")
-    ax2.legend(fontsize=7)
+    if scaling:
+        ax2.legend(fontsize=7)
     ax2.grid(alpha=0.3)
 
     meta = doc.get("meta", {})
@@ -105,8 +107,8 @@ def plot_grid(results: Path = RESULTS_DIR / "latest.json", out: Path | None = No
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
                         label=SHORT_NAMES.get(name, name))
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
         ax.minorticks_off()
+        ax.set_ylim(bottom=0)
         ax.set_xticks(cs, [str(c) for c in cs])
         ax.set_xlabel("C (concurrency / connections)")
         ax.set_ylabel("messages / s (drain, incl. start-up)")
