@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
 from typing import Any
 
+from bench.commands import CommandResult
 from bench.grid_report import commands_table, grid_cost_table, grid_table
-from bench.harness import CommandResult, DrainResult, EnqueueResult, Lab
+from bench.harness import DrainResult, EnqueueResult, Lab
 from bench.peers.contenders import PEER_ORDER, peer_scenarios
 from bench.report import (
     COMMANDS_TITLE,
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             doc["scenarios"]["enqueue"] = [r.as_dict() for r in s4]
             _say(enqueue_table(s4))
         if "5" not in args.skip:
-            _say("\n== scenario 5: peers of issue 15 (RTT x C; BullMQ + Nodemailer, Celery) ==")
+            _say("\n== scenario 5: issue 15's grid (RTT x C x dispatcher, BullMQ, Celery, rq (b)) ==")
             s5 = scenario_5(lab, plan, scenarios)
             doc["scenarios"]["peers"] = [r.as_dict() for r in s5]
             commands: list[CommandResult] = []

@@ -19,8 +19,8 @@ import socket
 import threading
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import IO
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any
 
 SOURCE_CLIENT = "client"
 SOURCE_LUA = "lua"
@@ -125,3 +125,25 @@ class MonitorCounter:
     def __exit__(self, *exc: object) -> None:
         if self._sock is not None:
             self._sock.close()
+
+
+@dataclass
+class CommandResult:
+    """Redis commands the workers sent (``client``) and their Lua scripts ran (``lua``) in one untimed
+    drain under MONITOR (:mod:`bench.commands`), divided by the mails delivered."""
+
+    scenario: str
+    workers: int
+    messages: int
+    delivered: int
+    client: int
+    lua: int
+    client_per_mail: float | None
+    lua_per_mail: float | None
+    total_per_mail: float | None
+    top: dict[str, int] = field(default_factory=dict)  # most frequent commands ("lua:HSET" inside scripts)
+    ok: bool = True
+    error: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bench.harness import UNSAMPLED, CommandResult, DrainResult
+from bench.commands import CommandResult
+from bench.harness import UNSAMPLED, DrainResult
 from bench.peers.contenders import BULLMQ, CELERY, PEER_ORDER
 from bench.scenarios import BASELINE_KEPT, OURS, OURS_CONNS
 from bench.tables import fmt, median, ratio, table

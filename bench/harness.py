@@ -39,7 +39,7 @@ from rq import Queue
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
-from bench.commands import MonitorCounter
+from bench.commands import CommandResult, MonitorCounter
 from bench.cpu import CpuSampler, CpuWatch, descendants, main_thread_tid
 from bench.delay_proxy import DelayProxy
 from bench.redis_server import PrivateRedis
@@ -107,28 +107,6 @@ def _kinds_ms(sampler: CpuSampler, kinds: tuple[str, ...], total_s: float) -> di
     out = {k: round(v * 1000, 1) for k, v in sampler.kind_split_s(kinds).items()}
     out[UNSAMPLED] = round(total_s * 1000 - sum(out.values()), 1)
     return out
-
-
-@dataclass
-class CommandResult:
-    """Redis commands the workers sent (``client``) and their Lua scripts ran (``lua``) in one untimed
-    drain under MONITOR (:mod:`bench.commands`), divided by the mails delivered."""
-
-    scenario: str
-    workers: int
-    messages: int
-    delivered: int
-    client: int
-    lua: int
-    client_per_mail: float | None
-    lua_per_mail: float | None
-    total_per_mail: float | None
-    top: dict[str, int] = field(default_factory=dict)  # most frequent commands ("lua:HSET" inside scripts)
-    ok: bool = True
-    error: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass

@@ -16,8 +16,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from bench.commands import CommandResult
 from bench.grid_report import commands_table, grid_cost_table, grid_table
-from bench.harness import CommandResult, DrainResult, EnqueueResult
+from bench.harness import DrainResult, EnqueueResult
 from bench.scenarios import base_name
 from bench.tables import fmt, ratio, table
 from bench.targets import checks, issue15_checks
