@@ -284,6 +284,13 @@ class SmtpClient:
         """Close without QUIT: for a connection in an unknown state (interrupted mid-transaction)."""
         self._discard(SessionState.CLOSED)
 
+    def interrupt(self) -> None:
+        """From another thread: break the open connection so the thread using it stops waiting (its
+        send or stream ends with the connection lost, and it drops the connection itself)."""
+        channel = self._channel
+        if channel is not None:
+            channel.conn.interrupt()
+
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def _ready(self) -> Channel:
