@@ -132,8 +132,7 @@ class Lanes:
             self.lanes[0].drive()
             return
         for index, lane in enumerate(self.lanes):
-            lane.thread = threading.Thread(target=lane.run, name=f"lane-{index}", daemon=True)
-            lane.thread.start()
+            threading.Thread(target=lane.run, name=f"lane-{index}", daemon=True).start()
         try:
             for lane in self.lanes:
                 lane.join()
@@ -177,15 +176,16 @@ class Lane:
         """Sends whose data-out marker this lane wrote."""
         self.taken: set[str] = set()
         self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
+        self.ended = threading.Event()
+        """Set when the lane's thread has ended. Waited on instead of ``Thread.join``: a join interrupted by
+        a signal handler's exception marks a thread still running as stopped (Python 3.11)."""
 
     @property
     def alive(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
+        return not self.ended.is_set()
 
     def join(self, timeout: float | None = None) -> None:
-        if self.thread is not None:
-            self.thread.join(timeout)
+        self.ended.wait(timeout)
 
     def run(self) -> None:
         """A lane thread's body: an error stops the feed (the other lanes finish what they have)."""
@@ -197,6 +197,7 @@ class Lane:
             logger.warning("lane_failed", error=f"{type(exc).__name__}: {exc}", conn_id=self.client.conn_id)
         finally:
             structlog.contextvars.clear_contextvars()
+            self.ended.set()
 
     def drive(self) -> None:
         if self.lanes.streams:
@@ -205,11 +206,6 @@ class Lane:
             self._one_by_one()
 
     # -- where sends come from ---------------------------------------------------------------------
-
-    @property
-    def more(self) -> bool:
-        """Sends may still come: one taken ahead, or the feed not yet found empty by this lane."""
-        return self.first is not None or not self.done
 
     def _next(self) -> Attempt | None:
         if self.first is not None:
@@ -263,7 +259,11 @@ class Lane:
         """Back to back on the lane's connection, one round trip per message (``SmtpClient.send_stream``)."""
         client = self.client
         try:
-            while self.lanes.interruption is None and (self.more or self.prepared):
+            while self.lanes.interruption is None:
+                if self.first is None and not self.done:
+                    self.first = self._next()  # before the stream: a lane with nothing to send connects not
+                if self.first is None and not self.prepared:
+                    return
                 progressed = False
                 for message, outcome in client.send_stream(self._source(), self._may_follow,
                                                            before_data=self._before_data):  # fmt: skip
