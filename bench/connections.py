@@ -1,14 +1,14 @@
 """One process with K connections against C processes: ``python -m bench.connections``.
 
-    python -m bench.connections [--n 320] [--rtt 100] [--runs c1k16,c16k1] [--rounds 1] [--batch 20]
+    python -m bench.connections [--n 320] [--rtt 100] [--runs c1k16,c16k1,c1k16b64] [--rounds 1]
 
-Each run (``cCkK`` = ``worker.py --burst --concurrency C --connections K``) gets a fresh private Redis,
-the aiosmtpd sink (``bench.sink``, PIPELINING) behind a delay proxy of ``--rtt`` ms, and ``--n`` mails
-enqueued with ``dispatcher.enqueue_many`` (jobs of ``JOB_BATCH_SIZE``). It prints, per run: drain msg/s
-(delivered / from the workers' start to the last mail at the sink, as ``bench.harness`` counts it), the
-steady msg/s (first to last mail), the connections the sink saw, the peak of the summed PSS of every
-worker process (``/proc/<pid>/smaps_rollup``, sampled every 100 ms) and the workers' CPU per mail
-(``os.wait4``: start-up included).
+A run ``cCkK`` is ``worker.py --burst --concurrency C --connections K`` (``cCkKbB``: in jobs of B). Each
+gets a fresh private Redis, the aiosmtpd sink (``bench.sink``, PIPELINING) behind a delay proxy of
+``--rtt`` ms, and ``--n`` mails enqueued with ``dispatcher.enqueue_many``. Rounds are interleaved (every
+run sees the same load). It prints, per run: drain msg/s (delivered / from the workers' start to the last
+mail at the sink, as ``bench.harness`` counts it), steady msg/s (first to last mail), the connections the
+sink saw, the peak of the summed PSS of every worker process (``/proc/<pid>/smaps_rollup``, sampled every
+100 ms) and the workers' CPU per mail (``os.wait4``: start-up included).
 
 ``--batch B`` is an experiment, not a setting: sends per job (the producer's ``JOB_BATCH_SIZE``, 20), set in
 the bench's producer and in the workers (``python -c`` patching both constants before ``worker.py``'s
@@ -40,17 +40,20 @@ from bench.sink import SinkProcess
 class Run:
     processes: int
     connections: int
+    batch: int | None = None
+    """Sends per job for this run (``bB``), else ``--batch``."""
 
     @classmethod
     def parse(cls, text: str) -> Run:
-        match = re.fullmatch(r"c(\d+)k(\d+)", text)
+        match = re.fullmatch(r"c(\d+)k(\d+)(?:b(\d+))?", text)
         if match is None:
-            raise argparse.ArgumentTypeError(f"a run is cCkK, e.g. c1k16: {text!r}")
-        return cls(int(match[1]), int(match[2]))
+            raise argparse.ArgumentTypeError(f"a run is cCkK[bB], e.g. c1k16 or c1k16b64: {text!r}")
+        return cls(int(match[1]), int(match[2]), int(match[3]) if match[3] else None)
 
     @property
     def name(self) -> str:
-        return f"--concurrency {self.processes} --connections {self.connections}"
+        jobs = f" (jobs of {self.batch})" if self.batch else ""
+        return f"--concurrency {self.processes} --connections {self.connections}{jobs}"
 
 
 @dataclass(frozen=True)
@@ -129,13 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[Run, list[Result]] = {run: [] for run in args.runs}
     for _ in range(args.rounds):  # rounds interleaved: every run sees the same load of the machine
         for run in args.runs:
-            results[run].append(drain(run, args.n, args.rtt, args.batch, args.log))
+            results[run].append(drain(run, args.n, args.rtt, run.batch or args.batch, args.log))
     head = f"{'delivered':>9} {'drain/s':>8} {'steady/s':>8} {'conns':>5} {'PSS MB':>7} {'CPU ms/mail':>11}"
-    print(f"{'worker.py':36} {head}")
+    print(f"{'worker.py':50} {head}")
     for run, done in results.items():
         steady = [r.steady for r in done if r.steady is not None]
         print(
-            f"{run.name:36} {min(r.delivered for r in done):>9} "
+            f"{run.name:50} {min(r.delivered for r in done):>9} "
             f"{statistics.median(r.drain for r in done):>8.1f} "
             f"{statistics.median(steady) if steady else float('nan'):>8.1f} "
             f"{max(r.connections for r in done):>5} {statistics.median(r.pss_mb for r in done):>7.1f} "
