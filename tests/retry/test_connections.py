@@ -17,8 +17,12 @@ import pytest
 import redis
 from helpers import wait_until
 from retrykit import PYTHON, ROOT, StartWorker, env_for, load, mail, message_id_of, process_env, smtp_url
+from rq import Queue
+from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 from servers import Fault, RecordingSmtpServer, ScriptedSmtpServer
 
+from dispatcher.delivery.jobs import Batch
 from dispatcher.queue.producer import Producer
 from dispatcher.settings import load_settings
 from dispatcher.worker.runtime import Runtime
@@ -191,3 +195,30 @@ def test_connections_below_one_is_refused_with_a_clear_error(redis_url: str) -> 
     done = subprocess.run(args, cwd=ROOT, capture_output=True, env=env, timeout=60)
     assert done.returncode == 2
     assert "--connections must be at least 1" in done.stderr.decode()
+
+
+def test_a_job_timeout_mid_batch_over_three_connections_records_each_send_once(
+    scripted_server: Scripted, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """rq's own job timeout (SIGALRM, raised in the job's thread) while one connection waits at its final
+    dot: that message is *unknown* ("attempt interrupted: JobTimeoutException"), the other connections'
+    sends are recorded as they ended, and nothing is left unrecorded or sent twice."""
+    server = scripted_server(faults={"data_end": Fault("hang")}, faults_on_connection=1)
+    sends = enqueue(redis_client, 9)
+    job = Queue("mail-default", connection=redis_client, serializer=JSONSerializer).get_jobs()[0]
+    settings = load_settings(env_for(redis_url, smtp_url(server.port, timeout=120)), need_routes=True)
+    batch = Batch(Runtime(settings, connections=3), redis_client, job.id, list(job.args[0]))
+    with pytest.raises(JobTimeoutException), UnixSignalDeathPenalty(3, JobTimeoutException):
+        batch.run()
+    assert sorted(batch.results) == sorted(sends.values())  # every send recorded by the batch itself
+    after = states(redis_client, sends)
+    (hung,) = [mid for mid, state in after.items() if state == "unknown"]
+    assert (
+        load(redis_client, sends[hung]).status()["reason"]["text"]
+        == "attempt interrupted: JobTimeoutException"
+    )
+    assert set(after.values()) <= {"delivered", "unknown", "deferred"}, after
+    assert all(load(redis_client, s).data_out is None for s in sends.values())
+    assert copies(server, accepted=True) == Counter({mid: 1 for mid, s in after.items() if s == "delivered"})
+    assert copies(server, accepted=False)[hung] == 1
+    batch.runtime.close()
