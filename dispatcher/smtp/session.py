@@ -285,10 +285,8 @@ class SmtpClient:
         self._discard(SessionState.CLOSED)
 
     def interrupt(self) -> None:
-        """From another thread: break the open connection so the thread using it stops waiting (its
-        send or stream ends with the connection lost, and it drops the connection itself)."""
-        channel = self._channel
-        if channel is not None:
+        """From another thread: break the open connection; the thread using it sees it lost and drops it."""
+        if (channel := self._channel) is not None:
             channel.conn.interrupt()
 
     # -- lifecycle ---------------------------------------------------------------------------------

@@ -115,7 +115,12 @@ class Supervisor:
         started = [time.monotonic()] * self.concurrency
         backoffs = [RestartBackoff() for _ in range(self.concurrency)]
         due: dict[int, float] = {}  # slot → when its dead child is started again
-        logger.info("pool_started", processes=self.concurrency, pids=[c.pid for c in self.children])
+        logger.info(
+            "pool_started",
+            processes=self.concurrency,
+            connections=self.connections,
+            pids=[c.pid for c in self.children],
+        )
         while True:
             running = 0
             for index, child in enumerate(self.children):

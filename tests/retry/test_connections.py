@@ -82,6 +82,17 @@ def test_a_batch_over_three_connections_delivers_every_send_once(
     assert len({rec.status()["history"][-1]["conn_id"] for rec in records}) == 3
 
 
+def test_every_process_of_a_pool_uses_k_connections(
+    smtp_server: Sink, redis_url: str, redis_client: redis.Redis
+) -> None:
+    sink = smtp_server()
+    sends = enqueue(redis_client, 60)
+    burst(env_for(redis_url, smtp_url(sink.port)), "--concurrency", "2", "--connections", "3")
+    assert Counter(str(message_id_of(m.data)) for m in sink.messages) == Counter(dict.fromkeys(sends, 1))
+    assert sink.connections in (3, 6)  # 3 per process that took a job (one may have taken all three)
+    assert set(states(redis_client, sends).values()) == {"delivered"}
+
+
 def test_a_route_capped_by_max_connections_caps_k(
     smtp_server: Sink, redis_url: str, redis_client: redis.Redis
 ) -> None:
