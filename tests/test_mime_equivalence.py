@@ -181,7 +181,16 @@ def assert_same_message(mail: Mail, *, hostile: bool = False) -> None:
         return
     assert_wire_safe(new)
     assert not isinstance(old, str), f"the old builder refused it ({old}), the new one wrote it"
-    assert structure(new) == structure(old)
+    new_parts, old_parts = structure(new), structure(old)
+    asked = {"subject": mail.subject, **{name.lower(): value for name, value in mail.headers}}
+    new_top, old_top = new_parts[0]["headers"], old_parts[0]["headers"]
+    for index, (new_header, old_header) in enumerate(zip(new_top, old_top, strict=False)):
+        name, value = new_header[:2]
+        if name == old_header[0] and value != old_header[1] and value == asked.get(name, "").lstrip(" "):
+            # The modern policy's folder loses a space between an encoded word and the next word
+            # ("välue 10 välue" read back as "välue10 välue"); the new one writes what was asked.
+            old_top[index] = new_header
+    assert new_parts == old_parts
 
 
 def test_the_corpus_is_there() -> None:

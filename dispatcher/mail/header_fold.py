@@ -10,7 +10,7 @@ each one when it is written, by :func:`field`:
 * longer printable ASCII text, and ``Content-Type``/``Content-Disposition`` parameter lists: folded at its
   spaces (at ``;`` for the parameter lists) by ``email.header.Header``, when no word is too long for a line;
 * non-ASCII text in a 7-bit message: RFC 2047 encoded words of UTF-8 written by ``email.header.Header``
-  (split between characters, at most 78 columns);
+  (split between characters, each at most 75 characters);
 * anything else (an over-long word, UTF-8 text to fold, a pre-encoded word in text that must be
   encoded, a long Message-ID, a long parameter): the modern policy's own folding, exactly today's bytes —
   rare shapes keep the slow path.
@@ -30,6 +30,9 @@ from typing import Any
 
 from dispatcher.mail.address_header import LINE
 
+# Lines of encoded words: a space and a word of at most 75 characters (RFC 2047 §2; at 78 columns the
+# email package writes words of 76).
+_EW_LINE = 76
 _PARAMETER_HEADERS = frozenset({"content-type", "content-disposition"})
 _STRUCTURED = frozenset({"message-id", "date", "mime-version", "content-transfer-encoding", "content-id"})
 # The modern policies, writing LF: the fold of a rare shape, the same as the builder before issue 15.
@@ -86,20 +89,23 @@ def field(name: str, value: str, *, utf8: bool) -> str:
         return _modern(name, value, utf8)
     if lowered in _PARAMETER_HEADERS:
         return _fits(_header(name, value, None, ";")) or _modern(name, value, utf8)
-    if "=?" in value or value[:1].isspace() or value[-1:].isspace():
-        # encoded words to decode before the text is folded; white space at an end, which a reader
-        # strips where the modern policy leaves it outside the encoded words
-        return _modern(name, value, utf8)
+    if "=?" in value:
+        return _modern(name, value, utf8)  # encoded words to decode before the text is folded
     if value.isascii():
+        if value != value.strip(" "):
+            return _modern(name, value, utf8)  # white space at an end stays where the modern policy puts it
         return _fits(_header(name, value, None, " ")) or _modern(name, value, utf8)
     if utf8:
         return _modern(name, value, utf8)
-    return _fits(_header(name, value, "utf-8", " ")) or _modern(name, value, utf8)
+    # Spaces at the start are dropped (a reader strips them), spaces at the end written after the words
+    # (a reader keeps them): as the modern policy writes them, outside its encoded words.
+    words = _header(name, value.strip(" "), "utf-8", " ", _EW_LINE)
+    return _fits(words + value[len(value.rstrip(" ")) :]) or _modern(name, value, utf8)
 
 
-def _header(name: str, value: str, charset: str | None, splitchars: str) -> str:
+def _header(name: str, value: str, charset: str | None, splitchars: str, width: int = LINE) -> str:
     header = Header(value, charset, header_name=name)
-    return f"{name}: " + header.encode(splitchars=splitchars, maxlinelen=LINE, linesep="\n")
+    return f"{name}: " + header.encode(splitchars=splitchars, maxlinelen=width, linesep="\n")
 
 
 def _fits(folded: str) -> str | None:
