@@ -10,13 +10,21 @@ ever produce ``=_`` (in quoted-printable ``=`` is followed by two hex digits or 
 
 Bcc is never written: it lives in the envelope only.
 
+The message is built under compat32 (``header_fold.WirePolicy``): header values stay plain strings and
+are folded once, when written, by ``header_fold.field``; the modern policy's header registry, which
+parsed and refolded every header (a third of a worker's CPU per mail, issue 15), is left for rare shapes.
+Bodies are encoded by the email package's content manager, as ``EmailMessage.set_content`` does. The
+output is the same message as the ``EmailMessage`` build before it, to a reader
+(``tests/test_mime_equivalence.py``); most mails are the same bytes.
+
 The written bytes are checked before they leave (:func:`check_written`): every part's header block must
 hold exactly the header lines that part was given — same names, same count, same order, nothing but
-header lines and their folded continuations, no control character. The email package of Python 3.11.7
+header lines and their folded continuations, no control character. The modern policy of Python 3.11.7
 and 3.12.1 decodes RFC 2047 encoded words while it writes and puts a decoded CR LF on the wire
-(CVE-2024-6923); in a file name every version up to 3.13 does. Validation refuses such values, and this
-check makes sure that whatever the installed email package does, a line break it was not asked for is a
-``HeaderInjection``, never a sent message.
+(CVE-2024-6923); in a file name every version up to 3.13 does. Validation refuses such values,
+``compose`` refuses them again (a mail that bypassed validation), the fast path writes an encoded word
+as it was given, and this check makes sure that whatever the installed email package does, a line break
+it was not asked for is a ``HeaderInjection``, never a sent message.
 """
 
 from __future__ import annotations
