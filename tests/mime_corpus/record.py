@@ -3,13 +3,14 @@ builder is compared with the frozen one on (``tests/test_mime_equivalence.py``).
 
 Regenerate ``mails.jsonl`` (from the repository root)::
 
-    MIME_CORPUS=tests/mime_corpus/mails.jsonl .venv/bin/pytest -q -p mime_corpus.record \\
+    rm tests/mime_corpus/mails.jsonl; PYTHONPATH=tests MIME_CORPUS=tests/mime_corpus/mails.jsonl \\
+        .venv/bin/pytest -q -p mime_corpus.record \\
         tests/test_mime.py tests/test_header_injection.py tests/test_inline_parts.py \\
         tests/test_address_header.py tests/test_validation_cost.py tests/test_message.py \\
         tests/test_message_ids.py tests/test_mime_at_worker.py tests/queue/test_django_backend.py
 
-Each line is one ``Mail`` as its fields (``Mail.to_dict`` plus what only the dataclass holds, so a mail
-a test built behind validation's back is recorded as it was); duplicates are dropped.
+Each line is one ``Mail``: the dataclass fields the builder reads, as they were (so a mail a test built
+behind validation's back is recorded as it was, not validated again); duplicates are dropped.
 """
 
 from __future__ import annotations
