@@ -188,6 +188,8 @@ def count_commands(
 def print_table(result: CommandCount) -> None:
     print(f"delivered {result.delivered}/{result.mails} (rc={result.returncode}) in "
           f"{result.wall_seconds:.2f} s; worker CPU {result.cpu_ms_per_mail:.3f} ms/mail")  # fmt: skip
+    if not result.client:
+        return  # run without MONITOR: nothing counted
     print(f"commands per delivered mail: client {result.per_mail(result.client_total):.2f}, "
           f"inside scripts {result.per_mail(result.lua_total):.2f}")
     for title, counts in (("sent by the client", result.client), ("run inside scripts (lua)", result.lua)):
