@@ -8,7 +8,8 @@ worker's process tree sent (``client``) and every command a script ran inside Re
 MONITOR) is counted, by name and by owner: the first key names it (``rq:`` keys are rq's, ``dispatch:``
 keys ours); a MULTI/EXEC goes to the owner of the transaction's commands; commands with no key are
 ``other`` (PING, CLIENT, SCRIPT...). Start-up and shutdown of the worker are included, spread over the
-mails. The worker's CPU (user + sys, its children included) comes from ``os.wait4``.
+mails. The worker's CPU (user + sys, its children included) comes from ``os.wait4``; a burst over the
+empty queue first measures what start-up and shutdown cost, and that is taken off the CPU per mail.
 
 ``--no-hiredis`` hides an installed hiredis from the worker (a shadow module that fails to import, first
 on its PYTHONPATH) so redis-py falls back to its pure-Python parser: the same venv measures both parsers.
@@ -50,6 +51,8 @@ class CommandCount:
     client: Counter[tuple[str, str]] = field(default_factory=Counter)
     lua: Counter[tuple[str, str]] = field(default_factory=Counter)
     cpu_seconds: float = 0.0
+    idle_cpu_seconds: float = 0.0
+    """The CPU of the same burst over an empty queue (imports, start, stop): taken off per mail."""
     wall_seconds: float = 0.0
     returncode: int = 0
 
@@ -66,7 +69,9 @@ class CommandCount:
 
     @property
     def cpu_ms_per_mail(self) -> float:
-        return self.cpu_seconds * 1000 / self.delivered if self.delivered else float("nan")
+        """Worker CPU (user + sys) per delivered mail, the idle burst's taken off."""
+        spent = self.cpu_seconds - self.idle_cpu_seconds
+        return spent * 1000 / self.delivered if self.delivered else float("nan")
 
 
 def _owner(args: list[bytes]) -> str:
@@ -148,6 +153,18 @@ def _shadow_hiredis(directory: Path) -> Path:
     return directory
 
 
+def _burst(process_env: dict[str, str]) -> tuple[int, float, float]:
+    """Run ``worker.py --burst``: its exit code, CPU seconds (user + sys, children included) and wall."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, str(PROJECT_ROOT / "worker.py"), "--burst"], env=process_env, cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime, time.monotonic() - t0
+
+
 def count_commands(
     n: int = 500, *, sink_module: str = "bench.chunking_sink", monitor: bool = True, hiredis: bool = True
 ) -> CommandCount:
@@ -158,27 +175,20 @@ def count_commands(
             tempfile.TemporaryDirectory(prefix="bench-commands-") as tmp:  # fmt: skip
         env = BenchEnv(redis_server.url, "127.0.0.1", sink.port, "commands", n)
         conn = Redis.from_url(redis_server.url)
-        dispatcher.enqueue_many([dispatcher_mail(i, env) for i in range(n)], connection=conn)
         process_env = {**env.process_env(), "PATH": "/usr/bin:/bin"}
         if not hiredis:
             shadow = _shadow_hiredis(Path(tmp) / "no-hiredis")
             process_env["PYTHONPATH"] = f"{shadow}{os.pathsep}{process_env['PYTHONPATH']}"
+        _, idle_cpu, _ = _burst(process_env)
+        dispatcher.enqueue_many([dispatcher_mail(i, env) for i in range(n)], connection=conn)
         watcher = _Monitor(redis_server.url) if monitor else None
         if watcher is not None:
             watcher.start()
-        t0 = time.monotonic()
-        proc = subprocess.Popen(
-            [sys.executable, str(PROJECT_ROOT / "worker.py"), "--burst"], env=process_env, cwd=PROJECT_ROOT,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.monotonic() - t0
+        returncode, cpu, wall = _burst(process_env)
         if watcher is not None:
             watcher.finish()
-        cpu = usage.ru_utime + usage.ru_stime
         result = CommandCount(delivered=sink.stats().messages, mails=n, wall_seconds=wall, cpu_seconds=cpu,
-                              returncode=proc.returncode)  # fmt: skip
+                              idle_cpu_seconds=idle_cpu, returncode=returncode)  # fmt: skip
         if watcher is not None:
             result.client, result.lua = watcher.client, watcher.lua
         conn.close()
@@ -187,7 +197,8 @@ def count_commands(
 
 def print_table(result: CommandCount) -> None:
     print(f"delivered {result.delivered}/{result.mails} (rc={result.returncode}) in "
-          f"{result.wall_seconds:.2f} s; worker CPU {result.cpu_ms_per_mail:.3f} ms/mail")  # fmt: skip
+          f"{result.wall_seconds:.2f} s; worker CPU {result.cpu_ms_per_mail:.3f} ms/mail "
+          f"(idle burst {result.idle_cpu_seconds:.2f} s taken off)")  # fmt: skip
     if not result.client:
         return  # run without MONITOR: nothing counted
     print(f"commands per delivered mail: client {result.per_mail(result.client_total):.2f}, "
@@ -217,6 +228,43 @@ def compare_parsers(n: int, rounds: int, sink_module: str) -> None:
               f"min {min(values):.3f}, max {max(values):.3f} over {len(values)} runs")
 
 
+def client_cpu(n: int, rounds: int) -> None:
+    """In this process: client CPU (``process_time``) of reading one send's record and of writing one
+    outcome (``SendStore.record_outcome``), with hiredis and with redis-py's Python parser, ``rounds``
+    times each alternated; prints the minimum and median in microseconds."""
+    from redis._parsers import _HiredisParser, _RESP2Parser
+
+    import dispatcher
+    from dispatcher.queue.states import SendState
+    from dispatcher.queue.store import SendStore
+
+    runs: dict[str, list[tuple[float, float]]] = {}
+    with PrivateRedis() as server:
+        env = BenchEnv(server.url, "127.0.0.1", 25, "client-cpu", 1)
+        [send_id] = dispatcher.enqueue_many([dispatcher_mail(0, env)], connection=server.client())
+        for parser in ("hiredis", "python") * rounds:
+            parser_class = _HiredisParser if parser == "hiredis" else _RESP2Parser
+            conn = Redis.from_url(server.url, parser_class=parser_class)
+            store = SendStore(conn)
+            t0 = time.process_time()
+            for _ in range(n):
+                rec = store.load(send_id)
+            load = (time.process_time() - t0) / n * 1e6
+            assert rec is not None
+            rec.state = SendState.DELIVERED
+            t0 = time.process_time()
+            for _ in range(n):
+                rec.stored_state = SendState.SENDING
+                store.record_outcome(rec, ["user@example.org"], now=time.time())
+            write = (time.process_time() - t0) / n * 1e6
+            runs.setdefault(parser, []).append((load, write))
+            conn.close()
+    for parser, values in runs.items():
+        loads, writes = [v[0] for v in values], [v[1] for v in values]
+        print(f"{parser:<8} record read: min {min(loads):.0f} us, median {statistics.median(loads):.0f} us; "
+              f"outcome write: min {min(writes):.0f} us, median {statistics.median(writes):.0f} us")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.redis_commands", description=__doc__)
     parser.add_argument("--n", type=int, default=500)
@@ -224,7 +272,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-monitor", action="store_true")
     parser.add_argument("--no-hiredis", action="store_true")
     parser.add_argument("--rounds", type=int, default=0, help="alternate both parsers this many times each")
+    parser.add_argument("--client-cpu", action="store_true",
+                        help="in-process client CPU of a record read and an outcome write, per parser")
     args = parser.parse_args(argv)
+    if args.client_cpu:
+        client_cpu(args.n, args.rounds or 3)
+        return
     module = "bench.chunking_sink" if args.sink == "chunking" else "bench.sink"
     if args.rounds:
         compare_parsers(args.n, args.rounds, module)
