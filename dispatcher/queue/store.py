@@ -338,9 +338,11 @@ class SendStore:
 
     def stage_outcome(self, pipe: Any, rec: SendRecord, accepted: Sequence[str], *, now: float) -> None:
         """Queue ``record_outcome``'s script on a MULTI ``pipe`` (with rq's schedule of the next attempt,
-        or a replay's WATCH: redis-py checks the script is loaded before the transaction starts)."""
+        or a replay's WATCH). Sent whole (EVAL, which Redis caches by its digest too), not by digest: an
+        EVALSHA that Redis forgot would fail alone inside the MULTI while rq's part of it applied, and
+        redis-py's guard against that costs a SCRIPT EXISTS round trip before every such transaction."""
         keys, args = self._outcome_call(rec, accepted, now)
-        self._outcome(keys=keys, args=args, client=pipe)
+        pipe.eval(RECORD_OUTCOME, len(keys), *keys, *args)
         rec.stored_state = rec.state
 
     def _outcome_call(
