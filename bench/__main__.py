@@ -1,7 +1,9 @@
 """``python -m bench [--short]``: run scenarios 1, 2, 4 and 5, print tables, write bench/results/*.json.
 
-Scenario 5 is issue 15's grid: dispatcher against its peers BullMQ + Nodemailer and Celery (installed
-by the bench itself, :mod:`bench.peers`) at RTT x C = 0 ms x 1/4/16, 20 ms x 1/16, 100 ms x 16.
+Scenario 5 is issue 15's grid: RTT 0/20/100 ms x C = 1/4/16 x dispatcher (C processes; and 1 process x C
+connections where worker.py has ``--connections``), BullMQ + Nodemailer, Celery (both installed by the
+bench itself, :mod:`bench.peers`) and baseline (b) with C rq processes; then one untimed MONITOR pass per
+contender and C counts Redis commands per mail (:mod:`bench.commands`).
 
 Scenario 3 of issue 7 (worker CPU ms per message, peak RSS per worker process) is not a separate run:
 every drain of scenarios 1 and 2 measures it (``cpu ms/msg``, ``net cpu``, ``rss MB`` columns).
@@ -19,18 +21,22 @@ from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
 from typing import Any
 
+from bench.commands import CommandResult
+from bench.grid_report import commands_table, grid_cost_table, grid_table
 from bench.harness import DrainResult, EnqueueResult, Lab
+from bench.peers.contenders import PEER_ORDER, peer_scenarios
 from bench.report import (
+    COMMANDS_TITLE,
+    COST_TITLE,
+    GRID_TITLE,
     cpu_model,
     cpu_split_table,
     drain_table,
     enqueue_table,
-    peer_cost_table,
-    peer_table,
     targets_table,
     write_json,
 )
-from bench.scenarios import DISPATCHER_PLACEHOLDER, Scenario, all_scenarios, peer_scenarios
+from bench.scenarios import DISPATCHER_PLACEHOLDER, Scenario, all_scenarios
 
 
 @dataclass(frozen=True)
@@ -43,21 +49,38 @@ class Plan:
     n_enqueue: int
     peer_cells: tuple[tuple[float, int, int], ...] = ()  # scenario 5: (rtt ms, C, messages)
     peer_rounds: int = 1  # scenario 5: rounds per cell (the tables show the median)
+    count_commands: bool = True  # scenario 5: one untimed MONITOR pass per contender and C (at 0 ms)
+    command_n: tuple[tuple[int, int], ...] = ()  # (C, N) of those passes; a C not listed: its first cell's N
+
+    def command_cells(self) -> list[tuple[int, int]]:
+        """(C, N) of the MONITOR passes: every C of the grid once."""
+        sizes = dict(self.command_n)
+        first: dict[int, int] = {}
+        for _, workers, n in self.peer_cells:
+            first.setdefault(workers, sizes.get(workers, n))
+        return list(first.items())
 
 
 # Scaling runs send max(n_20ms, per_worker x workers): the dispatcher packs bulk-enqueued mails into jobs
 # of up to 20, so each worker needs several jobs for the load to spread (60 = 3 jobs per worker).
-# Scenario 5 (issue 15): N per cell sized so the slowest peer (Celery: smtplib's 4 round trips per mail)
-# still drains in a few seconds; the dispatcher packs bulk-enqueued mails into jobs of up to 20, so at
-# C = 16 N >= 320 gives each process at least one job.
-SHORT_PEER_CELLS = ((0.0, 1, 300), (0.0, 4, 400), (0.0, 16, 480), (20.0, 1, 60), (20.0, 16, 320),
-                    (100.0, 16, 320))
-FULL_PEER_CELLS = ((0.0, 1, 1000), (0.0, 4, 1000), (0.0, 16, 1600), (20.0, 1, 200), (20.0, 16, 800),
-                   (100.0, 16, 640))
+# Scenario 5 (issue 15): N per cell so the fastest contender's drain lasts >= ~1.5 s (start-up included)
+# at the rates of the issue's table; N is a multiple of 20 x C at C = 4 and 16 (the dispatcher's jobs of up
+# to 20 mails then spread evenly: 320 at C = 16 is one job per process). The slow contenders (Celery and
+# rq: smtplib's 4 round trips per mail) make the 100 ms cells the long ones (~8 s each for them).
+SHORT_PEER_CELLS = ((0.0, 1, 600), (0.0, 4, 800), (0.0, 16, 960),
+                    (20.0, 1, 60), (20.0, 4, 160), (20.0, 16, 320),
+                    (100.0, 1, 16), (100.0, 4, 80), (100.0, 16, 320))
+FULL_PEER_CELLS = ((0.0, 1, 1500), (0.0, 4, 1600), (0.0, 16, 1920),
+                   (20.0, 1, 150), (20.0, 4, 320), (20.0, 16, 640),
+                   (100.0, 1, 30), (100.0, 4, 160), (100.0, 16, 640))
+# The MONITOR passes (Redis commands per mail) count every command, start-up and exit included: N large
+# enough that per-process registration is a small share (16 processes x ~40 commands / 640 = 1 per mail).
 SHORT = Plan("short", n_0ms=200, n_20ms=60, scaling_workers=(1, 2, 4, 8), scaling_per_worker=60,
-             n_enqueue=2000, peer_cells=SHORT_PEER_CELLS, peer_rounds=1)
+             n_enqueue=2000, peer_cells=SHORT_PEER_CELLS, peer_rounds=1,
+             command_n=((1, 300), (4, 320), (16, 640)))
 FULL = Plan("full", n_0ms=1000, n_20ms=200, scaling_workers=(1, 2, 4, 8, 16), scaling_per_worker=100,
-            n_enqueue=10000, peer_cells=FULL_PEER_CELLS, peer_rounds=3)
+            n_enqueue=10000, peer_cells=FULL_PEER_CELLS, peer_rounds=3,
+            command_n=((1, 1000), (4, 1000), (16, 1280)))
 RTTS_MS = (0.0, 20.0)
 SCALING_RTT_MS = 20.0
 
@@ -68,7 +91,7 @@ def _say(text: str) -> None:
 
 def _progress(r: DrainResult) -> None:
     rate = f"{r.msgs_per_s:.1f} msg/s" if r.msgs_per_s else "no rate"
-    _say(f"  {r.scenario:32s} rtt={r.rtt_ms:>4.0f}ms x{r.workers:<2d} {rate}{'' if r.ok else '  (PROBLEM)'}")
+    _say(f"  {r.scenario:40s} rtt={r.rtt_ms:>4.0f}ms x{r.workers:<2d} {rate}{'' if r.ok else '  (PROBLEM)'}")
 
 
 def scenario_1(lab: Lab, plan: Plan, scenarios: list[Scenario]) -> list[DrainResult]:
@@ -97,17 +120,39 @@ def scenario_4(lab: Lab, plan: Plan, scenarios: list[Scenario]) -> list[EnqueueR
     return [lab.enqueue_rate(case, plan.n_enqueue) for case in cases]
 
 
+def grid_contenders(scenarios: list[Scenario]) -> list[Scenario]:
+    """Scenario 5's contenders in PEER_ORDER (any other peer after them)."""
+    rank = {name: i for i, name in enumerate(PEER_ORDER)}
+    return sorted((s for s in scenarios if s.peer), key=lambda s: rank.get(s.name, len(rank)))
+
+
 def scenario_5(lab: Lab, plan: Plan, scenarios: list[Scenario]) -> list[DrainResult]:
     """Issue 15's grid. Per cell the contenders run back to back (round-robin over rounds), so the
     machine's noise hits them alike and the ratios are same-run ratios."""
-    peers = [s for s in scenarios if s.peer]
     results = []
     for rtt, workers, n in plan.peer_cells:
         for round_no in range(1, plan.peer_rounds + 1):
-            for sc in peers:
+            for sc in grid_contenders(scenarios):
+                if sc.skip_c1 and workers == 1:
+                    continue
                 r = replace(lab.drain(sc, rtt, workers=workers, messages=n), round=round_no)
                 results.append(r)
                 _progress(r)
+    return results
+
+
+def scenario_5_commands(lab: Lab, plan: Plan, scenarios: list[Scenario]) -> list[CommandResult]:
+    """Redis commands per mail: one untimed drain under MONITOR per contender and C (0 ms RTT)."""
+    results = []
+    for workers, n in plan.command_cells():
+        for sc in grid_contenders(scenarios):
+            if sc.skip_c1 and workers == 1:
+                continue
+            c = lab.count_commands(sc, workers, n)
+            results.append(c)
+            total = f"{c.total_per_mail:.1f}" if c.total_per_mail is not None else "-"
+            _say(f"  {sc.name:40s} x{workers:<2d} {total} commands/mail ({c.client} client + {c.lua} lua)"
+                 + ("" if c.ok else f"  (PROBLEM: {c.error[:200]})"))
     return results
 
 
@@ -139,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="scenario 5: rounds per cell (short: 1, full: 3; tables show the median)")
     parser.add_argument("--peer-cells", default=None, metavar="RTT:C:N,...",
                         help="scenario 5: these cells instead of the plan's, e.g. 0:1:300,100:16:320")
+    parser.add_argument("--no-commands", action="store_true",
+                        help="scenario 5: skip the untimed MONITOR passes (Redis commands per mail)")
     parser.add_argument("--scaling", type=lambda v: tuple(int(x) for x in v.split(",")), default=None,
                         metavar="1,2,4,...", help="scenario 2: these worker counts instead of the plan's")
     parser.add_argument("--timeout", type=float, default=120.0, help="max seconds per drain")
@@ -150,9 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, scaling_workers=args.scaling)
     if args.peer_rounds:
         plan = replace(plan, peer_rounds=args.peer_rounds)
+    if args.no_commands:
+        plan = replace(plan, count_commands=False)
     if args.peer_cells:
         cells = [c.split(":") for c in args.peer_cells.split(",")]
-        plan = replace(plan, peer_cells=tuple((float(r), int(c), int(n)) for r, c, n in cells))
+        plan = replace(plan, peer_cells=tuple((float(r), int(c), int(n)) for r, c, n in cells), command_n=())
     candidates = all_scenarios()
     peer_notes: list[str] = []
     if "5" not in args.skip:
@@ -195,10 +244,18 @@ def main(argv: list[str] | None = None) -> int:
             doc["scenarios"]["enqueue"] = [r.as_dict() for r in s4]
             _say(enqueue_table(s4))
         if "5" not in args.skip:
-            _say("\n== scenario 5: peers of issue 15 (RTT x C; BullMQ + Nodemailer, Celery) ==")
+            _say("\n== scenario 5: issue 15's grid (RTT x C x dispatcher, BullMQ, Celery, rq (b)) ==")
             s5 = scenario_5(lab, plan, scenarios)
             doc["scenarios"]["peers"] = [r.as_dict() for r in s5]
-            _say("\n" + peer_table(s5) + "\n\n" + peer_cost_table(s5))
+            commands: list[CommandResult] = []
+            if plan.count_commands:
+                _say("\n== scenario 5: Redis commands per mail (untimed MONITOR pass per contender and C, "
+                     "0 ms RTT) ==")
+                commands = scenario_5_commands(lab, plan, scenarios)
+                doc["scenarios"]["commands"] = [c.as_dict() for c in commands]
+            _say(f"\n{GRID_TITLE}:\n{grid_table(s5)}\n\n{COST_TITLE}:\n{grid_cost_table(s5, commands)}")
+            if commands:
+                _say(f"\n{COMMANDS_TITLE}:\n{commands_table(commands)}")
             for note in peer_notes:
                 if note.startswith(("SKIPPED", "PROBLEM")):
                     _say(f"\n{note}")
@@ -209,10 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     dated, latest = write_json(doc, stamp)
     _say(f"\nwrote {dated} and {latest} ({doc['meta']['duration_s']} s)")
     if not args.no_plot:
-        from bench.plot import plot
+        from bench.plot import plot, plot_grid
 
         _say(f"wrote {plot(latest)}")
-    all_ok = all(r["ok"] for key in ("throughput", "scaling", "peers") for r in doc["scenarios"].get(key, []))
+        if doc["scenarios"].get("peers"):
+            _say(f"wrote {plot_grid(latest)}")
+    all_ok = all(r["ok"] for key in ("throughput", "scaling", "peers", "commands")
+                 for r in doc["scenarios"].get(key, []))
     all_ok = all_ok and not any(note.startswith("PROBLEM") for note in peer_notes)
     return 0 if all_ok else 1
 

@@ -30,6 +30,10 @@ def make_mail(seq: int, run_id: str) -> dict[str, Any]:
     }
 
 
+def noop() -> None:
+    """A job that does nothing: rq's enqueue_many of these is the floor for bulk enqueue (issue 15)."""
+
+
 def render(mail: dict[str, Any]) -> EmailMessage:
     msg = EmailMessage()
     msg["From"] = mail["from"]

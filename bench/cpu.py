@@ -62,6 +62,17 @@ def descendants(pid: int, limit: int = 1000) -> list[int]:
     return out
 
 
+def tree_with_depth(root: int, limit: int = 1000) -> list[tuple[int, int]]:
+    """``(pid, depth)`` of a process (depth 0) and every live descendant (bounded walk)."""
+    out: list[tuple[int, int]] = []
+    stack = [(root, 0)]
+    while stack and len(out) < limit:
+        pid, depth = stack.pop()
+        out.append((pid, depth))
+        stack.extend((child, depth + 1) for child in children(pid))
+    return out
+
+
 def tree_cpu_s(pid: int) -> float:
     """CPU of a process, its reaped children and its live descendants."""
     return sum(stat_cpu_s(Path(f"/proc/{p}/stat"), waited_children=True) for p in [pid, *descendants(pid)])
@@ -115,34 +126,85 @@ def main_thread_tid() -> int:
     return tid if tid is not None else os.getpid()
 
 
+def own_cpu_s(pid: int) -> float | None:
+    """utime + stime of one process (its threads, not its children); None once it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
 @dataclass
 class CpuSampler:
-    """Samples worker trees and helpers while a drain runs; ``window()`` = split between two instants."""
+    """Samples worker trees and helpers while a drain runs; ``window()`` = split between two instants.
+
+    It also keeps the last reading of each worker process's **own** CPU (every ``own_interval_s``) and
+    its depth under the command the harness started (0 = that process, 1 = its children, ...), so
+    ``kind_split_s`` can say which kind of process spent the CPU (supervisor / worker / rq scheduler;
+    Celery parent / children). A process's last ``own_interval_s`` before it exits is not seen: the
+    harness reports the difference to the exact ``wait4`` total as ``exit (unsampled)``.
+    """
 
     watch: CpuWatch
     interval_s: float = 0.1
+    own_interval_s: float = 0.025
     roots: list[int] = field(default_factory=list)
+    depth: dict[int, int] = field(default_factory=dict)  # every worker process seen -> depth in its tree
+    own_last: dict[int, float] = field(default_factory=dict)  # last own CPU s read per process
+    parents: set[int] = field(default_factory=set)  # roots seen with children
+    _own_at: float = -1.0
     final: dict[int, float] = field(default_factory=dict)  # exact rusage of reaped roots
     samples: list[tuple[float, dict[str, float]]] = field(default_factory=list)
     peak_pss_kb: int = 0  # max over samples of the summed PSS of every live worker process
     peak_procs: int = 0  # max over samples of the number of live worker processes (roots + descendants)
 
     def sample(self, now: float, force: bool = False) -> None:
+        if force or now - self._own_at >= self.own_interval_s:
+            self._own_at = now
+            self._read_own()
         if not force and self.samples and now - self.samples[-1][0] < self.interval_s:
             return
         workers = 0.0
         pss = procs = 0
         for root in self.roots:
+            self.depth.setdefault(root, 0)
             if root in self.final:
                 workers += self.final[root]
                 continue
-            tree = [root, *descendants(root)]
+            with_depth = tree_with_depth(root)
+            if len(with_depth) > 1:
+                self.parents.add(root)
+            for pid, depth in with_depth:
+                self.depth.setdefault(pid, depth)
+            tree = [pid for pid, _ in with_depth]
             workers += sum(stat_cpu_s(Path(f"/proc/{p}/stat"), waited_children=True) for p in tree)
             pss += sum(pss_kb(p) for p in tree)
             procs += len(tree)
         self.peak_pss_kb = max(self.peak_pss_kb, pss)
         self.peak_procs = max(self.peak_procs, procs)
         self.samples.append((now, {"workers": workers, **self.watch.read()}))
+
+    def _read_own(self) -> None:
+        for pid in self.depth:
+            if pid in self.final:  # a reaped root: its pid may already belong to someone else
+                continue
+            cpu = own_cpu_s(pid)
+            if cpu is not None:
+                self.own_last[pid] = cpu
+
+    def kind_split_s(self, kinds: tuple[str, ...]) -> dict[str, float]:
+        """Last own CPU per process summed by kind: ``kinds[depth]`` (deeper ones: the last name)."""
+        out: dict[str, float] = {}
+        own = dict(self.own_last)
+        for root, total in self.final.items():  # a root that never had children: wait4 is exact
+            if root not in self.parents and root in self.depth:
+                own[root] = total
+        for pid, cpu in own.items():
+            name = kinds[min(self.depth[pid], len(kinds) - 1)] if kinds else "process"
+            out[name] = out.get(name, 0.0) + cpu
+        return out
 
     def window(self, start: float | None, end: float | None) -> tuple[dict[str, float], float] | None:
         """CPU ms per name between the first sample >= start and the last <= end, and that span in s."""

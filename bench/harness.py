@@ -39,6 +39,7 @@ from rq import Queue
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
+from bench.commands import CommandResult, MonitorCounter
 from bench.cpu import CpuSampler, CpuWatch, descendants, main_thread_tid
 from bench.delay_proxy import DelayProxy
 from bench.redis_server import PrivateRedis
@@ -89,9 +90,23 @@ class DrainResult:
     peak_pss_mb: float | None = None  # max sampled sum of PSS over all worker processes (every ~100 ms)
     peak_procs: int | None = None  # max sampled number of live worker processes (a pool's children too)
     round: int = 1  # scenario 5 runs each cell in rounds
+    # worker CPU ms by process kind (Scenario.kinds: "supervisor", "worker", "rq scheduler", ...), from the
+    # last own-CPU reading of each process; "exit (unsampled)" = the exact wait4 total minus their sum
+    cpu_kinds_ms: dict[str, float] = field(default_factory=dict)
+    startup_kinds_ms: dict[str, float] = field(default_factory=dict)  # the same for the start-up run
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+UNSAMPLED = "exit (unsampled)"
+
+
+def _kinds_ms(sampler: CpuSampler, kinds: tuple[str, ...], total_s: float) -> dict[str, float]:
+    """CPU ms per process kind, plus UNSAMPLED: the exact wait4 total minus what the samples saw."""
+    out = {k: round(v * 1000, 1) for k, v in sampler.kind_split_s(kinds).items()}
+    out[UNSAMPLED] = round(total_s * 1000 - sum(out.values()), 1)
+    return out
 
 
 @dataclass
@@ -121,7 +136,7 @@ class Lab:
             "chunking": SinkProcess(log=self._log, module="bench.chunking_sink"),
         }
         self.sink = self.sinks["aiosmtpd"]
-        self._startup_cache: dict[tuple[tuple[str, ...], ...], float] = {}
+        self._startup_cache: dict[tuple[tuple[str, ...], ...], tuple[float, dict[str, float]]] = {}
 
     def start(self) -> Lab:
         self.redis.start()
@@ -210,7 +225,11 @@ class Lab:
         return usage
 
     def startup_cpu_s(self, scenario: Scenario, workers: int) -> float:
-        """CPU the worker processes burn with nothing to do (imports, registration, exit).
+        return self.startup(scenario, workers)[0]
+
+    def startup(self, scenario: Scenario, workers: int) -> tuple[float, dict[str, float]]:
+        """CPU the worker processes burn with nothing to do (imports, registration, exit): seconds in
+        total and ms by process kind (as in ``DrainResult.cpu_kinds_ms``).
 
         Cached per command line, so the same workers against another sink are not measured twice.
         """
@@ -219,7 +238,9 @@ class Lab:
         key = tuple(tuple(cmd) for cmd in cmds)
         if key not in self._startup_cache:
             self.clean()
-            self._startup_cache[key] = self.run_processes(cmds, env).cpu_s
+            sampler = CpuSampler(CpuWatch())
+            usage = self.run_processes(cmds, env, sampler)
+            self._startup_cache[key] = usage.cpu_s, _kinds_ms(sampler, scenario.kinds(workers), usage.cpu_s)
         return self._startup_cache[key]
 
     def _cpu_watch(self, proxy: DelayProxy, sink: SinkProcess) -> CpuWatch:
@@ -229,7 +250,7 @@ class Lab:
                         tids={k: v for k, v in tids.items() if v is not None})
 
     def drain(self, scenario: Scenario, rtt_ms: float, workers: int, messages: int) -> DrainResult:
-        startup = self.startup_cpu_s(scenario, workers)
+        startup, startup_kinds = self.startup(scenario, workers)
         sink = self.sinks[scenario.sink]
         self.clean()
         with DelayProxy("127.0.0.1", sink.port, rtt_ms / 2000.0) as proxy:
@@ -244,6 +265,7 @@ class Lab:
             split = {"workers": round(usage.cpu_s * 1000, 1), **watch.split_ms()}
         stats = sink.stats()
         window = sampler.window(stats.first_ts, stats.last_ts)
+        kinds = _kinds_ms(sampler, scenario.kinds(workers), usage.cpu_s)
         failed, left = self._queue_state(scenario)
         delivered = stats.messages
         wall = stats.last_ts - t0 if stats.last_ts is not None else None
@@ -279,7 +301,42 @@ class Lab:
             steady_busy_cores=sum(window[0].values()) / 1000 / window[1] if window else None,
             steady_window_s=window[1] if window else None,
             peak_pss_mb=sampler.peak_pss_kb / 1024 if sampler.peak_pss_kb else None,
-            peak_procs=sampler.peak_procs or None,
+            peak_procs=sampler.peak_procs or None, cpu_kinds_ms=kinds, startup_kinds_ms=startup_kinds,
+        )
+
+    def count_commands(self, scenario: Scenario, workers: int, messages: int) -> CommandResult:
+        """One more drain at 0 ms RTT, untimed, with MONITOR counting the workers' Redis commands.
+
+        MONITOR starts after the fill and stops once every worker process has exited, so only the
+        workers' commands (start-up and exit included) are counted.
+        """
+        sink = self.sinks[scenario.sink]
+        self.clean()
+        with DelayProxy("127.0.0.1", sink.port, 0.0) as proxy:
+            env = self.env(smtp_port=proxy.port, messages=messages)
+            scenario.enqueue(messages, env)
+            counter = MonitorCounter("127.0.0.1", self.redis.port).start()
+            try:
+                usage = self.run_processes(scenario.worker_cmds(env, workers), env)
+            finally:
+                count = counter.stop()
+        delivered = sink.stats().messages
+        errors = [e for e in (counter.error,) if e]
+        if usage.timed_out:
+            errors.append(f"timed out after {self.timeout_s:.0f}s")
+        if delivered != messages:
+            errors.append(f"delivered {delivered} of {messages}")
+        if any(usage.exit_codes):
+            errors.append(f"exit codes {usage.exit_codes}")
+
+        def per_mail(n: int) -> float | None:
+            return n / delivered if delivered else None
+
+        return CommandResult(
+            scenario=scenario.name, workers=workers, messages=messages, delivered=delivered,
+            client=count.client, lua=count.lua, client_per_mail=per_mail(count.client),
+            lua_per_mail=per_mail(count.lua), total_per_mail=per_mail(count.client + count.lua),
+            top=count.top(), ok=not errors, error="; ".join(errors),
         )
 
     def probe_rtt_ms(self, rtt_ms: float, rounds: int = 20) -> float:

@@ -12,7 +12,9 @@ contender means writing two functions:
 
 ``enqueue_cases`` feed scenario 4 (producer speed); they are timed by the harness.
 
-``peer=True`` puts a scenario in scenario 5 (issue 15's RTT x C grid; the peers live in :mod:`bench.peers`).
+``peer=True`` puts a scenario in scenario 5 (issue 15's RTT x C grid: ours, ours with C connections in
+one process, baseline (b), and the peers of :mod:`bench.peers.contenders`); ``kinds`` names its worker
+processes by depth for the CPU-per-process-kind column.
 
 ``sink`` picks the SMTP sink: ``"aiosmtpd"`` (PIPELINING) or ``"chunking"`` (PIPELINING + CHUNKING,
 :mod:`bench.chunking_sink`). :func:`on_chunking_sink` makes the CHUNKING copy of a scenario.
@@ -20,9 +22,6 @@ contender means writing two functions:
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -65,6 +64,16 @@ class BenchEnv:
 
 WorkerCmds = Callable[[BenchEnv, int], list[list[str]]]
 Enqueue = Callable[[int, BenchEnv], None]
+#: names of the worker processes by depth under each started command, for ``workers`` units of
+#: concurrency: ``kinds(16) == ("supervisor", "worker", "rq scheduler")`` (deeper ones take the last name)
+Kinds = Callable[[int], tuple[str, ...]]
+
+
+def fixed_kinds(*names: str) -> Kinds:
+    return lambda workers: names
+
+
+ANY_KINDS = fixed_kinds("process", "child")
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,8 @@ class Scenario:
     enqueue_cases: tuple[EnqueueCase, ...] = field(default=())
     sink: str = "aiosmtpd"  # which sink of the Lab: "aiosmtpd" or "chunking"
     peer: bool = False  # scenario 5 (issue 15's grid: RTT x C against BullMQ + Nodemailer and Celery)
+    kinds: Kinds = ANY_KINDS  # names of the worker processes by depth (CPU per kind in scenario 5)
+    skip_c1: bool = False  # scenario 5: not run at C = 1 (the same command as another contender there)
 
 
 CHUNKING_SUFFIX = " (CHUNKING sink)"
@@ -119,7 +130,7 @@ def _rq_worker_cmds(worker_class: str) -> WorkerCmds:
     return cmds
 
 
-def _job_data(env: BenchEnv, seq: int) -> tuple[Any, ...]:
+def job_data(env: BenchEnv, seq: int) -> tuple[Any, ...]:
     return (env.smtp_host, env.smtp_port, baselines.make_mail(seq, env.run_id))
 
 
@@ -130,7 +141,7 @@ def _rq_queue(env: BenchEnv) -> Queue:
 def _rq_enqueue_many(func: Callable[..., Any]) -> Enqueue:
     def enqueue(n: int, env: BenchEnv) -> None:
         queue = _rq_queue(env)
-        datas = [Queue.prepare_data(func, args=_job_data(env, i)) for i in range(n)]
+        datas = [Queue.prepare_data(func, args=job_data(env, i)) for i in range(n)]
         queue.enqueue_many(datas)
 
     return enqueue
@@ -140,7 +151,7 @@ def _rq_enqueue_one_by_one(func: Callable[..., Any]) -> Enqueue:
     def enqueue(n: int, env: BenchEnv) -> None:
         queue = _rq_queue(env)
         for i in range(n):
-            queue.enqueue(func, *_job_data(env, i))
+            queue.enqueue(func, *job_data(env, i))
 
     return enqueue
 
@@ -159,25 +170,38 @@ def _nothing(n: int, env: BenchEnv) -> None:
     return None
 
 
+RQ_ENQUEUE_MANY_NOOP = "rq Queue.enqueue_many (no-op jobs)"
+
+
+def _rq_enqueue_many_noop(n: int, env: BenchEnv) -> None:
+    """Issue 15's floor for bulk enqueue: rq's own enqueue_many of jobs that carry nothing."""
+    queue = _rq_queue(env)
+    queue.enqueue_many([Queue.prepare_data(baselines.noop) for _ in range(n)])
+
+
 BASELINE_NEW = Scenario(
     name="rq-Worker+smtplib-new",
     description="(a) rq forking Worker, new smtplib connection per job",
     worker_cmds=_rq_worker_cmds("rq.worker.Worker"),
     enqueue=_rq_enqueue_many(baselines.smtplib_new_connection),
+    kinds=fixed_kinds("rq worker", "rq work-horse"),
     enqueue_cases=(
         EnqueueCase(
             "rq Queue.enqueue (one by one)", _rq_enqueue_one_by_one(baselines.smtplib_new_connection)
         ),
         EnqueueCase("rq Queue.enqueue_many", _rq_enqueue_many(baselines.smtplib_new_connection)),
+        EnqueueCase(RQ_ENQUEUE_MANY_NOOP, _rq_enqueue_many_noop, "no-op jobs without arguments"),
     ),
 )
 
 BASELINE_KEPT = Scenario(
     name="rq-SimpleWorker+smtplib-kept",
-    description="(b) rq SimpleWorker, one smtplib connection kept across jobs",
+    description="(b) rq SimpleWorker, one smtplib connection kept across jobs; C = separate processes",
     worker_cmds=_rq_worker_cmds("rq.worker.SimpleWorker"),
     enqueue=_rq_enqueue_many(baselines.smtplib_kept_connection),
     scaling=True,
+    peer=True,
+    kinds=fixed_kinds("rq worker", "rq work-horse"),
 )
 
 RAW_SMTPLIB = Scenario(
@@ -201,6 +225,14 @@ RAW_BDAT = Scenario(
 # --- ours -------------------------------------------------------------------------------------------
 
 DISPATCHER_QUEUES = ("mail-high", "mail-default", "mail-bulk")
+OURS = "dispatcher"
+OURS_CONNS = "dispatcher (1 process x C connections)"
+CONNECTIONS_FLAG = "--connections"
+
+
+def _dispatcher_kinds(workers: int) -> tuple[str, ...]:
+    """worker.py -c 1 is the worker itself (rq's scheduler its child); -c N a supervisor above N workers."""
+    return ("worker", "rq scheduler") if workers == 1 else ("supervisor", "worker", "rq scheduler")
 
 
 def dispatcher_mail(seq: int, env: BenchEnv) -> dict[str, Any]:
@@ -237,19 +269,40 @@ def dispatcher_scenario() -> Scenario | None:
         return [[sys.executable, str(worker), "--burst", "--concurrency", str(workers)]]
 
     return Scenario(
-        name="dispatcher",
+        name=OURS,
         description="ours: worker.py --concurrency N, one SmtpSession per process",
         worker_cmds=cmds,
         enqueue=enqueue,
         queues=DISPATCHER_QUEUES,
         scaling=True,
         peer=True,
+        kinds=_dispatcher_kinds,
         enqueue_cases=(
             EnqueueCase("dispatcher.enqueue (one by one)", enqueue_one_by_one, max_n=1000),
             EnqueueCase("dispatcher.enqueue_many", enqueue),
             EnqueueCase("dispatcher.Producer.enqueue_many", enqueue_producer, "per-item results"),
         ),
     )
+
+
+def dispatcher_conns_scenario(ours: Scenario) -> Scenario | str:
+    """``worker.py --concurrency 1 --connections C``: C SMTP connections in one process, or why not."""
+    worker = PROJECT_ROOT / "worker.py"
+    try:
+        usage = subprocess.run([sys.executable, str(worker), "--help"], capture_output=True, text=True,
+                               timeout=60, check=False, cwd=PROJECT_ROOT).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"SKIPPED: {OURS_CONNS}: worker.py --help failed ({exc})"
+    if CONNECTIONS_FLAG not in usage:
+        return f"SKIPPED: worker.py has no {CONNECTIONS_FLAG} (row {OURS_CONNS!r} not run)"
+
+    def cmds(env: BenchEnv, workers: int) -> list[list[str]]:
+        return [[sys.executable, str(worker), "--burst", "--concurrency", "1",
+                 CONNECTIONS_FLAG, str(workers)]]
+
+    return replace(ours, name=OURS_CONNS, worker_cmds=cmds, throughput=False, scaling=False,
+                   enqueue_cases=(), kinds=fixed_kinds("worker", "rq scheduler"), skip_c1=True,
+                   description=f"ours: worker.py --concurrency 1 {CONNECTIONS_FLAG} C, one process")
 
 
 DISPATCHER_PLACEHOLDER = EnqueueCase("dispatcher.enqueue_many", None, "not available yet")
@@ -269,93 +322,6 @@ def with_unreached_rate_limit(scenario: Scenario) -> Scenario:
     return replace(scenario, name=scenario.name + " (rate limit not reached)", worker_cmds=cmds,
                    description=scenario.description + f"; route rate={RATE_NOT_REACHED}/s",
                    scaling=False, enqueue_cases=(), peer=False)  # fmt: skip
-
-
-# --- peers of issue 15 (bench/peers) ------------------------------------------------------------------
-
-BULLMQ = "BullMQ+Nodemailer"
-CELERY = "Celery+smtplib-kept"
-BULLMQ_QUEUE = "bench-bullmq"
-
-
-def _peer_jobs(n: int, env: BenchEnv) -> list[tuple[str, int, dict[str, Any]]]:
-    return [_job_data(env, i) for i in range(n)]
-
-
-def _run_filler(cmd: list[str], env: dict[str, str], payload: Any, cwd: Path) -> None:
-    """Run a peer's producer with the jobs as JSON on stdin; a failure says why (its stderr)."""
-    done = subprocess.run(cmd, env=env, cwd=cwd, input=json.dumps(payload), text=True, capture_output=True,
-                          timeout=120, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
-
-
-def _node_env(env: BenchEnv) -> dict[str, str]:
-    from bench.peers import NODE_MODULES
-
-    return {**os.environ, **env.process_env(), "NODE_PATH": str(NODE_MODULES), "BULLMQ_QUEUE": BULLMQ_QUEUE}
-
-
-def _bullmq_enqueue(n: int, env: BenchEnv) -> None:
-    from bench.peers import NODE_SCRIPT
-
-    datas = [{"host": h, "port": p, "mail": m} for h, p, m in _peer_jobs(n, env)]
-    _run_filler([shutil.which("node") or "node", str(NODE_SCRIPT), "enqueue"], _node_env(env), datas,
-                env.project_root)
-
-
-def _bullmq_cmds(env: BenchEnv, workers: int) -> list[list[str]]:
-    from bench.peers import NODE_MODULES, NODE_SCRIPT
-
-    node = shutil.which("node") or "node"
-    # NODE_PATH and the queue name travel in the command (the harness passes only env.process_env())
-    return [["env", f"NODE_PATH={NODE_MODULES}", f"BULLMQ_QUEUE={BULLMQ_QUEUE}", node, str(NODE_SCRIPT),
-             "work", "--concurrency", str(workers), "--messages", str(env.messages)]]
-
-
-def _celery_enqueue(n: int, env: BenchEnv) -> None:
-    # in a subprocess: importing Celery here would grow the harness, and a child's ru_maxrss starts at
-    # the RSS of the process that forked it (the ``rss MB`` column's floor)
-    _run_filler([sys.executable, "-m", "bench.peers.celery_peer", "enqueue"],
-                {**os.environ, **env.process_env()}, _peer_jobs(n, env), env.project_root)
-
-
-def _celery_cmds(env: BenchEnv, workers: int) -> list[list[str]]:
-    return [[sys.executable, "-m", "bench.peers.celery_peer", "work", "--concurrency", str(workers),
-             "--messages", str(env.messages)]]
-
-
-BULLMQ_PEER = Scenario(
-    name=BULLMQ,
-    description="BullMQ Worker (concurrency C) + Nodemailer pool (maxConnections C), one Node process",
-    worker_cmds=_bullmq_cmds,
-    enqueue=_bullmq_enqueue,
-    queues=(),
-    throughput=False,
-    peer=True,
-)
-
-CELERY_PEER = Scenario(
-    name=CELERY,
-    description="Celery, Redis broker, smtplib kept per process; --pool solo (C=1) / prefork (C>1)",
-    worker_cmds=_celery_cmds,
-    enqueue=_celery_enqueue,
-    queues=(),
-    throughput=False,
-    peer=True,
-)
-
-
-def peer_scenarios() -> tuple[list[Scenario], list[str]]:
-    """The peers that can run here, and one message per peer (installed, or why it is skipped)."""
-    from bench.peers import celery_status, ensure_node_peers
-
-    out, notes = [], []
-    for scenario, status in ((BULLMQ_PEER, ensure_node_peers()), (CELERY_PEER, celery_status())):
-        notes.append(status.message)
-        if status.ready:
-            out.append(scenario)
-    return out, notes
 
 
 def all_scenarios() -> list[Scenario]:

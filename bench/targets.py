@@ -11,6 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bench.peers.contenders import BULLMQ
+from bench.scenarios import OURS_CONNS, RQ_ENQUEUE_MANY_NOOP
+
 OURS = "dispatcher"
 OURS_CHUNKING = "dispatcher (CHUNKING sink)"
 OURS_RATE = "dispatcher (rate limit not reached)"
@@ -81,4 +84,97 @@ def checks(doc: dict[str, Any]) -> list[Check]:
     worst = max(rss) if rss else None
     out.append(Check("worker peak RSS <= 60 MB", f"{worst:.1f} MB (max over dispatcher rows)" if worst
                      else "not measured", None if worst is None else worst <= 60.0))
+    return out
+
+
+# --- issue 15: against BullMQ + Nodemailer, CPU, memory, Redis commands (scenarios 4 and 5) ----------------
+
+RQ_NOOP = RQ_ENQUEUE_MANY_NOOP
+
+
+def _med(rows: list[Row], scenario: str, rtt: float, workers: int, key: str) -> float | None:
+    """Median of ``key`` over the rounds of one contender in one cell of scenario 5."""
+    values = sorted(float(r[key]) for r in rows if r["scenario"] == scenario and r["rtt_ms"] == rtt
+                    and r["workers"] == workers and r.get(key) is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def _over(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def _ours_vs_bullmq(s5: list[Row], rtt: float, workers: int, limit: float) -> Check:
+    """Our better configuration at this cell (C processes, or 1 process x C connections) / BullMQ."""
+    bull = _med(s5, BULLMQ, rtt, workers, "msgs_per_s")
+    mine = {"C processes": _over(_med(s5, OURS, rtt, workers, "msgs_per_s"), bull)}
+    if workers > 1:
+        mine["1 process x C conns"] = _over(_med(s5, OURS_CONNS, rtt, workers, "msgs_per_s"), bull)
+    have = {k: v for k, v in mine.items() if v is not None}
+    target = f"{rtt:.0f} ms, C={workers}: dispatcher >= {limit:.1f}x BullMQ+Nodemailer"
+    if not have:
+        return Check(target, "not measured", None)
+    best = max(have.values())
+    detail = ", ".join(f"{k} {v:.2f}x" for k, v in have.items())
+    return Check(target, f"{best:.2f}x ({detail})" if len(have) > 1 else f"{best:.2f}x", best >= limit)
+
+
+def _cpu_check(s5: list[Row], scenario: str, workers: int, limit: float, label: str) -> Check:
+    net = _med(s5, scenario, 0.0, workers, "cpu_ms_per_msg_net")
+    gross = _med(s5, scenario, 0.0, workers, "cpu_ms_per_msg")
+    target = f"0 ms, C={workers}{label}: worker CPU per mail <= {limit} ms (net of start-up)"
+    if net is None:
+        return Check(target, "not measured", None)
+    return Check(target, f"{net:.2f} ms (gross {gross:.2f})" if gross is not None else f"{net:.2f} ms",
+                 net <= limit)
+
+
+def _pss_check(s5: list[Row]) -> Check:
+    """16 connections in total: the worst cell (any RTT) of each of our two ways to have them."""
+    found = {}
+    for name, label in ((OURS_CONNS, "1 process x 16"), (OURS, "16 processes")):
+        values = [v for rtt in sorted({r["rtt_ms"] for r in s5})
+                  if (v := _med(s5, name, rtt, 16, "peak_pss_mb")) is not None]
+        if values:
+            found[label] = max(values)
+    target = "16 connections <= 120 MB PSS (summed over the worker processes)"
+    if not found:
+        return Check(target, "not measured", None)
+    detail = ", ".join(f"{k}: {v:.0f} MB" for k, v in found.items())
+    return Check(target, detail, min(found.values()) <= 120.0)
+
+
+def _commands_check(commands: list[Row]) -> Check:
+    mine = [c for c in commands if c["scenario"] in (OURS, OURS_CONNS) and c.get("total_per_mail")]
+    target = "Redis commands per delivered mail <= 15 (client + inside Lua)"
+    if not mine:
+        return Check(target, "not measured", None)
+    worst = max(mine, key=lambda c: c["total_per_mail"])
+    detail = "; ".join(f"{'1x' if c['scenario'] == OURS_CONNS else ''}C={c['workers']}: "
+                       f"{c['client_per_mail']:.1f}+{c['lua_per_mail']:.1f}" for c in mine)
+    return Check(target, f"{worst['total_per_mail']:.1f} worst ({detail})", worst["total_per_mail"] <= 15.0)
+
+
+def issue15_checks(doc: dict[str, Any]) -> list[Check]:
+    sc = doc.get("scenarios", {})
+    s5: list[Row] = sc.get("peers", [])
+    s4: list[Row] = sc.get("enqueue", [])
+    out = [_cpu_check(s5, OURS, 1, 1.2, ""), _cpu_check(s5, OURS, 16, 1.4, " (16 processes)"),
+           _cpu_check(s5, OURS_CONNS, 16, 1.4, " (1 process x 16 connections)")]
+    out += [_ours_vs_bullmq(s5, 0.0, c, 1.0) for c in (1, 4, 16)]
+    out += [_ours_vs_bullmq(s5, rtt, c, 1.5) for rtt in (20.0, 100.0) for c in (1, 4, 16)]
+    out.append(_pss_check(s5))
+    one = _over(_med(s5, OURS_CONNS, 100.0, 16, "msgs_per_s"), _med(s5, OURS, 100.0, 16, "msgs_per_s"))
+    out.append(_check("100 ms: 1 process x 16 connections >= 80% of 16 processes", one, 0.8,
+                      lambda v: f"{v * 100:.0f}%"))
+    out.append(_commands_check(sc.get("commands", [])))
+    bulk = [r for r in s4 if r["case"] in BULK and r.get("jobs_per_s")]
+    best = max(bulk, key=lambda r: r["jobs_per_s"]) if bulk else None
+    noop = next((r for r in s4 if r["case"] == RQ_NOOP and r.get("jobs_per_s")), None)
+    out.append(_check("bulk enqueue >= rq's enqueue_many of no-op jobs",
+                      _over(best["jobs_per_s"], noop["jobs_per_s"]) if best and noop else None, 1.0,
+                      lambda v, b=best, q=noop: f"{v:.2f}x ({b['jobs_per_s'] if b else 0:,.0f}/s vs "
+                                                f"{q['jobs_per_s'] if q else 0:,.0f}/s)"))
     return out

@@ -25,6 +25,7 @@ matching built-in (``ValueError``, ``ConnectionError``, ``TimeoutError``) so cal
         ├── StageTimeout (TimeoutError)          a stage's deadline fired
         ├── ThrottleTimeout (TimeoutError)       no connection slot of the route came free in time
         ├── UnknownOutcome                       no reply after the final dot: may have been accepted
+        ├── DataWithheld                         the job was interrupted: a message's data was not sent
         └── ReplyError                           the server answered with an unexpected code
             ├── ServiceClosing                   421: the server is closing the channel
             └── AuthenticationFailed             AUTH refused (535, 534, 454 ...)
@@ -218,6 +219,11 @@ class StageTimeout(SmtpError, TimeoutError):
 
 class ThrottleTimeout(SmtpError, TimeoutError):
     """The route's connection cap stayed full past the wait allowed; nothing was sent. Transient."""
+
+
+class DataWithheld(SmtpError):
+    """A job running several connections was interrupted (job timeout, cold shutdown) as one of them was
+    about to write a message's data: nothing of the data was written (``delivery.lanes``). Transient."""
 
 
 class UnknownOutcome(SmtpError):

@@ -30,6 +30,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     ),
     "SMTP_URL_<NAME>": ("", "an extra route <name> (lower-cased), chosen per mail by its route field"),
     "DISPATCH_CONCURRENCY": ("1", "worker processes per worker.py (same as --concurrency)"),
+    "DISPATCH_CONNECTIONS": ("1", "SMTP connections to a route per worker process (same as --connections)"),
     "DISPATCH_RETRY_BASE": ("60", "first retry delay ceiling in seconds; doubles per attempt (full jitter)"),
     "DISPATCH_RETRY_MAX_DELAY": ("3600", "cap on one retry delay, seconds"),
     "DISPATCH_RETRY_MAX_ATTEMPTS": ("8", "attempts per retry budget before a send fails"),

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 import sys
 from email import policy
@@ -257,3 +258,15 @@ def test_the_size_bound_the_producer_trusts_is_never_below_the_real_size(
     assert size_upper_bound(mail) >= len(build_message(mail))
     pinned = {**data, "message_id": mail.message_id, "date": mail.date}  # the same bytes again
     assert validated(pinned, build=False, max_bytes=len(mail.raw)).raw in (b"", mail.raw)
+
+
+@pytest.mark.parametrize("text", ["ü" * 300, "Grüße aus Köln, " * 40, "日本語" * 100, "🎉 party " * 60])
+def test_non_ascii_header_text_is_encoded_words_of_at_most_75_characters(text: str) -> None:
+    """RFC 2047 §2: an encoded word is at most 75 characters (the email package's folders write 76 on a
+    78-column line); they decode back to the text, in the subject and in a custom header."""
+    raw = build_message(mail(subject=text[:998], headers={"X-Text": text[:2048]}))
+    assert_wire_safe(raw)
+    words = re.findall(rb"=\?utf-8\?[bq]\?[^?]*\?=", raw.split(b"\r\n\r\n", 1)[0])
+    assert words and max(len(word) for word in words) <= 75
+    parsed = parse(raw)
+    assert (parsed["Subject"], parsed["X-Text"]) == (text[:998], text[:2048])

@@ -2,9 +2,10 @@
 
 An attempt loads the send, skips every recipient the ledger says accepted it, sends to the rest over the
 process's kept ``SmtpClient`` for the mail's route (through the route's limits and breaker,
-``routes.gate``), turns the outcome into per-recipient verdicts (``delivery.verdicts``), and in ONE Redis
-transaction (``SendStore.stage_outcome``): adds the newly accepted recipients to the ledger, saves the
-record, and schedules the next attempt when one is due — or, when Redis stays away past half the lease,
+``routes.gate``), turns the outcome into per-recipient verdicts (``delivery.verdicts``), and in ONE atomic
+Redis write adds the newly accepted recipients to the ledger, saves the record, drops the lease and
+schedules the next attempt when one is due (``SendStore.record_outcome``, one script; with a next attempt,
+that script inside the MULTI carrying rq's schedule) — or, when Redis stays away past half the lease,
 journals the outcome (``delivery.journal``).
 ``prepare`` / ``complete`` split it around the SMTP exchange so a batch can stream several sends over one
 connection (``jobs``).
@@ -280,13 +281,17 @@ class Attempt:
         rec.data_out = None
         stored_state = rec.stored_state
 
-        def stage(pipe: Any) -> None:
-            rec.stored_state = stored_state  # each try stages the same move between the state indexes
-            if next_job is not None:
-                schedule_attempt(pipe, self.redis, rec, *next_job)
+        def write() -> None:
+            rec.stored_state = stored_state  # each try writes the same move between the state indexes
+            if next_job is None:  # the common case: one script call, no transaction
+                self.store.record_outcome(rec, accepted, now=now)
+                return
+            pipe = self.store.transaction()
+            schedule_attempt(pipe, self.redis, rec, *next_job)
             self.store.stage_outcome(pipe, rec, accepted, now=now)
+            self.store.execute(pipe)
 
-        self._commit(stage, lambda: Entry.of(rec, self.job_id, accepted, next_job, now))
+        self._commit(write, lambda: Entry.of(rec, self.job_id, accepted, next_job, now))
         summary = {
             "id": rec.send_id,
             "state": rec.state,
@@ -309,8 +314,9 @@ class Attempt:
         )
         return summary
 
-    def _commit(self, stage: Callable[[Any], None], entry: Callable[[], Entry]) -> None:
-        """Write an attempt's outcome in one MULTI. An outcome, once known, is not dropped because Redis
+    def _commit(self, write: Callable[[], None], entry: Callable[[], Entry]) -> None:
+        """Write an attempt's outcome: one script call (``SendStore.record_outcome``), or the script in the
+        MULTI that schedules the next attempt with rq. An outcome, once known, is not dropped because Redis
         is away: the write is tried again (backoff to 2 s) for up to half the lease, while this worker's
         lease still keeps recovery off the send; past that it goes to the host's outcome journal
         (``delivery.journal``), replayed once Redis answers — the send's ``data_out`` marker meanwhile
@@ -318,10 +324,8 @@ class Attempt:
         deadline = time.monotonic() + self.runtime.settings.lease_seconds / 2
         delay = 0.1
         while True:
-            pipe = self.store.transaction()
-            stage(pipe)
             try:
-                self.store.execute(pipe)
+                write()
                 return
             except QueueUnavailable as exc:
                 if time.monotonic() + delay > deadline:

@@ -1,6 +1,7 @@
 """The rq jobs: ``deliver(send_id)`` runs one attempt (``attempt.Attempt``); ``deliver_batch(send_ids)``
-runs one attempt for each send enqueued together, in order, under one lease — streamed over one SMTP
-connection, one round trip per message, when the route has no limits to consult per message.
+runs one attempt for each send enqueued together, in order, under one lease — streamed over the
+process's connections to the route (``lanes``), one round trip per message on each, when the route has no
+connection slots or breaker to consult per message.
 """
 
 from __future__ import annotations
@@ -17,13 +18,11 @@ import structlog
 from rq import get_current_job
 
 from dispatcher.delivery.attempt import Attempt
+from dispatcher.delivery.lanes import Lanes, lane_count
 from dispatcher.errors import QueueUnavailable
 from dispatcher.queue.recovery import requeue_unstarted
 from dispatcher.queue.store import SendStore
 from dispatcher.routes.gate import RouteGate
-from dispatcher.smtp.outcomes import SendResult
-from dispatcher.smtp.session import SmtpClient
-from dispatcher.smtp.stream import Outgoing
 from dispatcher.worker.runtime import Runtime
 
 logger = structlog.get_logger("dispatcher.delivery.jobs")
@@ -59,17 +58,19 @@ def deliver_batch(send_ids: list[str]) -> dict[str, Any]:
                        error=str(exc))  # fmt: skip
     finally:
         structlog.contextvars.clear_contextvars()
-        rest = [send_id for send_id in send_ids if send_id not in batch.results]
+        rest = [s for s in send_ids if s not in batch.results and s not in batch.abandoned]
         if rest:
             requeue_unstarted(job.connection, rest, job.id)
     return {"sends": batch.results}
 
 
 class Batch:
-    """The attempts of one job, in order. Consecutive sends on a route without connection slots or a
-    breaker stream over the kept connection, one round trip each, each admitted by the route's rate and
-    daily limits as it is about to go out; the others go one by one through the route gate. A warm
-    shutdown stops before the next send; the job hands the rest back."""
+    """The attempts of one job, in order. Consecutive sends of a route go over the process's connections
+    to it (``lanes``: up to ``--connections``, one by default) — streamed back to back, one round trip
+    each, on a route without connection slots or a breaker, each admitted by the route's rate and daily
+    limits as it is about to go out; one at a time per connection, each through the gate, on a capped
+    route. The others go one by one through the route gate. A warm shutdown stops before the next send;
+    the job hands the rest back (not those left to recovery: ``abandoned``)."""
 
     def __init__(self, runtime: Runtime, connection: redis.Redis, job_id: str, send_ids: list[str]) -> None:
         self.runtime = runtime
@@ -78,15 +79,18 @@ class Batch:
         self.waiting = deque(send_ids)
         self.results: dict[str, Any] = {}
         self.held: Attempt | None = None
+        self.abandoned: set[str] = set()
+        """Sends of lanes that did not end when interrupted: their leases and markers decide (recovery)."""
 
     def run(self) -> None:
-        while (attempt := self._next_prepared()) is not None:
-            if self._streamable(attempt):
-                self._stream(attempt)
+        while (attempt := self.next_prepared()) is not None:
+            lanes = self._lanes(attempt)
+            if lanes is not None:
+                lanes.run()
             else:
                 self.results[attempt.send_id] = attempt.send_prepared()
 
-    def _next_prepared(self) -> Attempt | None:
+    def next_prepared(self) -> Attempt | None:
         """The next attempt with something to send; the others are recorded on the way."""
         if self.held is not None:
             attempt, self.held = self.held, None
@@ -106,91 +110,18 @@ class Batch:
     def gate(self) -> RouteGate:
         return self.runtime.gate(self.redis)
 
-    def _streamable(self, attempt: Attempt) -> bool:
-        route = attempt.rec.route
-        return route in self.runtime.settings.routes and self.gate.streamable(route)
-
-    def _stream(self, first: Attempt) -> None:
+    def _lanes(self, first: Attempt) -> Lanes | None:
+        """The lanes for ``first`` and the sends after it on its route; None when it goes alone through
+        the gate (an unknown route, a route with fallbacks, a capped route on one connection)."""
         route = first.rec.route
-        client = self.runtime.client(route)
-        prepared = {first.send_id: first}
-        source = _StreamSource(self, first, route, prepared, client)
-        try:
-            while not source.finished or prepared:
-                progressed = False
-                stream = client.send_stream(
-                    iter(source), source.may_follow, before_data=lambda m: prepared[m.key].data_going_out()
-                )
-                for message, outcome in stream:
-                    attempt = prepared.pop(message.key)
-                    if isinstance(outcome, SendResult):
-                        self.gate.answered(route, client)
-                    else:
-                        self.gate.failed(route, client, outcome)
-                    self.results[message.key] = attempt.complete(
-                        outcome, client.conn_id, client.last_transcript
-                    )
-                    progressed = True
-                if not progressed and source.finished and prepared:
-                    raise RuntimeError(f"stream gave no outcome for {sorted(prepared)}")  # handed back
-        except BaseException as exc:
-            # A job timeout or a cold shutdown mid-dialogue: what was on the wire is recorded, the rest of
-            # the prepared sends is handed back by the job (they are still "sending" under this job).
-            for message, data_written in client.stream_in_flight():
-                if message.key in prepared:
-                    attempt = prepared.pop(message.key)
-                    self.results[message.key] = attempt.interrupted(data_written, client.conn_id, exc)
-            client.abort()
-            raise
-
-
-class _StreamSource:
-    """Feeds a stream the batch's next prepared sends while they stay on the stream's route, each one
-    admitted by the route's limits right before it goes on the wire."""
-
-    def __init__(
-        self, batch: Batch, first: Attempt, route: str, prepared: dict[str, Attempt], client: SmtpClient
-    ) -> None:
-        self.batch, self.route, self.prepared, self.client = batch, route, prepared, client
-        self.first: Attempt | None = first
-        self.admitted = False
-        self.finished = False
-
-    def __iter__(self) -> Iterator[Outgoing]:
-        while not self.finished or self.first is not None:
-            attempt = self._next()
-            if attempt is None:
-                return
-            refused = None if self.admitted else self.batch.gate.admit(self.route, self.client)
-            self.admitted = False
-            if refused is not None:
-                self.batch.results[attempt.send_id] = attempt.throttled(self.route, refused)
-                continue
-            self.prepared[attempt.send_id] = attempt
-            yield attempt.outgoing()
-
-    def may_follow(self) -> bool:
-        """Asked when a message's data is due: may the next one go with it, its token taken right now?"""
-        if self.first is None:
-            self.first = self._next()
-        if self.first is None:
-            return False
-        if not self.admitted:
-            self.admitted = self.batch.gate.admit_now(self.route)
-        return self.admitted
-
-    def _next(self) -> Attempt | None:
-        if self.first is not None:
-            first, self.first = self.first, None
-            return first
-        if self.finished:
+        if route not in self.runtime.settings.routes:
             return None
-        attempt = self.batch._next_prepared()
-        if attempt is None or attempt.rec.route != self.route or not self.batch._streamable(attempt):
-            self.batch.held = attempt
-            self.finished = True
+        streams = self.gate.streamable(route)
+        count = lane_count(self.gate, route, self.runtime.connections, len(self.waiting) + 1)
+        if not streams and count == 1:
             return None
-        return attempt
+        clients = self.runtime.lane_clients(route, count, None if streams else self.redis)
+        return Lanes(self, first, route, clients, streams=streams)
 
 
 class LeaseKeeper:

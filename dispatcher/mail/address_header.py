@@ -8,8 +8,8 @@ every attempt. A mailbox list needs none of that — each ``Address`` is already
 rule) when they are ASCII or the message is SMTPUTF8 (RFC 6532), else as RFC 2047 ``B`` encoded words of
 UTF-8, at most 75 characters each, split between characters (RFC 2047 §5); tokens joined by one space and
 folded before a token that would pass 78 columns (RFC 5322 §2.2.3). ``compose`` stores the value with
-``set_raw`` under a policy that writes it as given (``refold_source="none"``), and ``check_written``
-checks the written lines as for every header.
+``set_raw`` as a ``header_fold.Prefolded``, written as it is, and ``check_written`` checks the written
+lines as for every header.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ _LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 # ASCII dot-atom local part at an LDH domain, and a display name of plain words: read back unchanged.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _PLAIN_ADDR_SPEC = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+_ATOM_TEXT = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+")
 _PLAIN_NAME = re.compile(r"(?:[A-Za-z0-9]+(?: [A-Za-z0-9]+)*)?")
 
 
@@ -196,13 +197,19 @@ def _check_local(local: str) -> None:
         return
     if "@" in local:
         raise ValueError("not an email address: more than one '@'")
-    if any(char.isspace() for char in local):
+    plain = _ATOM_TEXT.fullmatch(local) is not None  # ASCII atext and dots: no character to look at
+    if not plain and _has_white_space(local):
         raise ValueError("local part contains whitespace")
     if local.startswith(".") or local.endswith(".") or ".." in local:
         raise ValueError("local part: misplaced '.' (leading, trailing or doubled)")
-    for char in local:
+    for char in () if plain else local:
         if char != "." and char.isascii() and char not in _ATEXT:
             raise ValueError(f"local part: character {char!r} is not allowed unquoted")
+
+
+def _has_white_space(text: str) -> bool:
+    """Any character ``str.isspace`` calls white space in ``text`` (one C call, not one per character)."""
+    return text.split() != [text]
 
 
 def _check_domain(domain: str) -> str:
@@ -210,7 +217,7 @@ def _check_domain(domain: str) -> str:
         raise ValueError("not an email address: nothing after '@'")
     if domain.startswith("["):
         return _check_address_literal(domain)
-    if any(char.isspace() for char in domain):
+    if _has_white_space(domain):
         raise ValueError("domain contains whitespace")
     if domain.endswith("."):
         raise ValueError("domain ends with '.'")
@@ -219,8 +226,8 @@ def _check_domain(domain: str) -> str:
             raise ValueError("domain: empty label (leading or doubled '.')")
         if len(label.encode("utf-8")) > MAX_LABEL_OCTETS and label.isascii():
             raise ValueError(f"domain label too long: more than {MAX_LABEL_OCTETS} octets")
-    try:
-        ascii_domain = domain.encode("idna").decode("ascii")
+    try:  # an ASCII name is its own IDNA form (the codec's fast path, without the codec's cost)
+        ascii_domain = domain if domain.isascii() else domain.encode("idna").decode("ascii")
     except UnicodeError:
         raise ValueError(f"domain {domain!r} is not a valid (IDNA) domain name") from None
     if len(ascii_domain) > MAX_DOMAIN_OCTETS:

@@ -11,6 +11,7 @@ decodes to. A clean pre-encoded word (``=?utf-8?q?Gr=C3=BC=C3=9Fe?=``) is accept
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import re
@@ -232,16 +233,21 @@ def date(path: str, value: Any, problems: dict[str, str]) -> str | None:
     if not isinstance(value, str) or len(value) > _MAX_DATE_CHARS or header_text_problem(value) is not None:
         problems[path] = "must be an RFC 5322 date string"
         return None
-    try:
-        moment = parsedate_to_datetime(value)
-    except (ValueError, TypeError):
-        moment = None
+    moment = _parsed_date(value)
     # RFC 5322 §3.3: "-0000" is UTC with the local zone unknown (what formatdate() writes, Django's
     # default); the email package reads it as a naive time, which is not a missing zone.
     if moment is None or (moment.tzinfo is None and not value.rstrip().endswith("-0000")):
         problems[path] = "must be an RFC 5322 date with zone, e.g. Fri, 27 Nov 2026 16:00:00 +0000"
         return None
     return value
+
+
+@functools.lru_cache(maxsize=64)  # mails enqueued together share their Date
+def _parsed_date(value: str) -> datetime | None:
+    try:
+        return parsedate_to_datetime(value)
+    except (ValueError, TypeError):
+        return None
 
 
 def ascii_domain(domain: str) -> str:

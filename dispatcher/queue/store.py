@@ -6,6 +6,9 @@ rq jobs only carry a send id; the record is the source of truth for state, attem
 recipient's outcome, so retries, the CLI and the dashboard never depend on rq's registries or pickles.
 No other module names one of these keys: they ask ``SendStore`` to read them, or to stage writes on a
 MULTI pipeline that also carries rq's enqueue (one transaction for record, ledger, lease and schedule).
+An attempt's begin and its outcome are one Lua script each (``queue.scripts``): one command a mail
+instead of a MULTI of a dozen (issue 15); an outcome that schedules a next attempt runs its script inside
+the MULTI that carries rq's schedule.
 
 Redis being unreachable is mapped here, at this one boundary, to ``QueueUnavailable`` (as
 ``smtp.connection`` maps OS errors): ``SendStore.execute`` for staged transactions, and every method that
@@ -16,12 +19,13 @@ Invariants the store's writes keep (README "Guarantees"):
 1. A send that is not final has one owner: its queued or scheduled rq job, or a worker's lease in
    ``dispatch:inflight`` (``begin_attempt`` leases it in the same script that moves it to ``sending`` —
    and only if the record still names the job and state the attempt read, so a job the reconciler
-   replaced can never take it back; ``stage_outcome`` drops the lease in the transaction that records the
-   outcome, or the outcome waits in the worker's journal, ``delivery.journal``, until Redis takes it).
+   replaced can never take it back; ``record_outcome`` / ``stage_outcome`` drop the lease in the script
+   that records the outcome, or the outcome waits in the worker's journal, ``delivery.journal``, until
+   Redis takes it).
 2. ``data_out`` (``mark_data_out``) is durable before the first byte of an attempt's message data is
    written; recovery then settles the send *unknown*, never resends it.
-3. A recipient in the ledger is never sent to again: ``stage_outcome`` adds the accepted ones in the same
-   transaction as the record that says so.
+3. A recipient in the ledger is never sent to again: the outcome's script adds the accepted ones in the
+   same atomic call as the record that says so.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from dispatcher.queue.keys import (
     state_key,
 )
 from dispatcher.queue.records import SendRecord, text
+from dispatcher.queue.scripts import BEGIN_ATTEMPT, RECORD_OUTCOME
 from dispatcher.queue.states import FINAL_STATES, SendState
 
 DECODE_ERRORS = (ValueError, KeyError, TypeError, AttributeError)
@@ -58,21 +63,6 @@ STATES = tuple(SendState)
 OUTAGE = (redis.ConnectionError, redis.TimeoutError)
 """What redis-py raises when Redis cannot be reached, does not answer in time, or is still loading its
 data after a restart (``BusyLoadingError`` is a ``ConnectionError``): the one definition of an outage."""
-
-_BEGIN_ATTEMPT = """
-local stored = redis.call('HMGET', KEYS[1], 'rq_job', 'state')
-if (stored[1] or '') ~= ARGV[1] or stored[2] ~= ARGV[2] then return false end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
-redis.call('ZREM', KEYS[5], ARGV[3])
-redis.call('ZREM', KEYS[6], ARGV[3])
-redis.call('ZADD', KEYS[7], ARGV[4], ARGV[3])
-redis.call('ZADD', KEYS[8], ARGV[4], ARGV[3])
-redis.call('ZADD', KEYS[4], ARGV[5], ARGV[3])
-return {redis.call('SMEMBERS', KEYS[2]), redis.call('GET', KEYS[3])}
-"""
-"""``begin_attempt`` in one round trip: KEYS record, ledger, source, in-flight, the old and new state
-indexes (overall, priority); ARGV the rq job and state the attempt loaded, send id, updated_at, lease
-expiry, then the record's fields. False when the record moved on since it was loaded."""
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -105,7 +95,8 @@ class SendStore:
 
     def __init__(self, connection: redis.Redis) -> None:
         self.redis = connection
-        self._begin = connection.register_script(_BEGIN_ATTEMPT)
+        self._begin = connection.register_script(BEGIN_ATTEMPT)
+        self._outcome = connection.register_script(RECORD_OUTCOME)
 
     # -- transactions -------------------------------------------------------------------------------
 
@@ -336,16 +327,45 @@ class SendStore:
         One round trip; it raises (and so no data goes out) when Redis does not acknowledge it."""
         self.redis.hset(send_key(send_id), "data_out", str(attempt))
 
+    @outage_is_unavailable
+    def record_outcome(self, rec: SendRecord, accepted: Sequence[str], *, now: float) -> None:
+        """Write an attempt's outcome in one script (``queue.scripts.RECORD_OUTCOME``): ``accepted``
+        recipients (casefolded) into the ledger, the delivery count when ``rec`` is delivered, the record
+        and its move between the state indexes, and the lease dropped."""
+        keys, args = self._outcome_call(rec, accepted, now)
+        self._outcome(keys=keys, args=args)
+        rec.stored_state = rec.state
+
     def stage_outcome(self, pipe: Any, rec: SendRecord, accepted: Sequence[str], *, now: float) -> None:
-        """Queue the writes recording an attempt's outcome: ``accepted`` recipients (casefolded) into the
-        ledger, the delivery count when ``rec`` is delivered, the record, and the lease dropped."""
-        self.stage_ledger(pipe, rec.message_id, accepted)
-        if rec.state is SendState.DELIVERED:
-            minute = int(now // 60)
-            pipe.incr(delivered_key(minute))
-            pipe.expire(delivered_key(minute), STATS_TTL)
-        self.stage_save(pipe, rec, now=now)
-        self.stage_release(pipe, rec.send_id)
+        """Queue ``record_outcome``'s script on a MULTI ``pipe`` (with rq's schedule of the next attempt,
+        or a replay's WATCH). Sent whole (EVAL, which Redis caches by its digest too), not by digest: an
+        EVALSHA that Redis forgot would fail alone inside the MULTI while rq's part of it applied, and
+        redis-py's guard against that costs a SCRIPT EXISTS round trip before every such transaction."""
+        keys, args = self._outcome_call(rec, accepted, now)
+        pipe.eval(RECORD_OUTCOME, len(keys), *keys, *args)
+        rec.stored_state = rec.state
+
+    def _outcome_call(
+        self, rec: SendRecord, accepted: Sequence[str], now: float
+    ) -> tuple[list[str], list[str | float | int]]:
+        rec.updated_at = now
+        before = rec.stored_state if rec.stored_state is not None else rec.state
+        if rec.state in FINAL_STATES:
+            ttl_mode = "expire"
+        elif rec.stored_state in FINAL_STATES:
+            ttl_mode = "persist"
+        else:
+            ttl_mode = ""
+        delivered = rec.state is SendState.DELIVERED
+        fields = [item for pair in rec.to_hash().items() for item in pair]
+        keys = [send_key(rec.send_id), source_key(rec.send_id), ledger_key(rec.message_id), INFLIGHT,
+                state_key(before), state_key(before, rec.priority),
+                state_key(rec.state), state_key(rec.state, rec.priority), delivered_key(int(now // 60))]
+        args: list[str | float | int] = [
+            rec.send_id, rec.updated_at, ttl_mode, RECORD_TTL, LEDGER_TTL, STATS_TTL if delivered else "",
+            len(accepted), *accepted, *fields,
+        ]  # fmt: skip
+        return keys, args
 
     @staticmethod
     def stage_ledger(pipe: Any, message_id: str, accepted: Sequence[str]) -> None:

@@ -33,7 +33,7 @@ from dispatcher.errors import SmtpError
 from dispatcher.queue.store import OUTAGE
 from dispatcher.routes.breaker import Breaker, is_connection_failure
 from dispatcher.routes.config import RoutePolicy
-from dispatcher.routes.throttle import Throttle, is_slow_down
+from dispatcher.routes.throttle import Reservation, Throttle, is_slow_down
 from dispatcher.smtp.replies import Reply
 from dispatcher.smtp.session import SmtpClient
 
@@ -109,6 +109,7 @@ class RouteGate:
             return RoutePause(f"route {route}: {busy} for {max_wait:g}s")
         reservation = self.throttle.acquire(policy, max_wait)
         if reservation.granted:
+            _note_token(route, reservation)
             return None
         if reservation.reason == "daily":
             until = time.time() + reservation.wait
@@ -127,10 +128,12 @@ class RouteGate:
         """Take ``route``'s next token only if it is there now (never waits, never defers); False while
         the limits cannot be read."""
         try:
-            return self.throttle.reserve(self.policy(route), 0).granted
+            reservation = self.throttle.reserve(self.policy(route), 0)
         except OUTAGE as exc:
             logger.warning("route_limits_unreadable", route=route, error=str(exc))
             return False
+        _note_token(route, reservation)
+        return reservation.granted
 
     @staticmethod
     def using(client: SmtpClient) -> contextlib.AbstractContextManager[object]:
@@ -203,3 +206,10 @@ class RouteGate:
             if reply is not None and is_slow_down(reply.code, reply.enhanced):
                 self.throttle.slow_down(policy, code=reply.code, enhanced=reply.enhanced)
                 return
+
+
+def _note_token(route: str, reservation: Reservation) -> None:
+    """DEBUG ``route_token``: a rate token granted, with its due time on Redis's clock — the limiter's own
+    schedule, which a test can hold to the rate without the jitter of sending."""
+    if reservation.granted and reservation.due_ms is not None:
+        logger.debug("route_token", route=route, due_ms=reservation.due_ms)

@@ -52,8 +52,8 @@ end
 
 # KEYS: bucket, day counter. ARGV: rate/s, burst, max_wait ms, daily cap (0 = none), day ttl s, step ms,
 # count (tokens to take at once; the last one's wait is the one checked and returned).
-# Returns {code, wait ms, factor, tokens before, tokens per ms}: code 1 = reserved (send after `wait`),
-# 0 = wait too long, 2 = daily cap.
+# Returns {code, wait ms, factor, tokens before, tokens per ms, now ms}: code 1 = reserved (send after
+# `wait`), 0 = wait too long, 2 = daily cap.
 _RESERVE = (
     _FACTOR
     + """
@@ -62,7 +62,7 @@ local daily, step_ms, count = tonumber(ARGV[4]), tonumber(ARGV[6]), tonumber(ARG
 local factor = current_factor(KEYS[1], now, step_ms)
 if factor >= 1.0 then redis.call('HDEL', KEYS[1], 'factor', 'cut_at') end
 if daily > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') >= daily then
-  return {2, '0', tostring(factor), '0', '0'}
+  return {2, '0', tostring(factor), '0', '0', tostring(now)}
 end
 local wait, before, per_ms = 0, 0, 0
 if rate > 0 then
@@ -73,7 +73,7 @@ if rate > 0 then
   if now > ts then tokens = math.min(burst, tokens + (now - ts) * per_ms); ts = now end
   before = tokens
   if tokens < count then wait = (count - tokens) / per_ms end
-  if wait > max_wait then return {0, tostring(wait), tostring(factor), '0', '0'} end
+  if wait > max_wait then return {0, tostring(wait), tostring(factor), '0', '0', tostring(now)} end
   redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - count), 'ts', tostring(ts))
   redis.call('PEXPIRE', KEYS[1], math.ceil(wait + burst / per_ms + step_ms * 8 + 60000))
 end
@@ -81,7 +81,7 @@ if daily > 0 then
   redis.call('INCR', KEYS[2])
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
 end
-return {1, tostring(wait), tostring(factor), tostring(before), tostring(per_ms)}
+return {1, tostring(wait), tostring(factor), tostring(before), tostring(per_ms), tostring(now)}
 """
 )
 
@@ -126,6 +126,9 @@ class Reservation:
     wait: float
     factor: float
     reason: str = "rate"
+    due_ms: float | None = None
+    """A granted token's time on Redis's clock (``clock``), when a rate limit issued it: the schedule the
+    limiter keeps, free of the jitter a send adds on its way to the server."""
 
 
 class Throttle:
@@ -136,7 +139,8 @@ class Throttle:
         self._reserve = connection.register_script(_RESERVE)
         self._slow_down = connection.register_script(_SLOW_DOWN)
         self._factors: dict[str, float] = {}
-        self._held: dict[str, deque[float]] = {}
+        self._held: dict[str, deque[tuple[float, float]]] = {}
+        """Per route, the tokens taken ahead: (monotonic time usable, due time on Redis's clock in ms)."""
 
     def batch_size(self, policy: RoutePolicy) -> int:
         """Tokens to take per Redis call: as many as ``BATCH_WINDOW`` seconds of the rate (one for slow
@@ -156,13 +160,14 @@ class Throttle:
         limit = policy.max_wait if max_wait is None else max_wait
         held = self._held.get(policy.name)
         if held:
-            wait = max(0.0, held[0] - time.monotonic())
+            usable, held_due_ms = held[0]
+            wait = max(0.0, usable - time.monotonic())
             if wait > limit:
                 return Reservation(False, wait, self._factors.get(policy.name, 1.0))
             held.popleft()
-            return Reservation(True, wait, self._factors.get(policy.name, 1.0))
+            return Reservation(True, wait, self._factors.get(policy.name, 1.0), due_ms=held_due_ms)
         count = self.batch_size(policy)
-        code, wait_ms, factor_text, before_text, per_ms_text = self._reserve(
+        code, wait_ms, factor_text, before_text, per_ms_text, now_text = self._reserve(
             keys=[bucket_key(policy.name), day_key(policy.name, period=policy.daily_period)],
             args=[policy.rate or 0, policy.burst, limit * 1000, policy.daily or 0, 2 * policy.daily_period,
                   policy.slowdown_step * 1000, count],
@@ -172,12 +177,14 @@ class Throttle:
         wait = float(wait_ms) / 1000
         if int(code) == 2:
             return Reservation(False, window_end(policy.daily_period) - time.time(), factor, "daily")
+        now_ms = float(now_text)
         if int(code) == 1 and count > 1:
             start, before, per_ms = time.monotonic(), float(before_text), float(per_ms_text)
-            usable = [start + max(0.0, (i - before) / per_ms) / 1000 for i in range(1, count + 1)]
-            self._held[policy.name] = deque(usable[1:])
-            wait = usable[0] - start
-        return Reservation(int(code) == 1, wait, factor)
+            offsets = [max(0.0, (i - before) / per_ms) for i in range(1, count + 1)]  # ms after `now`
+            self._held[policy.name] = deque((start + ms / 1000, now_ms + ms) for ms in offsets[1:])
+            wait = offsets[0] / 1000
+        due_ms = now_ms + wait * 1000 if int(code) == 1 and policy.rate else None
+        return Reservation(int(code) == 1, wait, factor, due_ms=due_ms)
 
     def acquire(self, policy: RoutePolicy, max_wait: float | None = None) -> Reservation:
         """``reserve``, then sleep until the token's time when it was granted (never a busy loop)."""

@@ -146,6 +146,12 @@ class Connection:
             return True
         return bool(readable)
 
+    def interrupt(self) -> None:
+        """Wake a read or write blocked on this connection in another thread (it sees the connection
+        lost); the owner closes it. Shuts the TCP socket down under TLS too, leaving the TLS object alone."""
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+
     def close(self) -> None:
         if self.closed:
             return

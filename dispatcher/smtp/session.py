@@ -284,6 +284,11 @@ class SmtpClient:
         """Close without QUIT: for a connection in an unknown state (interrupted mid-transaction)."""
         self._discard(SessionState.CLOSED)
 
+    def interrupt(self) -> None:
+        """From another thread: break the open connection; the thread using it sees it lost and drops it."""
+        if (channel := self._channel) is not None:
+            channel.conn.interrupt()
+
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def _ready(self) -> Channel:

@@ -1,4 +1,5 @@
-"""``worker.py --concurrency N``: N worker processes (``process.run_one``) under one supervisor.
+"""``worker.py --concurrency N [--connections K]``: N worker processes (``process.run_one``) under one
+supervisor, each using up to K connections to a route at once (``delivery.lanes``).
 
 SIGTERM/SIGINT is passed on once (each child finishes its current send, QUITs and exits 0); a second
 signal is passed on too and aborts them.
@@ -19,7 +20,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 import structlog
@@ -42,7 +43,9 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 class Child:
     """A forked worker process (forked, not spawned: the imports are done once, in the supervisor)."""
 
-    def __init__(self, queue_names: Sequence[str], burst: bool, redis_url: str | None = None) -> None:
+    def __init__(
+        self, queue_names: Sequence[str], burst: bool, redis_url: str | None = None, connections: int = 1
+    ) -> None:
         self.returncode: int | None = None
         # Signals wait until the child has its own handler: the supervisor's must never run in a child.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -55,7 +58,7 @@ class Child:
             try:
                 os.setsid()  # own session: a terminal's Ctrl-C reaches only the supervisor (it passes it on)
                 die_with_parent()  # a supervisor killed with kill -9 takes its workers with it (warm stop)
-                code = run_one(queue_names, burst=burst, redis_url=redis_url)
+                code = run_one(queue_names, burst=burst, redis_url=redis_url, connections=connections)
             except BaseException:
                 logger.exception("worker_process_crashed")
             finally:
@@ -79,9 +82,16 @@ class Supervisor:
     """Starts N worker processes, forwards stop signals, restarts the ones that die."""
 
     def __init__(
-        self, concurrency: int, queue_names: Sequence[str], *, burst: bool, redis_url: str | None = None
+        self,
+        concurrency: int,
+        queue_names: Sequence[str],
+        *,
+        burst: bool,
+        redis_url: str | None = None,
+        connections: int = 1,
     ) -> None:
         self.concurrency = concurrency
+        self.connections = connections
         self.redis_url = redis_url
         self.queue_names = list(queue_names)
         self.burst = burst
@@ -89,7 +99,7 @@ class Supervisor:
         self.stopping = 0
 
     def _spawn(self) -> Child:
-        return Child(self.queue_names, self.burst, self.redis_url)
+        return Child(self.queue_names, self.burst, self.redis_url, self.connections)
 
     def _signal(self, signum: int, frame: FrameType | None) -> None:
         self.stopping += 1
@@ -105,7 +115,12 @@ class Supervisor:
         started = [time.monotonic()] * self.concurrency
         backoffs = [RestartBackoff() for _ in range(self.concurrency)]
         due: dict[int, float] = {}  # slot → when its dead child is started again
-        logger.info("pool_started", processes=self.concurrency, pids=[c.pid for c in self.children])
+        logger.info(
+            "pool_started",
+            processes=self.concurrency,
+            connections=self.connections,
+            pids=[c.pid for c in self.children],
+        )
         while True:
             running = 0
             for index, child in enumerate(self.children):
@@ -163,6 +178,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=int(os.environ.get("DISPATCH_CONCURRENCY", "1")),
         help="worker processes on this host (default 1, env DISPATCH_CONCURRENCY)",
     )
+    parser.add_argument(
+        "--connections",
+        "-k",
+        type=_count("DISPATCH_CONNECTIONS"),
+        default=os.environ.get("DISPATCH_CONNECTIONS", "1"),
+        help="SMTP connections to a route one process uses at once (default 1, env DISPATCH_CONNECTIONS)",
+    )
     parser.add_argument("--burst", action="store_true", help="stop when the queues are empty")
     parser.add_argument("--redis-url", default=None, help="default: $REDIS_URL or redis://127.0.0.1:6379/0")
     parser.add_argument(
@@ -175,7 +197,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
+    if args.connections < 1:
+        parser.error(f"--connections must be at least 1, not {args.connections}")
     return args
+
+
+def _count(variable: str) -> Callable[[str], int]:
+    """An argparse type for a whole number that may come from ``variable`` (named in its error)."""
+
+    def parse(raw: str) -> int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {raw!r} (or ${variable})") from None
+
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -188,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("worker_config_invalid", error=str(exc))
         return EXIT_CONFIG
     if args.concurrency == 1:
-        return run_one(args.queues, burst=args.burst, redis_url=redis_url)
-    return Supervisor(args.concurrency, args.queues, burst=args.burst, redis_url=redis_url).run()
-
+        return run_one(args.queues, burst=args.burst, redis_url=redis_url, connections=args.connections)
+    supervisor = Supervisor(
+        args.concurrency, args.queues, burst=args.burst, redis_url=redis_url, connections=args.connections
+    )
+    return supervisor.run()

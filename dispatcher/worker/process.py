@@ -306,9 +306,12 @@ class MailWorker(SimpleWorker):
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def run_one(queue_names: Sequence[str], *, burst: bool, redis_url: str | None = None) -> int:
+def run_one(
+    queue_names: Sequence[str], *, burst: bool, redis_url: str | None = None, connections: int = 1
+) -> int:
     """Run one worker in this process until it is asked to stop; 0 on a clean stop. ``redis_url`` (checked
-    by the caller) overrides ``REDIS_URL``. Redis away at the start is waited for (``startup``).
+    by the caller) overrides ``REDIS_URL``; ``connections`` is how many connections to a route a batch
+    may use at once (``--connections``). Redis away at the start is waited for (``startup``).
 
     rq leaves its work loop on any error of its own (Redis gone in the middle of a job's bookkeeping, for
     one): then the worker is started again here, in the same process, after ``RestartBackoff``'s delay —
@@ -325,12 +328,13 @@ def run_one(queue_names: Sequence[str], *, burst: bool, redis_url: str | None = 
     queues = [Queue(name, connection=connection, serializer=JSONSerializer) for name in queue_names]
     backoff = RestartBackoff()
     while True:
-        worker = MailWorker(queues, connection=connection, runtime=Runtime(settings))
+        worker = MailWorker(queues, connection=connection, runtime=Runtime(settings, connections=connections))
         logger.info(
             "worker_started",
             worker=worker.name,
             queues=list(queue_names),
             burst=burst,
+            connections=connections,
             routes={name: cfg.redacted_url() for name, cfg in settings.routes.items()},
         )
         if _stop_before_start:

@@ -1,4 +1,6 @@
-"""What one worker process keeps between jobs: its settings and one ``SmtpClient`` per route.
+"""What one worker process keeps between jobs: its settings and its ``SmtpClient``s — one per route, and
+up to ``connections`` (``worker.py --connections K``) for the batches that spread over several
+(``delivery.lanes``).
 
 rq's ``SimpleWorker`` runs jobs in the worker process itself, so a process-wide runtime is what lets the
 SMTP connection outlive a job. The worker installs it at start and closes it (QUIT) at teardown; a job run
@@ -40,10 +42,16 @@ def redis_identity(url: str) -> str:
 class Runtime:
     _current: ClassVar[Runtime | None] = None
 
-    def __init__(self, settings: Settings, worker_name: str | None = None) -> None:
+    def __init__(self, settings: Settings, worker_name: str | None = None, *, connections: int = 1) -> None:
+        if connections < 1:
+            raise ConfigurationError(f"connections must be at least 1, not {connections}")
         self.settings = settings
         self.worker_name = worker_name or f"{socket.gethostname()}.{os.getpid()}"
+        self.connections = connections
+        """How many connections to one route a batch may use at once (each a kept client of its own)."""
         self.clients: dict[str, SmtpClient] = {}
+        self.more_clients: dict[str, list[SmtpClient]] = {}
+        """Each route's kept clients past the first (``lane_clients``)."""
         self.should_stop: Callable[[], bool] = lambda: False
         self._journal: Journal | None = None
 
@@ -81,14 +89,28 @@ class Runtime:
         semaphore while its connection is open (``dispatcher.routes.slots``)."""
         client = self.clients.get(route)
         if client is None:
-            config = self._config(route, connection)
-            policy = self.settings.policies.get(route)
-            if connection is not None and policy is not None and policy.max_connections is not None:
-                client = capped_client(config, ConnectionSlots(connection, policy))
-            else:
-                client = SmtpClient(config)
-            self.clients[route] = client
+            client = self.clients[route] = self._new_client(route, connection)
         return client
+
+    def lane_clients(self, route: str, count: int, connection: redis.Redis | None = None) -> list[SmtpClient]:
+        """``count`` kept clients of ``route`` (``client`` first), each with its own connection — and, on a
+        route capped by ``max_connections`` (given ``connection``), its own slot."""
+        clients = [self.client(route, connection)]
+        more = self.more_clients.setdefault(route, [])
+        while len(more) < count - 1:
+            more.append(self._new_client(route, connection))
+        return clients + more[: count - 1]
+
+    def _new_client(self, route: str, connection: redis.Redis | None) -> SmtpClient:
+        config = self._config(route, connection)
+        policy = self.settings.policies.get(route)
+        if connection is not None and policy is not None and policy.max_connections is not None:
+            return capped_client(config, ConnectionSlots(connection, policy))
+        return SmtpClient(config)
+
+    def all_clients(self, route: str) -> list[SmtpClient]:
+        first = self.clients.get(route)
+        return ([first] if first is not None else []) + self.more_clients.get(route, [])
 
     def _config(self, route: str, connection: redis.Redis | None) -> SmtpConfig:
         """``route``'s configuration; ``UnknownRoute`` (permanent) when no live worker publishes it, a plain
@@ -101,21 +123,32 @@ class Runtime:
             raise
 
     def describe(self) -> dict[str, dict[str, object]]:
-        """Each configured route with the state of this process's connection to it (no secrets)."""
+        """Each configured route with the state of this process's connections to it (no secrets): the
+        first one's fields at the top (as with one connection), every one under ``connections``, and
+        ``connections_per_process``, the most a batch of this process uses at once (``--connections``)."""
         routes: dict[str, dict[str, object]] = {}
         for name, config in self.settings.routes.items():
-            client = self.clients.get(name)
+            clients = self.all_clients(name)
             routes[name] = {
                 "url": config.redacted_url(),
-                "state": client.state.value if client else "new",
-                "conn_id": client.conn_id if client else None,
-                "tls": client.tls_version if client else None,
-                "messages_on_connection": client.messages_on_connection if client else 0,
-                "connections_opened": client.connections_opened if client else 0,
+                **_connection_state(clients[0] if clients else None),
+                "connections_opened": sum(client.connections_opened for client in clients),
+                "connections_per_process": self.connections,
+                "connections": [_connection_state(client) for client in clients],
             }
         return routes
 
     def close(self) -> None:
         """QUIT every kept connection."""
-        for client in self.clients.values():
-            client.close()
+        for name in self.settings.routes:
+            for client in self.all_clients(name):
+                client.close()
+
+
+def _connection_state(client: SmtpClient | None) -> dict[str, object]:
+    return {
+        "state": client.state.value if client else "new",
+        "conn_id": client.conn_id if client else None,
+        "tls": client.tls_version if client else None,
+        "messages_on_connection": client.messages_on_connection if client else 0,
+    }

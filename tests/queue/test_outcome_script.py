@@ -1,0 +1,66 @@
+"""An attempt's outcome is one Lua script (``SendStore.record_outcome``), or that script inside the MULTI that
+schedules the next attempt through rq (``stage_outcome``): both write the ledger, record, state indexes
+and lease as one, also when Redis has forgotten the script (a restart, ``SCRIPT FLUSH``)."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from dispatcher.queue.producer import Producer, attempt_job_id, schedule_attempt
+from dispatcher.queue.records import SendRecord
+from dispatcher.queue.states import SendState
+from dispatcher.queue.store import SendStore
+
+MAIL = {"from": "app@example.com", "to": ["a@example.org", "b@example.org"], "subject": "s", "text": "hi"}
+
+
+def begun(connection: redis.Redis) -> tuple[SendStore, SendRecord]:
+    """A send enqueued and begun (``sending``, leased), as an attempt leaves it before its outcome."""
+    store = SendStore(connection)
+    send_id = Producer(connection).enqueue(MAIL).id
+    rec = store.load(send_id)
+    assert rec is not None
+    rec.move(SendState.SENDING)
+    rec.attempts += 1
+    assert store.begin_attempt(rec, now=time.time(), lease_seconds=60) is not None
+    return store, rec
+
+
+def test_a_delivered_outcome_is_written_whole_even_after_a_script_flush(redis_client: redis.Redis) -> None:
+    store, rec = begun(redis_client)
+    redis_client.script_flush()
+    rec.move(SendState.DELIVERED)
+    store.record_outcome(rec, ["a@example.org", "b@example.org"], now=time.time())
+    stored = store.load(rec.send_id)
+    assert stored is not None and stored.state is SendState.DELIVERED and stored.attempts == 1
+    assert store.ledger(rec.message_id) == {"a@example.org", "b@example.org"}
+    assert rec.send_id not in store.leased()
+    assert store.ids_in_state(SendState.DELIVERED) == [rec.send_id]
+    assert store.ids_in_state(SendState.SENDING) == []
+    assert store.count_states("default")[SendState.DELIVERED] == 1
+    assert sum(n for _, n in store.delivered_per_minute(2)) == 1
+
+
+def test_a_deferred_outcome_and_its_rq_schedule_go_in_one_transaction(redis_client: redis.Redis) -> None:
+    store, rec = begun(redis_client)
+    redis_client.script_flush()
+    rec.move(SendState.DEFERRED)
+    job_id = attempt_job_id(rec.send_id, rec.generation, rec.attempts + 1)
+    pipe = store.transaction()
+    schedule_attempt(pipe, redis_client, rec, job_id, time.time() + 300)
+    store.stage_outcome(pipe, rec, ["a@example.org"], now=time.time())
+    store.execute(pipe)
+    stored = store.load(rec.send_id)
+    assert stored is not None and stored.state is SendState.DEFERRED and stored.rq_job == job_id
+    assert stored.next_attempt_at is not None and stored.next_attempt_at > time.time() + 200
+    assert store.ledger(rec.message_id) == {"a@example.org"}
+    assert rec.send_id not in store.leased()
+    assert store.ids_in_state(SendState.DEFERRED) == [rec.send_id]
+    queue = Queue("mail-default", connection=redis_client, serializer=JSONSerializer)
+    assert queue.scheduled_job_registry.get_job_ids() == [job_id]  # rq's own reader finds it
+    assert Job.fetch(job_id, connection=redis_client, serializer=JSONSerializer).args == [rec.send_id]

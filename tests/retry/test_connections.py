@@ -1,0 +1,235 @@
+"""``worker.py --connections K``: one process spreads a batch over K connections to the route (issue 15).
+
+Every test runs real worker processes against a real Redis and real SMTP servers: each send is delivered
+once, and a break, a ``kill -9`` or a cold shutdown mid-batch with K > 1 leaves no send lost or sent twice.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+import redis
+from helpers import wait_until
+from retrykit import PYTHON, ROOT, StartWorker, env_for, load, mail, message_id_of, process_env, smtp_url
+from rq import Queue
+from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
+from servers import Fault, RecordingSmtpServer, ScriptedSmtpServer
+
+from dispatcher.delivery.jobs import Batch
+from dispatcher.queue.producer import Producer
+from dispatcher.settings import load_settings
+from dispatcher.worker.runtime import Runtime
+
+Sink = Callable[..., RecordingSmtpServer]
+Scripted = Callable[..., ScriptedSmtpServer]
+
+
+def enqueue(connection: redis.Redis, n: int) -> dict[str, str]:
+    """``n`` one-recipient mails enqueued together (batches of 20): Message-ID → send id."""
+    done = Producer(connection).enqueue_many([mail([f"user{i}@example.org"], f"conns {i}") for i in range(n)])
+    return {r.message_id: r.id for r in done if not isinstance(r, Exception)}
+
+
+def burst(env: dict[str, str], *args: str) -> None:
+    done = subprocess.run([PYTHON, "worker.py", "--burst", *args], cwd=ROOT, env=process_env(env),
+                          capture_output=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+
+
+def states(connection: redis.Redis, sends: dict[str, str]) -> dict[str, str]:
+    """Message-ID → the send's state."""
+    return {mid: str(load(connection, send_id).state) for mid, send_id in sends.items()}
+
+
+def wait_due(connection: redis.Redis, sends: dict[str, str]) -> None:
+    """Until every deferred send's next job is due for rq's scheduler (it releases a job once the whole
+    second of its score has passed)."""
+
+    def due() -> bool:
+        nexts = [load(connection, s).next_attempt_at for s in sends.values()]
+        return all(at is None or time.time() >= math.ceil(at) for at in nexts)
+
+    wait_until(due, 10, message="the deferred sends never came due")
+
+
+def copies(server: ScriptedSmtpServer, *, accepted: bool) -> Counter[str]:
+    """Message-ID → how many times its data reached the server (only those answered 250 if ``accepted``)."""
+    counts: Counter[str] = Counter()
+    for message in server.messages:
+        if accepted and not (message.final_reply or b"").startswith(b"250"):
+            continue
+        counts[str(message_id_of(message.data))] += 1
+    return counts
+
+
+def test_a_batch_over_three_connections_delivers_every_send_once(
+    smtp_server: Sink, redis_url: str, redis_client: redis.Redis
+) -> None:
+    sink = smtp_server()
+    sends = enqueue(redis_client, 45)
+    burst(env_for(redis_url, smtp_url(sink.port)), "--connections", "3")
+    assert Counter(str(message_id_of(m.data)) for m in sink.messages) == Counter(dict.fromkeys(sends, 1))
+    assert sink.connections == 3  # kept across the three jobs
+    records = [load(redis_client, send_id) for send_id in sends.values()]
+    assert {(rec.state, rec.attempts) for rec in records} == {("delivered", 1)}
+    assert len({rec.status()["history"][-1]["conn_id"] for rec in records}) == 3
+
+
+def test_every_process_of_a_pool_uses_k_connections(
+    smtp_server: Sink, redis_url: str, redis_client: redis.Redis
+) -> None:
+    sink = smtp_server()
+    sends = enqueue(redis_client, 60)
+    burst(env_for(redis_url, smtp_url(sink.port)), "--concurrency", "2", "--connections", "3")
+    assert Counter(str(message_id_of(m.data)) for m in sink.messages) == Counter(dict.fromkeys(sends, 1))
+    assert sink.connections in (3, 6)  # 3 per process that took a job (one may have taken all three)
+    assert set(states(redis_client, sends).values()) == {"delivered"}
+
+
+def test_a_route_capped_by_max_connections_caps_k(
+    smtp_server: Sink, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Each of the process's connections holds a slot of its own: never more than the route's cap."""
+    sink = smtp_server()
+    sends = enqueue(redis_client, 30)
+    burst(env_for(redis_url, smtp_url(sink.port, max_connections=2)), "--connections", "4")
+    assert Counter(str(message_id_of(m.data)) for m in sink.messages) == Counter(dict.fromkeys(sends, 1))
+    assert sink.max_active_connections == 2
+    assert set(states(redis_client, sends).values()) == {"delivered"}
+
+
+@pytest.mark.parametrize("connections", ["1", "3"])
+def test_a_drop_on_one_connection_mid_batch_costs_only_that_connections_sends(
+    connections: str, scripted_server: Scripted, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """The first connection drops after its 2nd message's final dot: that message is *unknown*, one whose
+    envelope followed it goes again later; every other send is delivered once — as on one connection."""
+    server = scripted_server(faults={"data_end": Fault("drop", occurrence=2)}, faults_on_connection=1)
+    sends = enqueue(redis_client, 12)
+    env = env_for(redis_url, smtp_url(server.port))
+    burst(env, "--connections", connections)
+    first = states(redis_client, sends)
+    assert Counter(first.values())["unknown"] == 1, first
+    assert set(first.values()) <= {"delivered", "unknown", "deferred"}, first
+    wait_due(redis_client, sends)
+    burst(env, "--connections", connections)
+    final = states(redis_client, sends)
+    (lost,) = [mid for mid, state in final.items() if state == "unknown"]
+    assert set(final.values()) == {"delivered", "unknown"}, final
+    assert copies(server, accepted=True) == Counter({mid: 1 for mid in sends if mid != lost})
+    assert copies(server, accepted=False)[lost] == 1  # its data went out once, never again
+
+
+def test_kill_9_mid_batch_over_three_connections_loses_nothing_and_sends_nothing_twice(
+    scripted_server: Scripted, redis_url: str, redis_client: redis.Redis, start_worker: StartWorker
+) -> None:
+    server = scripted_server(faults={"data_end": Fault("hang")}, faults_on_connection=1)
+    sends = enqueue(redis_client, 9)
+    env = env_for(redis_url, smtp_url(server.port, timeout=120), DISPATCH_LEASE_SECONDS="3")
+    victim = start_worker(env, "--connections", "3")
+
+    def hung_and_others_done() -> bool:
+        delivered = Counter(states(redis_client, sends).values())["delivered"]
+        return len(server.messages) - delivered == 1 and delivered >= 7
+
+    wait_until(hung_and_others_done, 30, message="the other connections did not deliver around the hang")
+    victim.kill9()
+    start_worker(env, "--connections", "3")  # the survivor: recovery settles the dead worker's sends
+    wait_until(lambda: set(states(redis_client, sends).values()) <= {"delivered", "unknown"}, 60,
+               message="the dead batch's sends were not settled")  # fmt: skip
+    final = states(redis_client, sends)
+    (hung,) = [mid for mid, state in final.items() if state == "unknown"]
+    assert load(redis_client, sends[hung]).data_out is None
+    assert copies(server, accepted=True) == Counter({mid: 1 for mid in sends if mid != hung})
+    assert copies(server, accepted=False)[hung] == 1
+
+
+def test_a_cold_shutdown_mid_batch_records_each_connections_sends_as_one_connection_would(
+    scripted_server: Scripted, redis_url: str, redis_client: redis.Redis, start_worker: StartWorker
+) -> None:
+    """The interruption (a second SIGTERM; a job timeout comes the same way, in the job's thread) stops
+    every connection: the message held at its final dot is *unknown*, a message whose data never went is
+    deferred, the rest delivered — and none of them is sent again afterwards."""
+    server = scripted_server(faults={"data_end": Fault("hang")}, faults_on_connection=1)
+    sends = enqueue(redis_client, 9)
+    env = env_for(redis_url, smtp_url(server.port, timeout=120))
+    victim = start_worker(env, "--connections", "3")
+    wait_until(lambda: Counter(states(redis_client, sends).values())["delivered"] >= 7
+               and len(server.messages) == Counter(states(redis_client, sends).values())["delivered"] + 1,
+               30, message="the other connections did not deliver around the hang")  # fmt: skip
+    victim.process.send_signal(signal.SIGTERM)
+    wait_until(lambda: any(redis_client.hget(key, "shutdown_requested_date")
+                           for key in redis_client.smembers("rq:workers")), 10)  # fmt: skip
+    asked = time.monotonic()
+    wait_until(lambda: time.monotonic() - asked > 1.2, 5)  # rq ignores a second signal within 1 s
+    victim.process.send_signal(signal.SIGTERM)
+    assert victim.process.wait(timeout=20) >= 0
+    after = states(redis_client, sends)
+    (hung,) = [mid for mid, state in after.items() if state == "unknown"]
+    rec = load(redis_client, sends[hung])
+    assert "interrupted" in str(rec.status()["history"][-1]), rec.status()["history"][-1]
+    assert set(after.values()) <= {"delivered", "unknown", "deferred"}, after
+    assert all(load(redis_client, s).data_out is None for s in sends.values())
+    assert redis_client.zcard("dispatch:inflight") == 0
+    wait_due(redis_client, sends)
+    burst(env, "--connections", "3")
+    final = states(redis_client, sends)
+    assert final == {mid: "unknown" if mid == hung else "delivered" for mid in sends}
+    assert copies(server, accepted=True) == Counter({mid: 1 for mid in sends if mid != hung})
+    assert copies(server, accepted=False)[hung] == 1
+
+
+def test_the_worker_status_shows_each_connection() -> None:
+    settings = load_settings({"SMTP_URL": "smtp://127.0.0.1:2525?tls=off"}, need_routes=True)
+    runtime = Runtime(settings, connections=3)
+    assert runtime.describe()["default"]["connections"] == []
+    clients = runtime.lane_clients("default", 3)
+    assert len({id(c) for c in clients}) == 3 and clients[0] is runtime.client("default")
+    route = runtime.describe()["default"]
+    assert route["connections_per_process"] == 3
+    assert (
+        route["connections"]
+        == [{"state": "new", "conn_id": "", "tls": None, "messages_on_connection": 0}] * 3
+    )
+
+
+def test_connections_below_one_is_refused_with_a_clear_error(redis_url: str) -> None:
+    env = process_env(env_for(redis_url, "smtp://127.0.0.1:2525?tls=off"))
+    args = [PYTHON, "worker.py", "--burst", "--connections", "0"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, env=env, timeout=60)
+    assert done.returncode == 2
+    assert "--connections must be at least 1" in done.stderr.decode()
+
+
+def test_a_job_timeout_mid_batch_over_three_connections_records_each_send_once(
+    scripted_server: Scripted, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """rq's own job timeout (SIGALRM, raised in the job's thread) while one connection waits at its final
+    dot: that message is *unknown* ("attempt interrupted: JobTimeoutException"), the other connections'
+    sends are recorded as they ended, and nothing is left unrecorded or sent twice."""
+    server = scripted_server(faults={"data_end": Fault("hang")}, faults_on_connection=1)
+    sends = enqueue(redis_client, 9)
+    job = Queue("mail-default", connection=redis_client, serializer=JSONSerializer).get_jobs()[0]
+    settings = load_settings(env_for(redis_url, smtp_url(server.port, timeout=120)), need_routes=True)
+    batch = Batch(Runtime(settings, connections=3), redis_client, job.id, list(job.args[0]))
+    with pytest.raises(JobTimeoutException), UnixSignalDeathPenalty(3, JobTimeoutException):
+        batch.run()
+    assert sorted(batch.results) == sorted(sends.values())  # every send recorded by the batch itself
+    after = states(redis_client, sends)
+    (hung,) = [mid for mid, state in after.items() if state == "unknown"]
+    assert (
+        load(redis_client, sends[hung]).status()["reason"]["text"]
+        == "attempt interrupted: JobTimeoutException"
+    )
+    assert set(after.values()) <= {"delivered", "unknown", "deferred"}, after
+    assert all(load(redis_client, s).data_out is None for s in sends.values())
+    assert copies(server, accepted=True) == Counter({mid: 1 for mid, s in after.items() if s == "delivered"})
+    assert copies(server, accepted=False)[hung] == 1
+    batch.runtime.close()
