@@ -367,8 +367,7 @@ class SmtpClient:
     def _run(
         self, channel: Channel, tx: Transaction, before_data: Callable[[], None] | None = None
     ) -> SendResult:
-        """Drive one transaction step by step; a break closes the connection (see ``error_after_break``).
-        Its lines, and the RSET after it, are one ``smtp_transaction`` event (``transcript``)."""
+        """Drive one transaction step by step; a break closes the connection (see ``error_after_break``)."""
         self.state = SessionState.IN_TRANSACTION
         round_trips = 0
         with self._transcript.logged_transaction():
