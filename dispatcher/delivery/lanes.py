@@ -319,7 +319,7 @@ class Lane:
             gate.answered(route, client)
         else:
             gate.failed(route, client, outcome)
-        self.lanes.batch.results[key] = attempt.complete(outcome, client.conn_id, client.last_transcript)
+        self.lanes.batch.results[key] = attempt.complete(outcome, client.conn_id, client.transcript_of(key))
 
     def _interrupted(self, key: str, data_written: bool, exc: BaseException) -> None:
         """Record a send cut off mid-dialogue: unknown once its data may be out (its marker written)."""

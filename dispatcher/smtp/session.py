@@ -115,6 +115,11 @@ class SmtpClient:
         """The redacted commands and replies of the latest ``send`` (or connection attempt)."""
         return tuple(self._transcript.entries)
 
+    def transcript_of(self, key: str) -> tuple[dict[str, object], ...]:
+        """A streamed message's own transcript: the connection's lines and its transaction's, none of the
+        other messages' of the stream (``last_transcript`` for a key the latest stream did not carry)."""
+        return self._transcript.for_message(key)
+
     # -- public operations -------------------------------------------------------------------------
 
     def send(

@@ -162,7 +162,7 @@ class MessageStream:
     def _in_flight(self, message: Outgoing, follows: bool) -> _InFlight:
         """``message`` as a transaction; a local refusal (SIZE, SMTPUTF8…) raises here."""
         tx = self.channel.transaction(message.sender, message.recipients, message.data)
-        return _InFlight(message, tx, self.channel.transcript.transaction(), follows)
+        return _InFlight(message, tx, self.channel.transcript.transaction(message.key), follows)
 
     def _fill(self) -> None:
         """Put a message on the wire when none is, and more while the last one is a whole CHUNKING write."""

@@ -35,12 +35,14 @@ MAX_UNREPORTED = 64
 
 
 class TransactionLog:
-    """The lines of one transaction, for its ``smtp_transaction`` event."""
+    """The lines of one transaction, for its ``smtp_transaction`` event, and its transcript entries."""
 
-    __slots__ = ("debug", "lines", "started")
+    __slots__ = ("debug", "entries", "lines", "started")
 
-    def __init__(self, debug: bool) -> None:
+    def __init__(self, debug: bool, entries: list[dict[str, Any]] | None = None) -> None:
         self.lines: list[str] = []
+        self.entries: list[dict[str, Any]] = entries if entries is not None else []
+        """Its commands and replies as the record keeps them (a message sent again continues its list)."""
         self.started = time.monotonic()
         self.debug = debug
         """Each line is also its own DEBUG event (DEBUG was enabled when the transaction began)."""
@@ -62,6 +64,10 @@ class Transcript:
         self.conn_id = conn_id
         self.tls_version: str | None = None
         self.entries: list[dict[str, Any]] = []
+        self.connection_entries: list[dict[str, Any]] = []
+        """The entries of the current send that belong to no transaction: the connection's own."""
+        self.by_message: dict[str, TransactionLog] = {}
+        """The transactions of a stream's messages, by the message's key (``for_message``)."""
         self.unreported: deque[Reply] = deque(maxlen=MAX_UNREPORTED)
         """Refusals and 421s read since the last ``take_replies``: the ones a caller recovered from too."""
         self.current: TransactionLog | None = None
@@ -70,11 +76,28 @@ class Transcript:
     def begin(self) -> None:
         """Start recording a new send: entries of earlier sends are dropped."""
         self.entries = []
+        self.connection_entries = []
+        self.by_message = {}
         self.current = None
 
-    def transaction(self) -> TransactionLog:
-        """A new transaction's log (not selected yet)."""
-        return TransactionLog(_debug_enabled())
+    def transaction(self, key: str | None = None) -> TransactionLog:
+        """A new transaction's log (not selected yet); ``key``: a stream's message, whose own transcript
+        ``for_message`` gives (a message sent again continues its entries)."""
+        if key is None:
+            return TransactionLog(_debug_enabled())
+        earlier = self.by_message.get(key)
+        log = TransactionLog(_debug_enabled(), earlier.entries if earlier is not None else None)
+        self.by_message[key] = log
+        return log
+
+    def for_message(self, key: str) -> tuple[dict[str, Any], ...]:
+        """What a stream's message should keep as its transcript: the connection's own lines and its own
+        transaction's — never another message's envelope (the whole send's entries when ``key`` was not
+        one of the stream's transactions)."""
+        log = self.by_message.get(key)
+        if log is None:
+            return tuple(self.entries)
+        return (*self.connection_entries, *log.entries)
 
     def select(self, log: TransactionLog | None) -> None:
         """The lines from now on are ``log``'s (``None``: the connection's own)."""
@@ -107,6 +130,9 @@ class Transcript:
     def _record(self, entry: dict[str, Any]) -> None:
         if len(self.entries) < MAX_ENTRIES:
             self.entries.append(entry)
+        own = self.connection_entries if self.current is None else self.current.entries
+        if len(own) < MAX_ENTRIES:
+            own.append(entry)
 
     def command(self, stage: Stage, line: str) -> None:
         self._last_sent = time.monotonic()

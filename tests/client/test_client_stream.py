@@ -113,6 +113,31 @@ def test_outcomes_match_send_and_a_refused_message_is_followed_by_rset(smtp_serv
     assert lines[refused_at + 1 : refused_at + 3] == ["DATA", "RSET"]
 
 
+def test_each_streamed_message_keeps_its_own_transcript_not_its_neighbours(smtp_server: Sink) -> None:
+    """What a failed send stores (and the dashboard shows) is its own dialogue: the connection's lines and
+    its transaction's, never the envelope of another message that shared the stream."""
+    rules = {"bad@y.org": Rule(550, "5.1.1 no such user")}
+    items = [Outgoing(f"m{i}", "from@x.org", (f"r{i}@y.org",), b"x\r\n") for i in range(4)]
+    items.insert(2, Outgoing("refused", "from@x.org", ("bad@y.org",), b"two\r\n"))
+    with SmtpClient.from_url(url(smtp_server(rules=rules).port)) as client:
+        drain(client, items)
+        own = {m.key: client.transcript_of(m.key) for m in items}
+        whole = client.last_transcript
+
+    def lines(entries: tuple[dict[str, object], ...]) -> list[str]:
+        return [str(e["line"]) for e in entries if e["dir"] == "C"]
+
+    assert "RCPT TO:<r3@y.org>" in lines(whole), "the stream's transcript holds every message"
+    refused = lines(own["refused"])
+    assert "RCPT TO:<bad@y.org>" in refused and any(line.startswith("EHLO") for line in refused)
+    assert not [line for line in refused if "@y.org>" in line and "bad@" not in line], refused
+    replies = [e.get("code") for e in own["refused"] if e["dir"] == "S" and e["stage"] == "rcpt"]
+    assert replies == [550]
+    for i in range(4):
+        mine = [line for line in lines(own[f"m{i}"]) if line.startswith("RCPT")]
+        assert mine == [f"RCPT TO:<r{i}@y.org>"], (i, mine)
+
+
 def test_a_message_refused_locally_gets_its_error_and_the_others_go(scripted_server: Scripted) -> None:
     server = scripted_server(ehlo_keywords=["PIPELINING", "SIZE 100"])
     items = [*messages(2), Outgoing("big", "from@x.org", ("a@y.org",), b"x" * 500), *messages(2)[1:]]
