@@ -133,7 +133,7 @@ def scenario_5(lab: Lab, plan: Plan, scenarios: list[Scenario]) -> list[DrainRes
     for rtt, workers, n in plan.peer_cells:
         for round_no in range(1, plan.peer_rounds + 1):
             for sc in grid_contenders(scenarios):
-                if sc.skip_c1 and workers == 1:
+                if (sc.skip_c1 and workers == 1) or workers <= sc.skip_upto:
                     continue
                 r = replace(lab.drain(sc, rtt, workers=workers, messages=n), round=round_no)
                 results.append(r)
@@ -146,7 +146,7 @@ def scenario_5_commands(lab: Lab, plan: Plan, scenarios: list[Scenario]) -> list
     results = []
     for workers, n in plan.command_cells():
         for sc in grid_contenders(scenarios):
-            if sc.skip_c1 and workers == 1:
+            if (sc.skip_c1 and workers == 1) or workers <= sc.skip_upto:
                 continue
             c = lab.count_commands(sc, workers, n)
             results.append(c)

@@ -16,11 +16,12 @@ from collections.abc import Sequence
 from bench.commands import CommandResult
 from bench.harness import UNSAMPLED, DrainResult
 from bench.peers.contenders import BULLMQ, CELERY, PEER_ORDER
-from bench.scenarios import BASELINE_KEPT, OURS, OURS_CONNS
+from bench.scenarios import BASELINE_KEPT, OURS, OURS_CONNS, OURS_SPREAD
 from bench.tables import fmt, median, ratio, table
 
-SHORT_NAMES = {OURS: "dispatcher", OURS_CONNS: "1 proc x C conns", BULLMQ: "BullMQ", CELERY: "Celery",
-               BASELINE_KEPT.name: "rq (b)"}
+SHORT_NAMES = {OURS: "dispatcher", OURS_CONNS: "1 proc x C conns", OURS_SPREAD: "P procs x C/P conns",
+               BULLMQ: "BullMQ", CELERY: "Celery", BASELINE_KEPT.name: "rq (b)"}
+LAYOUTS = (OURS_CONNS, OURS_SPREAD)
 Cell = tuple[float, int]
 
 
@@ -64,7 +65,7 @@ def grid_table(results: Sequence[DrainResult], markdown: bool = False) -> str:
     peers = [n for n in (BULLMQ, CELERY, BASELINE_KEPT.name) if n in names]
     headers = ["RTT ms", "C", "N", *(SHORT_NAMES.get(n, n) + " msg/s" for n in names),
                *(f"ours / {SHORT_NAMES[p]}" for p in peers),
-               *([f"{SHORT_NAMES[OURS_CONNS]} / BullMQ"] if OURS_CONNS in names and BULLMQ in names else []),
+               *(f"{SHORT_NAMES[n]} / BullMQ" for n in LAYOUTS if n in names and BULLMQ in names),
                *(["ours / BullMQ per round"] if rounds > 1 and BULLMQ in names else [])]
     rows = []
     for cell in cells(results):
@@ -73,8 +74,9 @@ def grid_table(results: Sequence[DrainResult], markdown: bool = False) -> str:
         ours = med(by_name.get(OURS, []), "msgs_per_s")
         row = [fmt(cell[0], ".0f"), str(cell[1]), str(n_mails), *(_rate(by_name[n]) for n in names),
                *(_x(ratio(ours, med(by_name[p], "msgs_per_s"))) for p in peers)]
-        if OURS_CONNS in names and BULLMQ in names:
-            row.append(_x(ratio(med(by_name[OURS_CONNS], "msgs_per_s"), med(by_name[BULLMQ], "msgs_per_s"))))
+        for layout in LAYOUTS:
+            if layout in names and BULLMQ in names:
+                row.append(_x(ratio(med(by_name[layout], "msgs_per_s"), med(by_name[BULLMQ], "msgs_per_s"))))
         if rounds > 1 and BULLMQ in names:
             row.append(per_round(by_name.get(OURS, []), by_name[BULLMQ]))
         rows.append(row)

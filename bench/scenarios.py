@@ -22,6 +22,7 @@ processes by depth for the CPU-per-process-kind column.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -100,6 +101,7 @@ class Scenario:
     peer: bool = False  # scenario 5 (issue 15's grid: RTT x C against BullMQ + Nodemailer and Celery)
     kinds: Kinds = ANY_KINDS  # names of the worker processes by depth (CPU per kind in scenario 5)
     skip_c1: bool = False  # scenario 5: not run at C = 1 (the same command as another contender there)
+    skip_upto: int = 0  # scenario 5: not run at C <= this (the same command as another contender there)
 
 
 CHUNKING_SUFFIX = " (CHUNKING sink)"
@@ -227,6 +229,9 @@ RAW_BDAT = Scenario(
 DISPATCHER_QUEUES = ("mail-high", "mail-default", "mail-bulk")
 OURS = "dispatcher"
 OURS_CONNS = "dispatcher (1 process x C connections)"
+OURS_SPREAD = "dispatcher (P processes x C/P connections)"
+#: P for ``OURS_SPREAD``: one worker process per core (what the README recommends).
+CORES = os.cpu_count() or 1
 CONNECTIONS_FLAG = "--connections"
 
 
@@ -303,6 +308,20 @@ def dispatcher_conns_scenario(ours: Scenario) -> Scenario | str:
     return replace(ours, name=OURS_CONNS, worker_cmds=cmds, throughput=False, scaling=False,
                    enqueue_cases=(), kinds=fixed_kinds("worker", "rq scheduler"), skip_c1=True,
                    description=f"ours: worker.py --concurrency 1 {CONNECTIONS_FLAG} C, one process")
+
+
+def dispatcher_spread_scenario(conns: Scenario) -> Scenario:
+    """``worker.py --concurrency P --connections C/P`` with P = the machine's cores: C connections over one
+    process per core (run only where C > P; at C <= P it is the C-processes row)."""
+    worker = PROJECT_ROOT / "worker.py"
+
+    def cmds(env: BenchEnv, workers: int) -> list[list[str]]:
+        processes = min(CORES, workers)
+        return [[sys.executable, str(worker), "--burst", "--concurrency", str(processes),
+                 CONNECTIONS_FLAG, str(max(1, workers // processes))]]
+
+    return replace(conns, name=OURS_SPREAD, worker_cmds=cmds, skip_upto=CORES, kinds=_dispatcher_kinds,
+                   description=f"ours: worker.py --concurrency {CORES} {CONNECTIONS_FLAG} C/{CORES}")
 
 
 DISPATCHER_PLACEHOLDER = EnqueueCase("dispatcher.enqueue_many", None, "not available yet")

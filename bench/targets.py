@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.peers.contenders import BULLMQ
-from bench.scenarios import OURS_CONNS, RQ_ENQUEUE_MANY_NOOP
+from bench.scenarios import OURS_CONNS, OURS_SPREAD, RQ_ENQUEUE_MANY_NOOP
 
 OURS = "dispatcher"
 OURS_CHUNKING = "dispatcher (CHUNKING sink)"
@@ -107,11 +107,13 @@ def _over(a: float | None, b: float | None) -> float | None:
 
 
 def _ours_vs_bullmq(s5: list[Row], rtt: float, workers: int, limit: float) -> Check:
-    """Our better configuration at this cell (C processes, or 1 process x C connections) / BullMQ."""
+    """Our best layout at this cell (C processes, 1 process x C connections, or one process per core with
+    C/P connections each) / BullMQ."""
     bull = _med(s5, BULLMQ, rtt, workers, "msgs_per_s")
     mine = {"C processes": _over(_med(s5, OURS, rtt, workers, "msgs_per_s"), bull)}
     if workers > 1:
         mine["1 process x C conns"] = _over(_med(s5, OURS_CONNS, rtt, workers, "msgs_per_s"), bull)
+        mine["P processes x C/P conns"] = _over(_med(s5, OURS_SPREAD, rtt, workers, "msgs_per_s"), bull)
     have = {k: v for k, v in mine.items() if v is not None}
     target = f"{rtt:.0f} ms, C={workers}: dispatcher >= {limit:.1f}x BullMQ+Nodemailer"
     if not have:
@@ -134,7 +136,8 @@ def _cpu_check(s5: list[Row], scenario: str, workers: int, limit: float, label: 
 def _pss_check(s5: list[Row]) -> Check:
     """16 connections in total: the worst cell (any RTT) of each of our two ways to have them."""
     found = {}
-    for name, label in ((OURS_CONNS, "1 process x 16"), (OURS, "16 processes")):
+    for name, label in ((OURS_CONNS, "1 process x 16"), (OURS_SPREAD, "P processes x 16/P"),
+                        (OURS, "16 processes")):
         values = [v for rtt in sorted({r["rtt_ms"] for r in s5})
                   if (v := _med(s5, name, rtt, 16, "peak_pss_mb")) is not None]
         if values:
@@ -162,7 +165,8 @@ def issue15_checks(doc: dict[str, Any]) -> list[Check]:
     s5: list[Row] = sc.get("peers", [])
     s4: list[Row] = sc.get("enqueue", [])
     out = [_cpu_check(s5, OURS, 1, 1.2, ""), _cpu_check(s5, OURS, 16, 1.4, " (16 processes)"),
-           _cpu_check(s5, OURS_CONNS, 16, 1.4, " (1 process x 16 connections)")]
+           _cpu_check(s5, OURS_CONNS, 16, 1.4, " (1 process x 16 connections)"),
+           _cpu_check(s5, OURS_SPREAD, 16, 1.4, " (P processes x 16/P connections)")]
     out += [_ours_vs_bullmq(s5, 0.0, c, 1.0) for c in (1, 4, 16)]
     out += [_ours_vs_bullmq(s5, rtt, c, 1.5) for rtt in (20.0, 100.0) for c in (1, 4, 16)]
     out.append(_pss_check(s5))

@@ -17,10 +17,12 @@ from bench.scenarios import (
     CONNECTIONS_FLAG,
     OURS,
     OURS_CONNS,
+    OURS_SPREAD,
     BenchEnv,
     Scenario,
     dispatcher_conns_scenario,
     dispatcher_scenario,
+    dispatcher_spread_scenario,
     fixed_kinds,
     job_data,
 )
@@ -100,7 +102,7 @@ CELERY_PEER = Scenario(
 )
 
 #: scenario 5's contenders in the order they run in each cell (and are listed in its tables)
-PEER_ORDER = (OURS, OURS_CONNS, BULLMQ, CELERY, BASELINE_KEPT.name)
+PEER_ORDER = (OURS, OURS_CONNS, OURS_SPREAD, BULLMQ, CELERY, BASELINE_KEPT.name)
 
 
 def peer_scenarios() -> tuple[list[Scenario], list[str]]:
@@ -115,7 +117,7 @@ def peer_scenarios() -> tuple[list[Scenario], list[str]]:
         if isinstance(conns, str):
             notes.append(conns)
         else:
-            out.append(conns)
+            out.extend((conns, dispatcher_spread_scenario(conns)))
             notes.append(f"{OURS_CONNS}: worker.py has {CONNECTIONS_FLAG}")
     for scenario, status in ((BULLMQ_PEER, ensure_node_peers()), (CELERY_PEER, celery_status())):
         notes.append(status.message)
