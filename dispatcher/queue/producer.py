@@ -29,7 +29,7 @@ from dispatcher.mail.limits import MAX_RECIPIENTS
 from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
 from dispatcher.mail.mime import validated
 from dispatcher.queue.presence import Presence
-from dispatcher.queue.records import RecipientRecord, SendRecord, mail_summary, new_send_id
+from dispatcher.queue.records import RecipientRecord, SendRecord, compact_json, mail_summary, new_send_id
 from dispatcher.queue.states import initial_state
 from dispatcher.queue.store import OUTAGE, SendStore, unavailable
 
@@ -44,6 +44,8 @@ RESULT_TTL = 86400
 FAILURE_TTL = 7 * 86400
 BATCH = 500
 ROUTES_READ_INTERVAL = 5.0
+PENDING = RecipientRecord()
+"""A new send's outcome for each recipient (frozen: one value shared by them all)."""
 
 
 def queue_name(priority: str) -> str:
@@ -261,14 +263,15 @@ class Producer:
                 continue
             send_id = new_send_id(mail.key)
             scheduled = mail.send_at is not None and mail.send_at.timestamp() > now
+            summary = mail_summary(mail, as_dict)
             rec = SendRecord(
                 send_id=send_id,
-                mail=mail_summary(mail, as_dict),
+                mail=summary,
                 raw=mail.raw or None,
-                source=None if mail.raw else json.dumps(as_dict, separators=(",", ":")),
+                source=None if mail.raw else compact_json(as_dict),
                 state=initial_state(scheduled),
                 created_at=now,
-                outcomes={r: RecipientRecord() for r in mail.envelope_recipients},
+                outcomes=dict.fromkeys(summary["envelope"]["recipients"], PENDING),
             )
             created.append(rec)
             if scheduled and mail.send_at is not None:

@@ -181,6 +181,15 @@ def mail_summary(mail: Mail, as_dict: dict[str, Any] | None = None) -> dict[str,
     return summary
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+def compact_json(value: Any) -> str:
+    """``json.dumps(value, separators=(",", ":"))``, the same text, from one encoder built once (``dumps``
+    with arguments builds one per call: a few µs, three times per mail a bulk enqueue stores)."""
+    return _COMPACT.encode(value)
+
+
 def new_send_id(key: str | None) -> str:
     """A key always maps to the same id, so a duplicate enqueue finds the first one."""
     if key is not None:
@@ -342,12 +351,12 @@ class SendRecord:
     def to_hash_new(self) -> dict[str, str | bytes]:
         """The fields of a send being created (the others start at their defaults), MIME bytes included."""
         fields: dict[str, str | bytes] = {
-            "mail": json.dumps(self.mail, separators=(",", ":")),
+            "mail": compact_json(self.mail),
             "state": self.state,
             "created_at": repr(self.created_at),
             "updated_at": repr(self.updated_at),
             "rq_job": self.rq_job or "",
-            "record": json.dumps(self.record_json(), separators=(",", ":")),
+            "record": compact_json(self.record_json()),
         }
         if self.next_attempt_at is not None:
             fields["next_attempt_at"] = repr(self.next_attempt_at)
