@@ -48,6 +48,9 @@ BATCH = 500
 ROUTES_READ_INTERVAL = 5.0
 PENDING = RecipientRecord()
 """A new send's outcome for each recipient (frozen: one value shared by them all)."""
+_NOT_YET = ValidationError({"mail": "pending"})
+"""The place of a valid mail in ``Producer.enqueue_many``'s results until its batch is stored (never
+returned: each is replaced by its ``Enqueued``, or by None in a ``PartiallyEnqueued``)."""
 
 
 def queue_name(priority: str) -> str:
@@ -192,7 +195,7 @@ class Producer:
         for item in items:
             try:
                 valid.append((len(results), self.validate(item)))
-                results.append(ValidationError({"mail": "pending"}))
+                results.append(_NOT_YET)
             except ValidationError as exc:
                 results.append(exc)
         for start in range(0, len(valid), BATCH):
