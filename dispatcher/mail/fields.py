@@ -81,8 +81,10 @@ class Checker:
             return default
         found: dict[str, str] = {}
         result = check(name, value, found)
+        if not found:
+            return result
         self.problems.update(found)
-        return default if found else result
+        return default
 
     def has_problem(self, *names: str) -> bool:
         return any(path.split("[")[0].split(".")[0] in names for path in self.problems)

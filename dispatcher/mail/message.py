@@ -121,19 +121,26 @@ class Mail:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form; ``Mail.from_dict(mail.to_dict()) == mail``. Empty optional fields are left out."""
         out: dict[str, Any] = {"from": self.from_address.formatted()}
-        lists = {"to": self.to, "cc": self.cc, "bcc": self.bcc, "reply_to": self.reply_to}
-        out.update({name: [a.formatted() for a in items] for name, items in lists.items() if items})
-        optional: dict[str, Any] = {
-            "subject": self.subject,
-            "text": self.text,
-            "html": self.html,
-            "attachments": [_attachment_dict(a) for a in self.attachments],
-            "headers": dict(self.headers),
-            "metadata": dict(self.metadata),
-            "key": self.key,
-            "send_at": fields.iso_utc(self.send_at) if self.send_at is not None else None,
-        }
-        out.update({name: value for name, value in optional.items() if value})
+        lists = (("to", self.to), ("cc", self.cc), ("bcc", self.bcc), ("reply_to", self.reply_to))
+        for name, addresses in lists:
+            if addresses:
+                out[name] = [a.formatted() for a in addresses]
+        if self.subject:
+            out["subject"] = self.subject
+        if self.text:
+            out["text"] = self.text
+        if self.html:
+            out["html"] = self.html
+        if self.attachments:
+            out["attachments"] = [_attachment_dict(a) for a in self.attachments]
+        if self.headers:
+            out["headers"] = dict(self.headers)
+        if self.metadata:
+            out["metadata"] = dict(self.metadata)
+        if self.key:
+            out["key"] = self.key
+        if self.send_at is not None:
+            out["send_at"] = fields.iso_utc(self.send_at)
         out.update(priority=self.priority, route=self.route, message_id=self.message_id, date=self.date)
         return out
 

@@ -50,6 +50,9 @@ def _optional(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) 
     return value
 
 
+_NO_REPLY = (None, None, None, None, None, None)
+
+
 @dataclass(frozen=True, slots=True)
 class RecipientRecord:
     """One recipient's outcome: its status and, once an attempt decided it, the reply (or detail) why."""
@@ -63,8 +66,8 @@ class RecipientRecord:
     at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        if self == RecipientRecord(self.status):
-            return {"status": self.status.value}
+        if (self.stage, self.code, self.enhanced, self.text, self.kind, self.at) == _NO_REPLY:
+            return {"status": self.status.value}  # no reply yet: as RecipientRecord(status) writes it
         return {"status": self.status.value, "stage": self.stage, "code": self.code,
                 "enhanced": self.enhanced, "text": self.text, "kind": self.kind, "at": self.at}  # fmt: skip
 
