@@ -14,7 +14,7 @@ import dataclasses
 import enum
 import hashlib
 import json
-import uuid
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -197,7 +197,16 @@ def new_send_id(key: str | None) -> str:
     """A key always maps to the same id, so a duplicate enqueue finds the first one."""
     if key is not None:
         return "mail-" + hashlib.sha256(key.encode()).hexdigest()[:32]
-    return "mail-" + uuid.uuid4().hex
+    return "mail-" + uuid4_hex()
+
+
+def uuid4_hex() -> str:
+    """``uuid.uuid4().hex``: 16 random bytes with the version 4 and RFC 4122 variant bits set, without
+    building a ``UUID`` (a third of the cost)."""
+    octets = bytearray(os.urandom(16))
+    octets[6] = (octets[6] & 0x0F) | 0x40
+    octets[8] = (octets[8] & 0x3F) | 0x80
+    return octets.hex()
 
 
 def text(value: object) -> str:
