@@ -364,15 +364,21 @@ def _small_ascii_mail(data: Mapping[str, Any]) -> bool:
             if not value.isascii():
                 return False
         elif isinstance(value, list):
-            if len(value) > _SMALL or not all(isinstance(item, str) and item.isascii() for item in value):
+            if len(value) > _SMALL:
                 return False
+            for item in value:
+                if not (isinstance(item, str) and item.isascii()):
+                    return False
         elif isinstance(value, dict):
-            if len(value) > _SMALL or not all(
-                isinstance(key, str) and key.isascii() and (not isinstance(item, str) or item.isascii())
-                and (item is None or isinstance(item, str | int | float))
-                for key, item in value.items()
-            ):  # fmt: skip
+            if len(value) > _SMALL:
                 return False
+            for key, item in value.items():
+                if not (isinstance(key, str) and key.isascii()):
+                    return False
+                if isinstance(item, str) and not item.isascii():
+                    return False
+                if item is not None and not isinstance(item, str | int | float):
+                    return False
         elif value is not None and not isinstance(value, int | float):
             return False
     return True
