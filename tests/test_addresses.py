@@ -7,10 +7,7 @@ from hypothesis import strategies as st
 from dispatcher.mail import addresses
 from dispatcher.mail.addresses import Address, control_character_problem, parse_address
 
-
-@pytest.mark.parametrize(
-    ("raw", "display_name", "addr_spec"),
-    [
+ACCEPTED = [
         ("ann@example.com", "", "ann@example.com"),
         ("  ann@example.com ", "", "ann@example.com"),
         ("<ann@example.com>", "", "ann@example.com"),
@@ -29,17 +26,17 @@ from dispatcher.mail.addresses import Address, control_character_problem, parse_
         ("用户 <用户@例子.中国>", "用户", "用户@例子.中国"),
         ("ann@xn--exmple-cua.com", "", "ann@xn--exmple-cua.com"),
         ("ann@localhost", "", "ann@localhost"),
-    ],
-)
+]
+
+
+@pytest.mark.parametrize(("raw", "display_name", "addr_spec"), ACCEPTED)
 def test_accepted_forms(raw: str, display_name: str, addr_spec: str) -> None:
     address = parse_address(raw)
     assert address == Address(display_name=display_name, addr_spec=addr_spec)
     assert parse_address(address.formatted()) == address
 
 
-@pytest.mark.parametrize(
-    ("raw", "problem"),
-    [
+REJECTED = [
         ("", "empty"),
         ("   ", "empty"),
         ("annexample.com", "not an email address: no '@'"),
@@ -77,8 +74,10 @@ def test_accepted_forms(raw: str, display_name: str, addr_spec: str) -> None:
         ("ann\x00@example.com", "contains a NUL character"),
         ("Ann\tLee <ann@example.com>", "contains a control character (U+0009)"),
         ("Ann\u2028 <ann@example.com>", "contains a control character (U+2028)"),
-    ],
-)
+]
+
+
+@pytest.mark.parametrize(("raw", "problem"), REJECTED)
 def test_rejected_forms(raw: str, problem: str) -> None:
     with pytest.raises(ValueError) as caught:
         parse_address(raw)
@@ -162,3 +161,47 @@ def test_the_fast_path_for_plain_addresses_agrees_with_the_stdlib_reading(
     parsed = parse_address(text)
     assert addresses._stdlib_reading(parsed) == parsed
     assert parsed == Address(display_name=name, addr_spec=f"{local}@{domain}")
+
+
+# Around every limit and shape rule the one-match fast path checks for itself.
+LONG_DOMAIN = ".".join(["b" * 63] * 3)
+EDGES = [
+    "a" * 64 + "@example.com", "a" * 65 + "@example.com", "ann@" + "b" * 63 + ".com",
+    "ann@" + "b" * 64 + ".com", f"a@{LONG_DOMAIN}." + "c" * 61, f"a@{LONG_DOMAIN}." + "c" * 62,
+    "a" * 64 + "@" + LONG_DOMAIN[:127] + "." + "c" * 61, "a" * 64 + "@" + LONG_DOMAIN[:127] + "." + "c" * 62,
+    "ann@123", "ann@b.123", "ann@123.com", "ann@b-.com", "ann@-b.com", "ann@b--c.com", "ann@b.c-",
+    "ann@b.1-2", "N" * 200 + " <ann@example.com>", "N" * 201 + " <ann@example.com>", "Name<ann@example.com>",
+    "Name  <ann@example.com>", "Name <ann@example.com> ", " Name <ann@example.com>", "Name <ann@example.com",
+    "<ann@example.com>", "a=?b@example.com", "=?utf-8?q?x?= <ann@example.com>", "a.b.c@x.y.z", "a..b@x.y",
+    "a.@x.y", ".a@x.y", "a@x..y", "a@.x", "a@x.", "Ann Lee <ann@example.com>>", "Ann 2 <a+b@x-y.example>",
+    "ann@[192.0.2.1]", "Ann Lee <ann@[192.0.2.1]>", "a@b@c.com", "ann@exa_mple.com", "ann lee@example.com",
+]  # fmt: skip
+
+
+def _strict(raw: str) -> Address | None:
+    try:
+        return addresses._parsed_address(raw)
+    except ValueError:
+        return None
+
+
+@pytest.mark.parametrize("raw", [raw for raw, *_ in ACCEPTED] + [raw for raw, _ in REJECTED] + EDGES)
+def test_the_fast_path_returns_what_the_strict_parser_returns(raw: str) -> None:
+    """``_plain_address`` either declines (None) or answers exactly as the strict parser does; never
+    accepts what the strict parser refuses."""
+    fast = addresses._plain_address(raw)
+    assert fast is None or fast == _strict(raw)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(st.sampled_from("aZ09.-_+=?@<> \"[]é"), max_size=30))
+def test_the_fast_path_agrees_with_the_strict_parser_on_any_text(raw: str) -> None:
+    fast = addresses._plain_address(raw)
+    assert fast is None or fast == _strict(raw)
+
+
+def test_common_addresses_take_the_fast_path() -> None:
+    assert addresses._plain_address("Recipient 7 <rcpt7@bench.example>") == Address(
+        "Recipient 7", "rcpt7@bench.example"
+    )
+    assert addresses._plain_address("first.o'neil+tag@sub.example.co.uk") is not None

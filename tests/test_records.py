@@ -4,10 +4,18 @@ history, and encodes back to the same JSON; a value of the wrong shape makes the
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 
-from dispatcher.queue.records import DeliveryStatus, HistoryEntry, Reason, RecipientRecord, SendRecord
+from dispatcher.queue.records import (
+    DeliveryStatus,
+    HistoryEntry,
+    Reason,
+    RecipientRecord,
+    SendRecord,
+    new_send_id,
+)
 from dispatcher.queue.states import SendState
 from dispatcher.queue.store import DECODE_ERRORS
 
@@ -87,3 +95,12 @@ def test_an_operator_retry_keeps_the_last_reply_for_reference() -> None:
     refused = RecipientRecord(DeliveryStatus.PERMANENT, "rcpt", 550, "5.1.1", "no such user", "user", 3.0)
     again = refused.pending_again()
     assert again.status is DeliveryStatus.PENDING and (again.code, again.text) == (550, "no such user")
+
+
+def test_a_send_id_without_key_is_a_uuid4_in_hex() -> None:
+    ids = {new_send_id(None) for _ in range(200)}
+    assert len(ids) == 200
+    for send_id in ids:
+        prefix, _, hex_id = send_id.partition("-")
+        parsed = uuid.UUID(hex_id)
+        assert (prefix, parsed.version, parsed.variant, parsed.hex) == ("mail", 4, uuid.RFC_4122, hex_id)

@@ -37,6 +37,13 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _PLAIN_ADDR_SPEC = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 _ATOM_TEXT = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+")
 _PLAIN_NAME = re.compile(r"(?:[A-Za-z0-9]+(?: [A-Za-z0-9]+)*)?")
+# The whole common shape in one match: ``local@domain`` or ``Plain Name <local@domain>``, a dot-atom local
+# part and LDH labels of 1 to 63 characters (what ``_check_domain`` allows, checked by the pattern).
+_LDH = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_PLAIN_ADDRESS = re.compile(
+    rf"(?:(?P<name>[A-Za-z0-9]+(?: [A-Za-z0-9]+)*) <)?"
+    rf"(?P<spec>(?P<local>{_ATOM}(?:\.{_ATOM})*)@(?P<domain>(?:{_LDH}\.)*{_LDH}))(?(name)>)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +87,36 @@ def parse_address(value: str) -> Address:
     """
     if not isinstance(value, str):
         raise ValueError("must be a string")
+    plain = _plain_address(value)
+    if plain is not None:
+        return plain
+    return _parsed_address(value)
+
+
+def _plain_address(value: str) -> Address | None:
+    """``value`` as an ``Address`` when it has the common plain shape, pure ASCII, and every limit holds:
+    exactly what ``_parsed_address`` returns for it (``tests/test_addresses.py`` holds the two to that),
+    in one regex match instead of a walk through the parts. ``None``: anything else, for the strict path.
+    """
+    if len(value) > MAX_DISPLAY_NAME_CHARS + MAX_ADDRESS_OCTETS + 3 or "=?" in value:
+        return None  # too long to be right (the strict path says why), or it may hold an encoded word
+    match = _PLAIN_ADDRESS.fullmatch(value)
+    if match is None:
+        return None
+    name, spec, local, domain = match.group("name", "spec", "local", "domain")
+    if (
+        len(local) > MAX_LOCAL_OCTETS
+        or len(domain) > MAX_DOMAIN_OCTETS
+        or len(spec) > MAX_ADDRESS_OCTETS
+        or (name is not None and len(name) > MAX_DISPLAY_NAME_CHARS)
+        or domain.rpartition(".")[2].isdigit()
+    ):
+        return None
+    return Address(display_name=name or "", addr_spec=spec)
+
+
+def _parsed_address(value: str) -> Address:
+    """The strict parser: every form ``parse_address`` takes, a precise sentence for every problem."""
     if len(value) > MAX_DISPLAY_NAME_CHARS + MAX_ADDRESS_OCTETS + 8:  # '"name" <addr>' and some spaces
         raise ValueError(f"too long: {len(value)} characters for one address")
     problem = header_text_problem(value)

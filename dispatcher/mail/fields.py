@@ -15,10 +15,11 @@ import functools
 import json
 import math
 import re
+import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from email import policy as email_policy
-from email.utils import parsedate_to_datetime
+from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any, Literal, TypeVar, cast
 
 from dispatcher.mail import limits
@@ -52,7 +53,7 @@ TEMPLATE_FIELDS = ("template", "data", "locale")
 
 
 def uses_template(data: Mapping[str, Any]) -> bool:
-    return any(name in data for name in TEMPLATE_FIELDS)
+    return "template" in data or "data" in data or "locale" in data  # TEMPLATE_FIELDS, spelt out: per mail
 
 
 _ROUTE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -80,8 +81,10 @@ class Checker:
             return default
         found: dict[str, str] = {}
         result = check(name, value, found)
+        if not found:
+            return result
         self.problems.update(found)
-        return default if found else result
+        return default
 
     def has_problem(self, *names: str) -> bool:
         return any(path.split("[")[0].split(".")[0] in names for path in self.problems)
@@ -152,10 +155,9 @@ def headers(path: str, value: Any, problems: dict[str, str]) -> tuple[tuple[str,
     out: list[tuple[str, str]] = []
     seen: set[str] = set()
     for name, header_value in value.items():
-        item_path = f"{path}.{name}"
         problem = custom_header_problem(name, header_value, seen)
         if problem is not None:
-            problems[item_path] = problem
+            problems[f"{path}.{name}"] = problem
             continue
         seen.add(name.lower())
         out.append((name, header_value))
@@ -251,7 +253,23 @@ def _parsed_date(value: str) -> datetime | None:
 
 
 def ascii_domain(domain: str) -> str:
-    return domain.encode("idna").decode("ascii")
+    """The IDNA form of a validated domain (an ASCII name is its own: the codec's fast path, skipped)."""
+    return domain if domain.isascii() else domain.encode("idna").decode("ascii")
+
+
+def date_header(due: datetime | None) -> str:
+    """The Date of a mail validated now and due at ``due`` (``None``: now): ``format_datetime`` of the
+    later of the two in UTC. RFC 5322 keeps whole seconds, so the mails validated within one second share
+    one string (a few µs of ``strftime`` each, otherwise)."""
+    second = math.floor(time.time())
+    if due is not None:
+        second = max(second, math.floor(due.timestamp()))
+    return _date_of_second(second)
+
+
+@functools.lru_cache(maxsize=8)
+def _date_of_second(second: int) -> str:
+    return format_datetime(datetime.fromtimestamp(second, UTC))
 
 
 def iso_utc(moment: datetime) -> str:
@@ -275,11 +293,13 @@ def custom_header_problem(name: object, value: object, seen: set[str]) -> str | 
         return "must be a string"
     if len(value) > limits.MAX_HEADER_VALUE_CHARS:
         return limits.too_long(len(value), limits.MAX_HEADER_VALUE_CHARS)
-    problem = header_text_problem(value)
-    if problem is not None:
-        return problem
-    if _plain_unstructured(lowered, value) and len(name) + 2 + len(value) <= MAX_LINE_OCTETS:
-        return None  # printable ASCII in an unstructured header, short enough never to need folding
+    if value.isascii() and value.isprintable() and "=?" not in value:  # nothing to decode or encode
+        if lowered not in _STRUCTURED and len(name) + 2 + len(value) <= MAX_LINE_OCTETS:
+            return None  # printable ASCII in an unstructured header, short enough never to need folding
+    else:
+        problem = header_text_problem(value)
+        if problem is not None:
+            return problem
     for policy in (email_policy.SMTP, email_policy.SMTPUTF8):  # mime picks one of the two
         try:
             header = policy.header_factory(name, value)
@@ -293,10 +313,9 @@ def custom_header_problem(name: object, value: object, seen: set[str]) -> str | 
     return None
 
 
-def _plain_unstructured(lowered_name: str, value: str) -> bool:
-    """A header the email package treats as unstructured text, with nothing in it to encode or parse."""
-    registry = email_policy.SMTP.header_factory.registry  # type: ignore[attr-defined]
-    return lowered_name not in registry and value.isascii() and value.isprintable() and "=?" not in value
+_STRUCTURED: Mapping[str, Any] = email_policy.SMTP.header_factory.registry  # type: ignore[attr-defined]
+"""The email package's registry of the header names it parses (address lists, dates, MIME fields), by
+lower-cased name: such a header never takes the fast path."""
 
 
 def unencodable_text(data: Mapping[str, Any]) -> dict[str, str]:
@@ -306,6 +325,8 @@ def unencodable_text(data: Mapping[str, Any]) -> dict[str, str]:
     A mail of JSON values that encodes as UTF-8 in one ``json.dumps`` has none (a few C calls, whatever
     its size); only otherwise is every value visited to name the fields.
     """
+    if _small_ascii_mail(data):
+        return {}  # ASCII text is UTF-8 as it is
     with contextlib.suppress(TypeError, ValueError):  # not JSON values (Python API): look at each one
         json.dumps(data, ensure_ascii=False).encode("utf-8")
         return {}
@@ -326,6 +347,41 @@ def unencodable_text(data: Mapping[str, Any]) -> dict[str, str]:
         elif isinstance(value, list | tuple):
             todo.extend((f"{path}[{index}]", item) for index, item in enumerate(value))
     return problems
+
+
+_SMALL = 8
+"""Items of a list or object ``_small_ascii_mail`` looks at, at most (beyond, one ``json.dumps`` is
+cheaper than a Python loop, and a huge list is refused by its limit later, for the price of a small mail)."""
+
+
+def _small_ascii_mail(data: Mapping[str, Any]) -> bool:
+    """Whether ``data`` is a flat mail of ASCII text (keys too; ``str.isascii`` costs nothing in CPython):
+    strings, numbers, and lists or objects of at most ``_SMALL`` of them. False says nothing: look closer."""
+    for name, value in data.items():
+        if not (isinstance(name, str) and name.isascii()):
+            return False
+        if isinstance(value, str):
+            if not value.isascii():
+                return False
+        elif isinstance(value, list):
+            if len(value) > _SMALL:
+                return False
+            for item in value:
+                if not (isinstance(item, str) and item.isascii()):
+                    return False
+        elif isinstance(value, dict):
+            if len(value) > _SMALL:
+                return False
+            for key, item in value.items():
+                if not (isinstance(key, str) and key.isascii()):
+                    return False
+                if isinstance(item, str) and not item.isascii():
+                    return False
+                if item is not None and not isinstance(item, str | int | float):
+                    return False
+        elif value is not None and not isinstance(value, int | float):
+            return False
+    return True
 
 
 def _unencodable(text: str) -> bool:

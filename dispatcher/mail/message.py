@@ -12,8 +12,8 @@ from __future__ import annotations
 import base64
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import format_datetime, make_msgid
+from datetime import datetime
+from email.utils import make_msgid
 from types import MappingProxyType
 from typing import Any, cast
 
@@ -69,9 +69,8 @@ class Mail:
         if unencodable:  # a lone surrogate cannot be written as UTF-8 anywhere: refuse it before anything
             raise ValidationError(unencodable)
         checker = fields.Checker(data)
-        for name in data:
-            if name not in FIELDS:
-                checker.problems[str(name)] = "unknown field"
+        if not FIELDS.issuperset(data):
+            checker.problems.update({str(name): "unknown field" for name in data if name not in FIELDS})
         if "from" not in data or data["from"] is None:
             checker.problems["from"] = "missing"
         sender = checker.run("from", fields.one_address)
@@ -92,11 +91,10 @@ class Mail:
         send_at = checker.run("send_at", fields.send_at)
         message_id = checker.run("message_id", fields.message_id)
         if message_id is None and sender is not None:
-            id_domain = sender.domain if sender.domain.startswith("[") else fields.ascii_domain(sender.domain)
-            message_id = make_msgid(domain=id_domain)
-        now = datetime.now(UTC)
+            domain = sender.domain
+            message_id = make_msgid(domain=domain if domain.startswith("[") else fields.ascii_domain(domain))
         # A scheduled mail is dated when it is due, not when it was enqueued.
-        date = checker.run("date", fields.date) or format_datetime(max(now, send_at or now))
+        date = checker.run("date", fields.date) or fields.date_header(send_at)
         mail = cls(
             from_address=cast(Address, sender),
             to=to,
@@ -123,19 +121,26 @@ class Mail:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form; ``Mail.from_dict(mail.to_dict()) == mail``. Empty optional fields are left out."""
         out: dict[str, Any] = {"from": self.from_address.formatted()}
-        lists = {"to": self.to, "cc": self.cc, "bcc": self.bcc, "reply_to": self.reply_to}
-        out.update({name: [a.formatted() for a in items] for name, items in lists.items() if items})
-        optional: dict[str, Any] = {
-            "subject": self.subject,
-            "text": self.text,
-            "html": self.html,
-            "attachments": [_attachment_dict(a) for a in self.attachments],
-            "headers": dict(self.headers),
-            "metadata": dict(self.metadata),
-            "key": self.key,
-            "send_at": fields.iso_utc(self.send_at) if self.send_at is not None else None,
-        }
-        out.update({name: value for name, value in optional.items() if value})
+        lists = (("to", self.to), ("cc", self.cc), ("bcc", self.bcc), ("reply_to", self.reply_to))
+        for name, addresses in lists:
+            if addresses:
+                out[name] = [a.formatted() for a in addresses]
+        if self.subject:
+            out["subject"] = self.subject
+        if self.text:
+            out["text"] = self.text
+        if self.html:
+            out["html"] = self.html
+        if self.attachments:
+            out["attachments"] = [_attachment_dict(a) for a in self.attachments]
+        if self.headers:
+            out["headers"] = dict(self.headers)
+        if self.metadata:
+            out["metadata"] = dict(self.metadata)
+        if self.key:
+            out["key"] = self.key
+        if self.send_at is not None:
+            out["send_at"] = fields.iso_utc(self.send_at)
         out.update(priority=self.priority, route=self.route, message_id=self.message_id, date=self.date)
         return out
 

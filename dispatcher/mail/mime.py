@@ -329,13 +329,19 @@ def _text_encoding(text: str) -> str:
 def size_upper_bound(mail: Mail) -> int:
     """More bytes than ``build_message(mail)`` can produce: every body byte quoted-printable at worst
     (3 bytes, plus soft line breaks), attachments base64 (4/3, plus line ends), headers RFC 2047-encoded."""
-    text_bytes = sum(len(part.encode("utf-8")) for part in (mail.text, mail.html) if part)
-    header_text = [mail.subject, *(value for _, value in mail.headers), mail.message_id, mail.date]
-    addresses = (mail.from_address, *mail.to, *mail.cc, *mail.reply_to)
-    header_bytes = sum(len(value.encode("utf-8")) for value in header_text)
-    header_bytes += sum(len(a.formatted().encode("utf-8")) for a in addresses)
-    attachment_bytes = sum(
-        len(a.content) * 4 // 3 + len(a.content) // 38 + len(a.filename or "") * 4 + len(a.content_id or "")
-        for a in mail.attachments
-    )
+    text_bytes = _utf8_length(mail.text or "") + _utf8_length(mail.html or "")
+    header_bytes = _utf8_length(mail.subject) + _utf8_length(mail.message_id) + _utf8_length(mail.date)
+    for _, value in mail.headers:
+        header_bytes += _utf8_length(value)
+    for address in (mail.from_address, *mail.to, *mail.cc, *mail.reply_to):
+        header_bytes += _utf8_length(address.formatted())
+    attachment_bytes = 0
+    for a in mail.attachments:
+        attachment_bytes += len(a.content) * 4 // 3 + len(a.content) // 38
+        attachment_bytes += len(a.filename or "") * 4 + len(a.content_id or "")
     return 4 * text_bytes + 4 * header_bytes + attachment_bytes + 2048 * (3 + len(mail.attachments))
+
+
+def _utf8_length(text: str) -> int:
+    """``len(text.encode("utf-8"))``, without the copy for ASCII text (one octet a character)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))

@@ -7,12 +7,14 @@ first send and creates nothing — rq alone would run a reused job id twice.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import math
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +31,7 @@ from dispatcher.mail.limits import MAX_RECIPIENTS
 from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
 from dispatcher.mail.mime import validated
 from dispatcher.queue.presence import Presence
-from dispatcher.queue.records import RecipientRecord, SendRecord, mail_summary, new_send_id
+from dispatcher.queue.records import RecipientRecord, SendRecord, compact_json, mail_summary, new_send_id
 from dispatcher.queue.states import initial_state
 from dispatcher.queue.store import OUTAGE, SendStore, unavailable
 
@@ -44,6 +46,11 @@ RESULT_TTL = 86400
 FAILURE_TTL = 7 * 86400
 BATCH = 500
 ROUTES_READ_INTERVAL = 5.0
+PENDING = RecipientRecord()
+"""A new send's outcome for each recipient (frozen: one value shared by them all)."""
+_NOT_YET = ValidationError({"mail": "pending"})
+"""The place of a valid mail in ``Producer.enqueue_many``'s results until its batch is stored (never
+returned: each is replaced by its ``Enqueued``, or by None in a ``PartiallyEnqueued``)."""
 
 
 def queue_name(priority: str) -> str:
@@ -179,12 +186,16 @@ class Producer:
 
     def enqueue_many(self, items: Iterable[Mapping[str, Any] | Mail]) -> list[Enqueued | ValidationError]:
         """Enqueue many mails; each position holds its ``Enqueued`` or the ``ValidationError`` it got."""
+        with collector_paused():
+            return self._enqueue_many(items)
+
+    def _enqueue_many(self, items: Iterable[Mapping[str, Any] | Mail]) -> list[Enqueued | ValidationError]:
         results: list[Enqueued | ValidationError] = []
         valid: list[tuple[int, Mail]] = []
         for item in items:
             try:
                 valid.append((len(results), self.validate(item)))
-                results.append(ValidationError({"mail": "pending"}))
+                results.append(_NOT_YET)
             except ValidationError as exc:
                 results.append(exc)
         for start in range(0, len(valid), BATCH):
@@ -261,14 +272,15 @@ class Producer:
                 continue
             send_id = new_send_id(mail.key)
             scheduled = mail.send_at is not None and mail.send_at.timestamp() > now
+            summary = mail_summary(mail, as_dict)
             rec = SendRecord(
                 send_id=send_id,
-                mail=mail_summary(mail, as_dict),
+                mail=summary,
                 raw=mail.raw or None,
-                source=None if mail.raw else json.dumps(as_dict, separators=(",", ":")),
+                source=None if mail.raw else compact_json(as_dict),
                 state=initial_state(scheduled),
                 created_at=now,
-                outcomes={r: RecipientRecord() for r in mail.envelope_recipients},
+                outcomes=dict.fromkeys(summary["envelope"]["recipients"], PENDING),
             )
             created.append(rec)
             if scheduled and mail.send_at is not None:
@@ -295,6 +307,27 @@ class Producer:
 _NOT_FINGERPRINTED = frozenset({"message_id", "date", "send_at", "priority", "route"})
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a bulk enqueue runs (restored after, on error too).
+
+    A bulk enqueue holds every validated mail until its batch is stored: tens of thousands of young
+    container objects, which the collector's generation passes walk again and again — a full pass every
+    couple of thousand mails, 20-30 µs a mail in all (``gc.callbacks`` around ``enqueue_many`` of 2,000
+    bench mails), about a tenth of what rq's own ``enqueue_many`` spends per job. Reference counting
+    frees all of it; the few cycles redis-py or rq may leave wait for the first collection after the
+    call. The pause is process-wide (the items' iterator runs under it too) and lasts one call; a
+    collector that is off already (the application's choice) is left off."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def mail_fingerprint(as_dict: Mapping[str, Any]) -> str:
     """What an idempotency key promises stays the same: what the mail says and to whom — not the
     Message-ID and Date validation fills in, nor when or how it goes (``send_at``, priority, route: a
@@ -315,7 +348,11 @@ def enqueue(mail: Mapping[str, Any], *, connection: redis.Redis) -> str:
 def enqueue_many(mails: Iterable[Mapping[str, Any]], *, connection: redis.Redis) -> list[str]:
     """Validate every mail first; if any is invalid raise a ``ValidationError`` naming every problem of
     every bad item by its index (``[3].to[0]``) and enqueue nothing."""
-    producer = Producer(connection)
+    with collector_paused():
+        return _enqueue_many(Producer(connection), mails)
+
+
+def _enqueue_many(producer: Producer, mails: Iterable[Mapping[str, Any]]) -> list[str]:
     validated: list[Mail] = []
     problems: dict[str, str] = {}
     for index, item in enumerate(mails):

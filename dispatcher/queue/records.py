@@ -14,7 +14,7 @@ import dataclasses
 import enum
 import hashlib
 import json
-import uuid
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -50,6 +50,9 @@ def _optional(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) 
     return value
 
 
+_NO_REPLY = (None, None, None, None, None, None)
+
+
 @dataclass(frozen=True, slots=True)
 class RecipientRecord:
     """One recipient's outcome: its status and, once an attempt decided it, the reply (or detail) why."""
@@ -63,8 +66,8 @@ class RecipientRecord:
     at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        if self == RecipientRecord(self.status):
-            return {"status": self.status.value}
+        if (self.stage, self.code, self.enhanced, self.text, self.kind, self.at) == _NO_REPLY:
+            return {"status": self.status.value}  # no reply yet: as RecipientRecord(status) writes it
         return {"status": self.status.value, "stage": self.stage, "code": self.code,
                 "enhanced": self.enhanced, "text": self.text, "kind": self.kind, "at": self.at}  # fmt: skip
 
@@ -181,11 +184,29 @@ def mail_summary(mail: Mail, as_dict: dict[str, Any] | None = None) -> dict[str,
     return summary
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+def compact_json(value: Any) -> str:
+    """``json.dumps(value, separators=(",", ":"))``, the same text, from one encoder built once (``dumps``
+    with arguments builds one per call: a few µs, three times per mail a bulk enqueue stores)."""
+    return _COMPACT.encode(value)
+
+
 def new_send_id(key: str | None) -> str:
     """A key always maps to the same id, so a duplicate enqueue finds the first one."""
     if key is not None:
         return "mail-" + hashlib.sha256(key.encode()).hexdigest()[:32]
-    return "mail-" + uuid.uuid4().hex
+    return "mail-" + uuid4_hex()
+
+
+def uuid4_hex() -> str:
+    """``uuid.uuid4().hex``: 16 random bytes with the version 4 and RFC 4122 variant bits set, without
+    building a ``UUID`` (a third of the cost)."""
+    octets = bytearray(os.urandom(16))
+    octets[6] = (octets[6] & 0x0F) | 0x40
+    octets[8] = (octets[8] & 0x3F) | 0x80
+    return octets.hex()
 
 
 def text(value: object) -> str:
@@ -342,12 +363,12 @@ class SendRecord:
     def to_hash_new(self) -> dict[str, str | bytes]:
         """The fields of a send being created (the others start at their defaults), MIME bytes included."""
         fields: dict[str, str | bytes] = {
-            "mail": json.dumps(self.mail, separators=(",", ":")),
+            "mail": compact_json(self.mail),
             "state": self.state,
             "created_at": repr(self.created_at),
             "updated_at": repr(self.updated_at),
             "rq_job": self.rq_job or "",
-            "record": json.dumps(self.record_json(), separators=(",", ":")),
+            "record": compact_json(self.record_json()),
         }
         if self.next_attempt_at is not None:
             fields["next_attempt_at"] = repr(self.next_attempt_at)

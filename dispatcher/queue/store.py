@@ -31,6 +31,7 @@ Invariants the store's writes keep (README "Guarantees"):
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
@@ -235,7 +236,8 @@ class SendStore:
         for rec in recs:
             rec.updated_at = now
             rec.stored_state = rec.state
-            pipe.hset(send_key(rec.send_id), mapping=rec.to_hash_new())
+            fields = itertools.chain.from_iterable(rec.to_hash_new().items())
+            pipe.execute_command("HSET", send_key(rec.send_id), *fields)  # hset(mapping=) without its copy
             if rec.source is not None:
                 sources[source_key(rec.send_id)] = rec.source
             for key in (state_key(rec.state), state_key(rec.state, rec.priority)):
