@@ -7,14 +7,12 @@ first send and creates nothing — rq alone would run a reused job id twice.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
 import json
 import math
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -186,10 +184,6 @@ class Producer:
 
     def enqueue_many(self, items: Iterable[Mapping[str, Any] | Mail]) -> list[Enqueued | ValidationError]:
         """Enqueue many mails; each position holds its ``Enqueued`` or the ``ValidationError`` it got."""
-        with collector_paused():
-            return self._enqueue_many(items)
-
-    def _enqueue_many(self, items: Iterable[Mapping[str, Any] | Mail]) -> list[Enqueued | ValidationError]:
         results: list[Enqueued | ValidationError] = []
         valid: list[tuple[int, Mail]] = []
         for item in items:
@@ -307,27 +301,6 @@ class Producer:
 _NOT_FINGERPRINTED = frozenset({"message_id", "date", "send_at", "priority", "route"})
 
 
-@contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector while a bulk enqueue runs (restored after, on error too).
-
-    A bulk enqueue holds every validated mail until its batch is stored: tens of thousands of young
-    container objects, which the collector's generation passes walk again and again — a full pass every
-    couple of thousand mails, 20-30 µs a mail in all (``gc.callbacks`` around ``enqueue_many`` of 2,000
-    bench mails), about a tenth of what rq's own ``enqueue_many`` spends per job. Reference counting
-    frees all of it; the few cycles redis-py or rq may leave wait for the first collection after the
-    call. The pause is process-wide (the items' iterator runs under it too) and lasts one call; a
-    collector that is off already (the application's choice) is left off."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
 def mail_fingerprint(as_dict: Mapping[str, Any]) -> str:
     """What an idempotency key promises stays the same: what the mail says and to whom — not the
     Message-ID and Date validation fills in, nor when or how it goes (``send_at``, priority, route: a
@@ -348,11 +321,7 @@ def enqueue(mail: Mapping[str, Any], *, connection: redis.Redis) -> str:
 def enqueue_many(mails: Iterable[Mapping[str, Any]], *, connection: redis.Redis) -> list[str]:
     """Validate every mail first; if any is invalid raise a ``ValidationError`` naming every problem of
     every bad item by its index (``[3].to[0]``) and enqueue nothing."""
-    with collector_paused():
-        return _enqueue_many(Producer(connection), mails)
-
-
-def _enqueue_many(producer: Producer, mails: Iterable[Mapping[str, Any]]) -> list[str]:
+    producer = Producer(connection)
     validated: list[Mail] = []
     problems: dict[str, str] = {}
     for index, item in enumerate(mails):
