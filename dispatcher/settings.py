@@ -42,6 +42,10 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
         "most addresses in to, cc and bcc of one mail at enqueue",
     ),
     "DISPATCH_LEASE_SECONDS": ("30", "in-flight lease; a dead worker's send is requeued after it expires"),
+    "DISPATCH_MAINTENANCE_INTERVAL": (
+        "10",
+        "seconds between a worker's maintenance rounds (recovery of dead workers' sends, reconcile, journal)",
+    ),
     "DISPATCH_RECONCILE_AFTER": ("60", "seconds a waiting send may lack an rq job before it gets a new one"),
     "DISPATCH_JOB_TIMEOUT_MARGIN": ("60", "seconds added to the routes' summed deadlines: rq's job timeout"),
     "DISPATCH_JOURNAL_DIR": (
@@ -89,6 +93,7 @@ class Settings:
     max_message_bytes: int = DEFAULT_MAX_BYTES
     max_recipients: int = MAX_RECIPIENTS
     lease_seconds: float = 30.0
+    maintenance_interval: int = 10
     reconcile_after: float = 60.0
     job_timeout_margin: float = 60.0
     journal_dir: str = ""
@@ -170,6 +175,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, need_routes: bool = F
         max_message_bytes=int(_number(env, "DISPATCH_MAX_MESSAGE_BYTES", DEFAULT_MAX_BYTES, minimum=1024)),
         max_recipients=int(_number(env, "DISPATCH_MAX_RECIPIENTS", MAX_RECIPIENTS, minimum=1)),
         lease_seconds=_number(env, "DISPATCH_LEASE_SECONDS", 30.0, minimum=2.0),
+        maintenance_interval=int(_number(env, "DISPATCH_MAINTENANCE_INTERVAL", 10, minimum=1)),
         reconcile_after=_number(env, "DISPATCH_RECONCILE_AFTER", 60.0, minimum=1.0),
         job_timeout_margin=_number(env, "DISPATCH_JOB_TIMEOUT_MARGIN", 60.0, minimum=1.0),
         journal_dir=env.get("DISPATCH_JOURNAL_DIR") or default_journal_dir(env),

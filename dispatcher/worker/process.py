@@ -56,7 +56,6 @@ from dispatcher.worker.runtime import Runtime
 from dispatcher.worker.startup import wait_for_redis, where
 
 logger = structlog.get_logger("dispatcher.worker.process")
-MAINTENANCE_INTERVAL = 10
 WORKER_TTL = 35
 #: rq's own worker key lives worker_ttl + 60 s; an idle worker refreshes its status only between dequeues.
 STATUS_TTL = WORKER_TTL + 60
@@ -121,13 +120,20 @@ class MailWorker(SimpleWorker):
 
     def __init__(self, queues: Sequence[Queue], *, runtime: Runtime, **kwargs: Any) -> None:
         kwargs.setdefault("serializer", JSONSerializer)
-        kwargs.setdefault("maintenance_interval", MAINTENANCE_INTERVAL)
+        kwargs.setdefault("maintenance_interval", runtime.settings.maintenance_interval)
         kwargs.setdefault("worker_ttl", WORKER_TTL)
         super().__init__(queues, **kwargs)
         self.runtime = Runtime.install(runtime)
         self.runtime.worker_name = self.name
         self.runtime.should_stop = lambda: bool(self._stop_requested)
         self._limits: dict[str, dict[str, object]] = {}
+
+    @property
+    def dequeue_timeout(self) -> int:
+        """How long an idle worker blocks on the queues: rq's (``worker_ttl`` - 15 s, 20 s here), but never
+        past the maintenance interval — rq runs maintenance only between dequeues, so an idle worker would
+        otherwise recover a dead worker's sends every 20 s, not every interval."""
+        return max(1, min(int(super().dequeue_timeout), int(self.maintenance_interval)))
 
     def _install_signal_handlers(self) -> None:
         super()._install_signal_handlers()  # type: ignore[no-untyped-call]

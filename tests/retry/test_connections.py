@@ -132,7 +132,8 @@ def test_kill_9_mid_batch_over_three_connections_loses_nothing_and_sends_nothing
 ) -> None:
     server = scripted_server(faults={"data_end": Fault("hang")}, faults_on_connection=1)
     sends = enqueue(redis_client, 9)
-    env = env_for(redis_url, smtp_url(server.port, timeout=120), DISPATCH_LEASE_SECONDS="3")
+    env = env_for(redis_url, smtp_url(server.port, timeout=120),
+                  DISPATCH_LEASE_SECONDS="3", DISPATCH_MAINTENANCE_INTERVAL="1")  # fmt: skip
     victim = start_worker(env, "--connections", "3")
 
     def hung_and_others_done() -> bool:

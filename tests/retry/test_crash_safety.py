@@ -43,7 +43,8 @@ def test_kill_9_before_the_data_resumes_for_recipients_not_yet_accepted(
         faults_on_connection=1,
     )
     done = Producer(redis_client).enqueue(mail([first, second]))
-    env = env_for(redis_url, smtp_url(server.port, timeout=120), DISPATCH_LEASE_SECONDS="3")
+    env = env_for(redis_url, smtp_url(server.port, timeout=120),
+                  DISPATCH_LEASE_SECONDS="3", DISPATCH_MAINTENANCE_INTERVAL="1")  # fmt: skip
     victim = start_worker(env)
     wait_until(lambda: _mails_sent(server) == 2, 30, message="the worker never reached attempt 2's MAIL")
     assert load(redis_client, done.id).state == "sending"
@@ -74,7 +75,8 @@ def test_kill_9_after_the_final_dot_leaves_the_send_unknown_and_never_resends_it
     recipients = [f"r{i}@example.test" for i in range(3)]
     server = scripted_server(faults={"data_end": Fault("hang")}, faults_on_connection=1)
     done = Producer(redis_client).enqueue(mail(recipients))
-    env = env_for(redis_url, smtp_url(server.port, timeout=120), DISPATCH_LEASE_SECONDS="3")
+    env = env_for(redis_url, smtp_url(server.port, timeout=120),
+                  DISPATCH_LEASE_SECONDS="3", DISPATCH_MAINTENANCE_INTERVAL="1")  # fmt: skip
     victim = start_worker(env)
     wait_until(
         lambda: unanswered(server.messages)[(done.message_id, recipients[0])] == 1,

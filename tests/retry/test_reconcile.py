@@ -96,7 +96,8 @@ def test_end_to_end_the_worker_delivers_a_mail_lost_in_the_dequeue_window(
     pop_like_a_dying_worker(redis_client)  # the single mail's job
     pop_like_a_dying_worker(redis_client)  # the batch's job
     ids = [single.id, *(s.id for s in batch if not isinstance(s, Exception))]
-    start_worker(env_for(redis_url, smtp_url(sink.port), DISPATCH_RECONCILE_AFTER="1"))
+    settings = {"DISPATCH_RECONCILE_AFTER": "1", "DISPATCH_MAINTENANCE_INTERVAL": "1"}
+    start_worker(env_for(redis_url, smtp_url(sink.port), **settings))
     wait_until(
         lambda: all(state_of(redis_client, i) == "delivered" for i in ids),
         40,
