@@ -135,20 +135,15 @@ class Transcript:
             own.append(entry)
 
     def command(self, stage: Stage, line: str) -> None:
-        self._last_sent = time.monotonic()
-        self._record({"dir": "C", "stage": stage.value, "line": line})
-        log = self.current
-        if log is not None:
-            log.lines.append(f"{stage.value} > {line}")
-            if not log.debug:
-                return
-        (logger.info if log is None else logger.debug)(
-            "smtp_command", conn_id=self.conn_id, stage=stage.value, command=line, tls=self.tls_version
-        )
+        self._sent(stage, line, "smtp_command", command=line)
 
     def data(self, stage: Stage, size: int) -> None:
+        self._sent(stage, f"<{size} bytes of message data>", "smtp_data", bytes=size)
+
+    def _sent(self, stage: Stage, line: str, event: str, **fields: Any) -> None:
+        """A line we wrote: recorded, one of the selected transaction's lines, and its own event (INFO
+        for the connection's own lines, DEBUG — made only when enabled — for a transaction's)."""
         self._last_sent = time.monotonic()
-        line = f"<{size} bytes of message data>"
         self._record({"dir": "C", "stage": stage.value, "line": line})
         log = self.current
         if log is not None:
@@ -156,7 +151,7 @@ class Transcript:
             if not log.debug:
                 return
         (logger.info if log is None else logger.debug)(
-            "smtp_data", conn_id=self.conn_id, stage=stage.value, bytes=size, tls=self.tls_version
+            event, conn_id=self.conn_id, stage=stage.value, **fields, tls=self.tls_version
         )
 
     def take_replies(self) -> tuple[Reply, ...]:
