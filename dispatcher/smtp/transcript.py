@@ -141,17 +141,21 @@ class Transcript:
         self._sent(stage, f"<{size} bytes of message data>", "smtp_data", bytes=size)
 
     def _sent(self, stage: Stage, line: str, event: str, **fields: Any) -> None:
-        """A line we wrote: recorded, one of the selected transaction's lines, and its own event (INFO
-        for the connection's own lines, DEBUG — made only when enabled — for a transaction's)."""
         self._last_sent = time.monotonic()
-        self._record({"dir": "C", "stage": stage.value, "line": line})
+        entry = {"dir": "C", "stage": stage.value, "line": line}
+        self._told(entry, f"{stage.value} > {line}", event, **fields)
+
+    def _told(self, entry: dict[str, Any], summary: str, event: str, **fields: Any) -> None:
+        """A line written or read: recorded, ``summary`` among the selected transaction's lines, its own event
+        (INFO for the connection's own lines, DEBUG — made only when enabled — for a transaction's)."""
+        self._record(entry)
         log = self.current
         if log is not None:
-            log.lines.append(f"{stage.value} > {line}")
+            log.lines.append(summary)
             if not log.debug:
                 return
         (logger.info if log is None else logger.debug)(
-            event, conn_id=self.conn_id, stage=stage.value, **fields, tls=self.tls_version
+            event, conn_id=self.conn_id, stage=entry["stage"], **fields, tls=self.tls_version
         )
 
     def take_replies(self) -> tuple[Reply, ...]:
@@ -164,31 +168,10 @@ class Transcript:
         if not (reply.is_positive or reply.is_intermediate):
             self.unreported.append(reply)
         ms = round((time.monotonic() - self._last_sent) * 1000, 2)
-        self._record(
-            {
-                "dir": "S",
-                "stage": stage.value,
-                "code": reply.code,
-                "enhanced": reply.enhanced,
-                "text": reply.text,
-                "ms": ms,
-            }
-        )
-        log = self.current
-        if log is not None:
-            log.lines.append(f"{stage.value} < {reply.code} {reply.text} ({ms} ms)")
-            if not log.debug:
-                return
-        (logger.info if log is None else logger.debug)(
-            "smtp_reply",
-            conn_id=self.conn_id,
-            stage=stage.value,
-            code=reply.code,
-            enhanced=reply.enhanced,
-            text=reply.text,
-            ms=ms,
-            tls=self.tls_version,
-        )
+        entry = {"dir": "S", "stage": stage.value, "code": reply.code, "enhanced": reply.enhanced,
+                 "text": reply.text, "ms": ms}  # fmt: skip
+        self._told(entry, f"{stage.value} < {reply.code} {reply.text} ({ms} ms)", "smtp_reply",
+                   code=reply.code, enhanced=reply.enhanced, text=reply.text, ms=ms)  # fmt: skip
 
     def event(self, name: str, **fields: Any) -> None:
         self._record({"dir": "-", "event": name, **fields})
