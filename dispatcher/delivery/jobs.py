@@ -40,7 +40,8 @@ def deliver_batch(send_ids: list[str]) -> dict[str, Any]:
     not finish. On a warm shutdown the batch stops after the current send and requeues the rest. When
     Redis goes away under it (a send cannot even be read), it stops there too: the sends it did not reach
     are handed back if Redis answers again in time, or found by recovery when their leases expire — the
-    job itself ends normally, nothing of it is an error of the mail.
+    job itself ends normally, nothing of it is an error of the mail. The sends of jobs its worker adopted
+    for it (``worker.adoption``, already leased) follow its own, each handed back from its own job.
     """
     job = get_current_job()
     if job is None:
@@ -49,19 +50,25 @@ def deliver_batch(send_ids: list[str]) -> dict[str, Any]:
     seconds = runtime.settings.lease_seconds
     if len(send_ids) > 1:  # a lone send is leased by its attempt's first transaction
         SendStore(job.connection).lease(send_ids, time.time() + seconds)
-    batch = Batch(runtime, job.connection, job.id, send_ids)
+    adopted = runtime.adopted.get(job.id, [])
+    sends = [(job.id, s) for s in send_ids] + [(j, s) for j, ids in adopted for s in ids]
+    batch = Batch(runtime, job.connection, sends)
     try:
-        with LeaseKeeper.for_process(job.connection, seconds).hold(send_ids):
+        with LeaseKeeper.for_process(job.connection, seconds).hold([s for _, s in sends]):
             batch.run()
     except QueueUnavailable as exc:
         logger.warning("batch_stopped_redis_unavailable", job_id=job.id, done=len(batch.results),
                        error=str(exc))  # fmt: skip
     finally:
         structlog.contextvars.clear_contextvars()
-        rest = [s for s in send_ids if s not in batch.results and s not in batch.abandoned]
-        if rest:
-            requeue_unstarted(job.connection, rest, job.id)
-    return {"sends": batch.results}
+        rest: dict[str, list[str]] = {}
+        for job_id, send_id in sends:
+            if send_id not in batch.results and send_id not in batch.abandoned:
+                rest.setdefault(job_id, []).append(send_id)
+        for job_id, ids in rest.items():
+            requeue_unstarted(job.connection, ids, job_id)
+    own = {s: batch.results[s] for s in send_ids if s in batch.results}
+    return {"sends": own, "adopted": {j: {s: batch.results.get(s) for s in ids} for j, ids in adopted}}
 
 
 class Batch:
@@ -72,11 +79,11 @@ class Batch:
     route. The others go one by one through the route gate. A warm shutdown stops before the next send;
     the job hands the rest back (not those left to recovery: ``abandoned``)."""
 
-    def __init__(self, runtime: Runtime, connection: redis.Redis, job_id: str, send_ids: list[str]) -> None:
+    def __init__(self, runtime: Runtime, connection: redis.Redis, sends: list[tuple[str, str]]) -> None:
         self.runtime = runtime
         self.redis = connection
-        self.job_id = job_id
-        self.waiting = deque(send_ids)
+        self.waiting = deque(sends)
+        """``(job id, send id)``: the job each send's record names (its own, or one adopted for it)."""
         self.results: dict[str, Any] = {}
         self.held: Attempt | None = None
         self.abandoned: set[str] = set()
@@ -98,8 +105,8 @@ class Batch:
         while self.waiting:
             if self.results and self.runtime.stop_requested():
                 return None
-            send_id = self.waiting.popleft()
-            attempt = Attempt(self.runtime, self.redis, self.job_id, send_id)
+            job_id, send_id = self.waiting.popleft()
+            attempt = Attempt(self.runtime, self.redis, job_id, send_id)
             done = attempt.prepare()
             if done is None:
                 return attempt

@@ -385,6 +385,11 @@ class SendStore:
         self.redis.zadd(INFLIGHT, dict.fromkeys(send_ids, until), xx=refresh)
 
     @staticmethod
+    def stage_lease(pipe: Any, send_ids: Iterable[str], until: float) -> None:
+        """Queue leasing ``send_ids`` until ``until`` (a worker adopting their job, ``worker.adoption``)."""
+        pipe.zadd(INFLIGHT, dict.fromkeys(send_ids, until))
+
+    @staticmethod
     def stage_release(pipe: Any, send_id: str) -> None:
         pipe.zrem(INFLIGHT, send_id)
 

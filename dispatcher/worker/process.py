@@ -5,16 +5,14 @@ rq's default ``Worker`` forks a work-horse per job, so a connection opened in a 
 ``MailWorker`` adds: the per-process runtime, a job timeout derived from the routes' stage deadlines,
 crash recovery in the maintenance loop, and QUIT at teardown (burst end, warm or cold shutdown).
 
-The invariant kept here: **a worker runs only our job functions, and never dies of a job.** Anyone who
-can write to Redis can push a job, and rq resolves a job's function by importing the name it finds there
-(``Job.func``), so ``MailWorker.execute_job`` checks every job before rq touches ``job.func``: its
-function must be ``deliver`` or ``deliver_batch`` (``ALLOWED_FUNCTIONS``), its arguments one send id or a
-list of 1..``JOB_BATCH_SIZE`` send ids of the producer's shape, with no keyword arguments, no instance,
-no callbacks and no webhooks (rq imports callbacks by name too). Anything else — a function not ours,
-pickled or undecodable data, a job hash rq cannot even load — is failed with its reason (rq's failed
+The invariant kept here: **a worker runs only our job functions, and never dies of a job.** Every job is
+vetted (``worker.vetting.job_refusal``) before rq touches ``job.func``; anything else — a function not
+ours, pickled or undecodable data, a job hash rq cannot even load — is failed with its reason (rq's failed
 registry keeps it, ``job_refused`` is logged) without running anything, and the worker takes the next job.
 rq's registry maintenance runs an abandoned job's failure callback, so the same check vets the expired
 entries of the started registries first (``clean_registries``).
+With ``--connections K`` > 1 a worker runs up to K jobs at once: before rq starts the job it dequeued, the
+worker adopts more of that queue's jobs (``worker.adoption``) and the job delivers their sends with its own.
 A worker loop that ends without being asked to stop exits non-zero, so the pool restarts it.
 
 Several of them, supervised, are ``dispatcher.worker.pool``'s.
@@ -25,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import re
 import signal
 import time
 import zlib
@@ -35,7 +32,7 @@ from typing import Any
 import redis
 import structlog
 from rq import Queue, SimpleWorker
-from rq.exceptions import DeserializationError, NoSuchJobError, StopRequested
+from rq.exceptions import NoSuchJobError, StopRequested
 from rq.job import Job
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -44,75 +41,23 @@ from rq.worker import WorkerStatus
 
 from dispatcher.errors import QueueUnavailable
 from dispatcher.queue.presence import Presence
-from dispatcher.queue.producer import BATCH_FUNCTION, FAILURE_TTL, JOB_BATCH_SIZE, JOB_FUNCTION, connect
+from dispatcher.queue.producer import FAILURE_TTL, JOB_BATCH_SIZE, connect
 from dispatcher.queue.reconcile import reconcile
 from dispatcher.queue.records import text
 from dispatcher.queue.recovery import reap_abandoned
 from dispatcher.settings import load_settings
+from dispatcher.worker.adoption import adopt
 from dispatcher.worker.backoff import RestartBackoff
 from dispatcher.worker.lineage import OwnedScheduler, note_early_stop
 from dispatcher.worker.lineage import stops_noted as _stop_before_start
 from dispatcher.worker.runtime import Runtime
 from dispatcher.worker.startup import wait_for_redis, where
+from dispatcher.worker.vetting import CALLBACKS, func_label, job_refusal, job_sends
 
 logger = structlog.get_logger("dispatcher.worker.process")
 WORKER_TTL = 35
 #: rq's own worker key lives worker_ttl + 60 s; an idle worker refreshes its status only between dequeues.
 STATUS_TTL = WORKER_TTL + 60
-#: The only functions a worker runs; every other job is failed before rq imports anything by name.
-ALLOWED_FUNCTIONS = (JOB_FUNCTION, BATCH_FUNCTION)
-#: A send id as ``queue.store.new_send_id`` makes them.
-SEND_ID = re.compile(r"mail-[0-9a-f]{32}")
-_CALLBACKS = ("_success_callback_name", "_failure_callback_name", "_stopped_callback_name")
-
-
-def _is_send_id(value: object) -> bool:
-    return isinstance(value, str) and SEND_ID.fullmatch(value) is not None
-
-
-def job_refusal(job: Job) -> str | None:
-    """Why ``job`` must not run on a worker, or None when it is one of ours with well-formed arguments.
-
-    Reads only what rq decoded from the job's JSON data (rq's JSON serializer: no pickle); never resolves
-    or imports the function name, never raises.
-    """
-    try:
-        func_name, instance, args, kwargs = job.func_name, job.instance, job.args, job.kwargs
-    except DeserializationError as exc:
-        cause = exc.__cause__ or exc
-        return f"undecodable job data ({type(cause).__name__}: {str(cause)[:200]})"
-    except Exception as exc:  # a hash rq decodes into something it cannot unpack
-        return f"undecodable job data ({type(exc).__name__}: {str(exc)[:200]})"
-    if func_name not in ALLOWED_FUNCTIONS:
-        ours = ", ".join(ALLOWED_FUNCTIONS)
-        return f"function {str(func_name)[:200]!r} is not a dispatcher job function ({ours})"
-    if instance is not None:
-        return "the job names a method of an instance; dispatcher jobs are plain functions"
-    if kwargs != {}:
-        return "unexpected keyword arguments; dispatcher jobs take none"
-    callbacks = [str(name)[:200] for attr in _CALLBACKS if (name := getattr(job, attr, None))]
-    if callbacks:
-        return f"the job carries a callback ({', '.join(callbacks)}), which rq would import by name"
-    if getattr(job, "webhooks", None):
-        return "the job carries webhooks; dispatcher jobs have none"
-    if not isinstance(args, list | tuple) or len(args) != 1:
-        return "expected exactly one argument: a send id, or a list of send ids for a batch"
-    (arg,) = args
-    if func_name == JOB_FUNCTION:
-        return None if _is_send_id(arg) else "the argument is not a send id (mail-<32 hex digits>)"
-    if not isinstance(arg, list) or not 1 <= len(arg) <= JOB_BATCH_SIZE:
-        return f"a batch takes a list of 1 to {JOB_BATCH_SIZE} send ids"
-    if not all(_is_send_id(item) for item in arg):
-        return "a batch item is not a send id (mail-<32 hex digits>)"
-    return None
-
-
-def _func_label(job: Job) -> str | None:
-    """The job's function name for a log line, or None when its data does not decode."""
-    try:
-        return str(job.func_name)[:200]
-    except Exception:
-        return None
 
 
 class MailWorker(SimpleWorker):
@@ -153,10 +98,10 @@ class MailWorker(SimpleWorker):
     def refuse(self, job: Job, queue: Queue, reason: str) -> None:
         """Fail ``job`` in rq's failed registry with ``reason``, running nothing of it: no function, no
         callback, no webhook, no rq retry. Never raises into the work loop."""
-        logger.warning("job_refused", job_id=job.id, queue=queue.name, func=_func_label(job), reason=reason)
+        logger.warning("job_refused", job_id=job.id, queue=queue.name, func=func_label(job), reason=reason)
         try:
             job.webhooks = []  # never call out on behalf of a job we did not write
-            for attr in _CALLBACKS:
+            for attr in CALLBACKS:
                 setattr(job, attr, None)
             job.retries_left = None
             self.prepare_execution(job)
@@ -251,12 +196,34 @@ class MailWorker(SimpleWorker):
 
     def perform_job(self, job: Job, queue: Queue) -> bool:
         # execute_job let only our jobs through: the argument is a send id or a list of them
-        sends = len(job.args[0]) if job.func_name == BATCH_FUNCTION else 1
+        sends = len(job_sends(job)) + self._adopt_for(job, queue)
         job.timeout = int(self.runtime.settings.job_timeout() * sends)
         try:
             return bool(super().perform_job(job, queue))
         finally:
+            self.runtime.adopted.pop(job.id, None)
             self.publish_status()
+
+    def _adopt_for(self, job: Job, queue: Queue) -> int:
+        """With K > 1 connections, adopt up to K - 1 more jobs of ``queue`` for ``job`` (``worker.adoption``);
+        how many sends they carry. Redis failing here adopts no more: the job runs with what it has."""
+        connections = self.runtime.connections
+        if connections < 2 or self._stop_requested:
+            return 0
+        own = len(job_sends(job))
+        try:
+            adopted = adopt(
+                self.connection, queue, job, jobs=connections - 1, sends=connections * JOB_BATCH_SIZE - own,
+                lease_seconds=self.runtime.settings.lease_seconds, worker_name=self.name,
+            )  # fmt: skip
+        except (redis.RedisError, QueueUnavailable) as exc:
+            logger.warning("adoption_failed", job_id=job.id, error=str(exc))
+            return 0
+        except Exception as exc:  # never die of adopting: a job popped and not taken over is the reconciler's
+            logger.exception("adoption_failed", job_id=job.id, error=str(exc))
+            return 0
+        self.runtime.adopted[job.id] = [(a.job_id, a.send_ids) for a in adopted]
+        return sum(len(a.send_ids) for a in adopted)
 
     def publish_status(self, *, limits: bool = False) -> None:
         """Routes and connection states for the dashboard; expires if the worker stops refreshing it.

@@ -52,6 +52,9 @@ class Runtime:
         self.clients: dict[str, SmtpClient] = {}
         self.more_clients: dict[str, list[SmtpClient]] = {}
         """Each route's kept clients past the first (``lane_clients``)."""
+        self.adopted: dict[str, list[tuple[str, list[str]]]] = {}
+        """By rq job id: the jobs its worker adopted for it (``worker.adoption``) — each one's id and send
+        ids — for its ``deliver_batch`` to deliver with its own."""
         self.should_stop: Callable[[], bool] = lambda: False
         self._journal: Journal | None = None
 

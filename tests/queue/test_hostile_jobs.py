@@ -164,3 +164,28 @@ def test_an_abandoned_job_with_a_callback_is_failed_by_the_worker_without_import
     Producer(redis_client).enqueue(GOOD)
     sink.wait_for_messages(1, timeout=30)
     assert worker.proc.poll() is None
+
+
+def test_a_worker_with_k_connections_never_adopts_a_job_not_ours(
+    redis_client: redis.Redis, smtp_server: SmtpServer, start_workers: StartWorkers, tmp_path: Path
+) -> None:
+    """A worker with ``--connections 3`` adopts the queued jobs behind the one it starts
+    (``worker.adoption``): a job not ours among them goes back to the head of the queue, is never run, and
+    is failed with its reason by rq's next dequeue; the good jobs around it are all delivered."""
+    sink = smtp_server()
+    marker = tmp_path / "x"
+    queue = Queue("mail-default", connection=redis_client, serializer=JSONSerializer)
+    producer = Producer(redis_client)
+    before = producer.enqueue_many([{**GOOD, "subject": f"before {i}"} for i in range(3)])
+    evil = queue.enqueue("os.system", f"touch {marker}")
+    after = producer.enqueue_many([{**GOOD, "subject": f"after {i}"} for i in range(3)])
+    worker = start_workers(smtp_url(sink.port), "--connections", "3")
+    sink.wait_for_messages(6, timeout=30)
+    worker.wait_for_event(lambda e: e.get("event") == "job_refused", 10, "the refusal of the job not ours")
+    assert not marker.exists(), "os.system ran on the worker"
+    assert evil.id in failed_ids(redis_client)
+    assert "not a dispatcher job function" in failure_text(redis_client, evil.id)
+    assert refused(worker)[evil.id]["func"] == "os.system"
+    assert len(sink.messages) == len(before) + len(after) == 6
+    assert worker.proc.poll() is None, worker.text()
+    assert not [line for line in worker.raw_lines() if "Traceback" in line], worker.text()

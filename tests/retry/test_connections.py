@@ -18,13 +18,16 @@ import redis
 from helpers import wait_until
 from retrykit import PYTHON, ROOT, StartWorker, env_for, load, mail, message_id_of, process_env, smtp_url
 from rq import Queue
+from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 from servers import Fault, RecordingSmtpServer, ScriptedSmtpServer
 
 from dispatcher.delivery.jobs import Batch
 from dispatcher.queue.producer import Producer
+from dispatcher.queue.records import text
 from dispatcher.settings import load_settings
+from dispatcher.worker.adoption import adopt
 from dispatcher.worker.runtime import Runtime
 
 Sink = Callable[..., RecordingSmtpServer]
@@ -219,7 +222,7 @@ def test_a_job_timeout_mid_batch_over_three_connections_records_each_send_once(
     sends = enqueue(redis_client, 9)
     job = Queue("mail-default", connection=redis_client, serializer=JSONSerializer).get_jobs()[0]
     settings = load_settings(env_for(redis_url, smtp_url(server.port, timeout=120)), need_routes=True)
-    batch = Batch(Runtime(settings, connections=3), redis_client, job.id, list(job.args[0]))
+    batch = Batch(Runtime(settings, connections=3), redis_client, [(job.id, s) for s in job.args[0]])
     with pytest.raises(JobTimeoutException), UnixSignalDeathPenalty(3, JobTimeoutException):
         batch.run()
     assert sorted(batch.results) == sorted(sends.values())  # every send recorded by the batch itself
@@ -234,3 +237,94 @@ def test_a_job_timeout_mid_batch_over_three_connections_records_each_send_once(
     assert copies(server, accepted=True) == Counter({mid: 1 for mid, s in after.items() if s == "delivered"})
     assert copies(server, accepted=False)[hung] == 1
     batch.runtime.close()
+
+
+# -- a process with K connections adopts up to K - 1 more queued jobs (dispatcher.worker.adoption) ------
+
+
+def queued_jobs(connection: redis.Redis) -> list[Job]:
+    return Queue("mail-default", connection=connection, serializer=JSONSerializer).get_jobs()
+
+
+def test_one_process_with_k_connections_runs_k_queued_jobs_at_once(
+    smtp_server: Sink, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Four jobs of 10, K = 3: the first job adopts the next two (K - 1), which rq records as finished and
+    adopted; their 30 sends go out with the first job's 10 over the 3 connections, each once, each
+    recorded under the job its record names; the fourth job runs after them."""
+    sink = smtp_server()
+    groups = [enqueue(redis_client, 10) for _ in range(4)]
+    first, second, third, fourth = (job.id for job in queued_jobs(redis_client))
+    burst(env_for(redis_url, smtp_url(sink.port)), "--connections", "3")
+    sends = {mid: send_id for group in groups for mid, send_id in group.items()}
+    assert Counter(str(message_id_of(m.data)) for m in sink.messages) == Counter(dict.fromkeys(sends, 1))
+    assert sink.max_active_connections == 3
+    records = {send_id: load(redis_client, send_id) for send_id in sends.values()}
+    assert {(rec.state, rec.attempts) for rec in records.values()} == {("delivered", 1)}
+    jobs = {job_id: Job.fetch(job_id, connection=redis_client, serializer=JSONSerializer)
+            for job_id in (first, second, third, fourth)}  # fmt: skip
+    assert {job.get_status() for job in jobs.values()} == {"finished"}
+    assert jobs[second].return_value() == jobs[third].return_value() == {"adopted_by": first}
+    outcome = jobs[first].return_value()
+    assert set(outcome["sends"]) == set(groups[0].values())
+    assert set(outcome["adopted"]) == {second, third}
+    assert set(outcome["adopted"][second]) == set(groups[1].values())
+    assert set(jobs[fourth].return_value()["sends"]) == set(groups[3].values())
+    for index, job_id in enumerate((first, second, third, fourth)):
+        assert {records[s].rq_job for s in groups[index].values()} == {job_id}
+    assert redis_client.zcard("dispatch:inflight") == 0
+
+
+def test_adoption_takes_jobs_in_queue_order_within_the_bound_and_puts_back_the_one_past_it(
+    redis_client: redis.Redis,
+) -> None:
+    """``adopt`` with room for 25 sends: the next job of 20 and the one of 5 are taken (leased, finished as
+    adopted); with room for 10, the job of 20 goes back to the head of the queue and nothing is taken."""
+    adopter = enqueue(redis_client, 1)
+    big, small, last = enqueue(redis_client, 20), enqueue(redis_client, 5), enqueue(redis_client, 3)
+    queue = Queue("mail-default", connection=redis_client, serializer=JSONSerializer)
+    head = queue.get_jobs()[0]
+    assert queue.pop_job_id() == head.id  # as rq's dequeue pops the adopting job
+    order = queue.get_job_ids()
+    assert adopt(redis_client, queue, head, jobs=5, sends=10, lease_seconds=30, worker_name="w") == []
+    assert queue.get_job_ids() == order
+    assert redis_client.zcard("dispatch:inflight") == 0
+    taken = adopt(redis_client, queue, head, jobs=5, sends=25, lease_seconds=30, worker_name="w")
+    assert [sorted(a.send_ids) for a in taken] == [sorted(big.values()), sorted(small.values())]
+    assert queue.get_job_ids() == order[2:]
+    assert {text(s) for s in redis_client.zrange("dispatch:inflight", 0, -1)} == {
+        *big.values(),
+        *small.values(),
+    }
+    for adopted in taken:
+        job = Job.fetch(adopted.job_id, connection=redis_client, serializer=JSONSerializer)
+        assert job.get_status() == "finished" and job.return_value() == {"adopted_by": head.id}
+    assert {load(redis_client, s).state for s in (*adopter.values(), *last.values())} == {"queued"}
+
+
+def test_kill_9_after_adopting_loses_nothing_and_sends_nothing_twice(
+    scripted_server: Scripted, redis_url: str, redis_client: redis.Redis, start_worker: StartWorker
+) -> None:
+    """Three jobs of 3 run as one over 3 connections; the worker is killed while one message hangs at its
+    final dot. The adopted jobs are finished in rq, so only the leases own their sends: recovery (the
+    survivor's) settles the hung one *unknown* and requeues none that was delivered."""
+    server = scripted_server(faults={"data_end": Fault("hang")}, faults_on_connection=1)
+    sends = {mid: s for _ in range(3) for mid, s in enqueue(redis_client, 3).items()}
+    env = env_for(redis_url, smtp_url(server.port, timeout=120),
+                  DISPATCH_LEASE_SECONDS="3", DISPATCH_MAINTENANCE_INTERVAL="1")  # fmt: skip
+    victim = start_worker(env, "--connections", "3")
+
+    def hung_and_others_done() -> bool:
+        delivered = Counter(states(redis_client, sends).values())["delivered"]
+        return len(server.messages) - delivered == 1 and delivered >= 7
+
+    wait_until(hung_and_others_done, 30, message="the other connections did not deliver around the hang")
+    assert "jobs_adopted" in victim.log_text()
+    victim.kill9()
+    start_worker(env, "--connections", "3")
+    wait_until(lambda: set(states(redis_client, sends).values()) <= {"delivered", "unknown"}, 60,
+               message="the dead worker's sends were not settled")  # fmt: skip
+    final = states(redis_client, sends)
+    (hung,) = [mid for mid, state in final.items() if state == "unknown"]
+    assert copies(server, accepted=True) == Counter({mid: 1 for mid in sends if mid != hung})
+    assert copies(server, accepted=False)[hung] == 1
