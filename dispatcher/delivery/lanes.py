@@ -9,6 +9,9 @@ of the route and driving it exactly as a one-connection batch does: the same str
 the same records. A worker waits on the network, and the GIL is free while it does (bench/connections.py
 measures the process against as many processes).
 
+A worker with K connections also runs up to K jobs at once: it adopts queued jobs before rq starts one
+(``worker.adoption``), and their sends join the batch, so K connections each stream a job's worth.
+
 Sharing the batch: lanes take the batch's next send from one ``Feed`` under a lock — it is prepared there
 (the begin script, the MIME), one at a time — and the feed ends at the first send for another route,
 which the batch then goes on with as before. Each lane has its own deadlines and transcript (its client's),

@@ -14,7 +14,9 @@ waiting for rq's job timeout, an hour). The reconcile delay must therefore stay 
 worker takes from rq's start of a job to its lease (the default, 60 s, is).
 
 rq dequeues several queues with ``BLPOP``: a job popped by a worker that dies before rq records it as
-started is in no list and no registry, and its sends (up to 20 for a batch) would wait forever. The
+started is in no list and no registry, and its sends (up to 20 for a batch) would wait forever — and so is
+a job a worker with K connections pops to adopt (``worker.adoption``) if it dies before the MULTI that
+leases the job's sends. The
 reconciler, run in every worker's maintenance round (one worker at a time, under a short lock), looks at
 sends that have been ``queued``/``scheduled``/``deferred`` for longer than ``older_than`` seconds, takes one
 snapshot of every owner above, and gives each send that has none a job of its own (``reconciled`` in its
