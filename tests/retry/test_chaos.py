@@ -39,6 +39,9 @@ Scripted = Callable[..., ScriptedSmtpServer]
 MakeRedis = Callable[..., RedisServer]
 MAILS = int(os.environ.get("DISPATCH_CHAOS_MAILS", "5000"))
 SEED = int(os.environ.get("DISPATCH_CHAOS_SEED", "20261127"))
+CONNECTIONS = os.environ.get("DISPATCH_CHAOS_CONNECTIONS", "2")
+"""``--connections`` of each pool child: with 2, each adopts a second job before it starts one
+(``worker.adoption``), so kills land between the pop and the lease, and on adopted sends."""
 # Seconds to drain: ~250 mails/s unharmed on 2 shared cores, slower under kills, a restart and faults.
 DRAIN = 60 + MAILS / 40
 
@@ -69,7 +72,7 @@ def test_chaos_with_kills_and_a_redis_crash_loses_nothing_and_sends_nothing_twic
         DISPATCH_RECONCILE_AFTER="5",
         DISPATCH_LOG_LEVEL="WARNING",
     )
-    pool = start_worker(env, "--concurrency", "4")
+    pool = start_worker(env, "--concurrency", "4", "--connections", CONNECTIONS)
     killer = Killer(pool, SEED).start()
     try:
         wait_until(lambda: finished(store, MAILS // 3), DRAIN, interval=0.2, message="a third never final")
