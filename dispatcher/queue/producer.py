@@ -14,12 +14,13 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import redis
 from rq import Queue
+from rq.job import Job, JobStatus
+from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 
 from dispatcher import testing
@@ -110,10 +111,22 @@ def schedule_attempt(
     if when is not None and when > time.time():
         rec.next_attempt_at = when
         # rq's scheduled registry keeps whole seconds (it drops the fraction): round up, never fire early.
-        queue.schedule_job(job, datetime.fromtimestamp(math.ceil(when), UTC), pipeline=pipe)
+        _schedule_job(pipe, queue, job, math.ceil(when))
     else:
         rec.next_attempt_at = None
         queue.enqueue_job(job, pipeline=pipe)
+
+
+def _schedule_job(pipe: Any, queue: Queue, job: Job, at: int) -> None:
+    """rq's ``Queue.schedule_job``, every write of it on ``pipe``. rq 2.12's ``ScheduledJobRegistry.schedule``
+    ignores the pipeline it is given and adds the job with the registry's own connection, at once: outside
+    the transaction that records the outcome (an entry for a job the transaction may never save; a raw
+    Redis error out of an outcome's staging when Redis is away)."""
+    pipe.sadd(queue.redis_queues_keys, queue.key)
+    job.set_status(JobStatus.SCHEDULED, pipeline=pipe)
+    job.save(pipeline=pipe)
+    job.cleanup(ttl=job.ttl, pipeline=pipe)
+    pipe.zadd(ScheduledJobRegistry(queue=queue).key, {job.id: at})  # type: ignore[no-untyped-call]
 
 
 class Producer:

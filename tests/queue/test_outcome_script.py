@@ -4,6 +4,7 @@ and lease as one, also when Redis has forgotten the script (a restart, ``SCRIPT 
 
 from __future__ import annotations
 
+import math
 import time
 
 import redis
@@ -64,3 +65,25 @@ def test_a_deferred_outcome_and_its_rq_schedule_go_in_one_transaction(redis_clie
     queue = Queue("mail-default", connection=redis_client, serializer=JSONSerializer)
     assert queue.scheduled_job_registry.get_job_ids() == [job_id]  # rq's own reader finds it
     assert Job.fetch(job_id, connection=redis_client, serializer=JSONSerializer).args == [rec.send_id]
+
+
+def test_a_deferred_outcomes_next_attempt_is_scheduled_by_the_transaction_not_before_it(
+    redis_client: redis.Redis,
+) -> None:
+    """rq 2.12's ``ScheduledJobRegistry.schedule`` ignores the pipeline it is given and adds the job with
+    its own connection at once: the schedule would land before the outcome's MULTI ran — or without it,
+    when Redis goes away in between (chaos saw a raw ``BusyLoadingError`` escape an outcome that way)."""
+    store, rec = begun(redis_client)
+    rec.move(SendState.DEFERRED)
+    when = time.time() + 30
+    job_id = attempt_job_id(rec.send_id, rec.generation, rec.attempts + 1)
+    pipe = store.transaction()
+    store.stage_outcome(pipe, rec, [], now=time.time())
+    schedule_attempt(pipe, redis_client, rec, job_id, when)
+    assert redis_client.zscore("rq:scheduled:mail-default", job_id) is None  # nothing before EXEC
+    assert not redis_client.exists(f"rq:job:{job_id}")
+    store.execute(pipe)
+    assert redis_client.zscore("rq:scheduled:mail-default", job_id) == math.ceil(when)
+    job = Job.fetch(job_id, connection=redis_client, serializer=JSONSerializer)
+    assert job.get_status() == "scheduled"
+    assert redis_client.sismember("rq:queues", "rq:queue:mail-default")
