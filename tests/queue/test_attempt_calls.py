@@ -14,7 +14,9 @@ from types import FrameType
 import pytest
 import redis
 
+from dispatcher.errors import QueueUnavailable
 from dispatcher.queue.producer import Producer
+from dispatcher.queue.states import SendState
 from dispatcher.queue.store import SendStore
 
 MAIL = {"from": "app@example.com", "to": "a@example.org", "subject": "s", "text": "hi"}
@@ -109,3 +111,29 @@ def test_a_forked_child_never_uses_its_parents_held_connection(redis_client: red
     assert os.waitstatus_to_exitcode(status) == 0
     assert child_client not in before
     assert parent.load(send_id) is not None  # the parent's connection is still its own and in step
+
+
+def test_a_script_redis_lost_is_loaded_again_on_the_held_connection(redis_client: redis.Redis) -> None:
+    send_id = Producer(redis_client).enqueue(MAIL).id
+    store = SendStore.for_attempts(redis_client)
+    rec = store.load(send_id)
+    assert rec is not None
+    redis_client.script_flush()
+    rec.move(SendState.SENDING)
+    rec.attempts += 1
+    assert store.begin_attempt(rec, now=time.time(), lease_seconds=60) is not None
+    stored = store.load(send_id)
+    assert stored is not None and stored.state is SendState.SENDING and stored.attempts == 1
+
+
+def test_a_held_connection_redis_dropped_is_made_again_by_the_next_call(redis_client: redis.Redis) -> None:
+    send_id = Producer(redis_client).enqueue(MAIL).id
+    store = SendStore.for_attempts(redis_client)
+    held = int(store._call("CLIENT ID"))
+    redis_client.client_kill_filter(_id=str(held))
+    try:  # the connection's Retry decides whether this call asks again (redis-py's default: it does not)
+        rec = store.load(send_id)
+    except QueueUnavailable:
+        rec = store.load(send_id)
+    assert rec is not None and rec.send_id == send_id
+    assert int(store._call("CLIENT ID")) != held
