@@ -199,7 +199,11 @@ def auth(mechanism: str, initial_response: str | None = None) -> bytes:
 
 
 def normalize_line_endings(data: bytes) -> bytes:
-    """Every CRLF, bare CR and bare LF becomes CRLF; non-empty data ends with CRLF."""
+    """Every CRLF, bare CR and bare LF becomes CRLF; non-empty data ends with CRLF. Data that is so
+    already (what ``build_message`` writes) comes back as it is, found by three counts in C."""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") == crlf == data.count(b"\n") and (not data or data.endswith(b"\r\n")):
+        return data
     normalized = _LINE_ENDING.sub(b"\r\n", data)
     if normalized and not normalized.endswith(b"\r\n"):
         normalized += b"\r\n"
