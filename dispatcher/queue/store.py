@@ -28,13 +28,8 @@ Invariants the store's writes keep (README "Guarantees"):
    same atomic call as the record that says so.
 
 An attempt's own calls (read the record, begin, mark the data out, record the outcome) go through
-``SendStore.for_attempts``: this thread's store, whose calls hold one connection of the client's pool
-(redis-py's ``Redis.client()``) instead of taking one from the pool and giving it back around every
-command — that costs a readiness poll, two ``getpid`` and the pool's bookkeeping each time — and send
-their commands on it directly (``SendStore._call``): together about a fifth of a worker's Redis CPU per
-mail (issue 15). Pipelines still take theirs from the pool. A call cut off by an exception of any kind
-(a job timeout's signal between a command and its reply) drops the held connection, so no later call
-can read a reply that was not its own.
+``SendStore.for_attempts``: this thread's store, sending them on a connection it holds
+(``queue.held``) instead of taking one from the pool around every command.
 """
 
 from __future__ import annotations
@@ -48,9 +43,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import redis
+from redis.commands.core import Script
 
 from dispatcher.errors import QueueUnavailable
 from dispatcher.mail.fields import PRIORITIES
+from dispatcher.queue.held import HeldConnection
 from dispatcher.queue.keys import (
     INFLIGHT,
     KEY_TTL,
@@ -109,71 +106,31 @@ class SendStore:
         self.redis = connection
         self._begin = connection.register_script(BEGIN_ATTEMPT)
         self._outcome = connection.register_script(RECORD_OUTCOME)
-        self._hold = hold
-        self._held: redis.Redis | None = None
-        """With ``hold``: the client on one connection of ``connection``'s pool that sends the attempt
-        calls (made on first use, inside the outage mapping: making it connects)."""
+        self.held = HeldConnection(connection) if hold else None
+        """With ``hold``: the connection the attempt calls go over (``queue.held``)."""
 
     @classmethod
     def for_attempts(cls, connection: redis.Redis) -> SendStore:
         """This thread's store for delivery attempts on ``connection``'s pool: ``load``,
-        ``begin_attempt``, ``mark_data_out`` and ``record_outcome`` on a connection it holds (see the
-        module doc). One per thread (lanes run in threads; each has its own); a store for another pool
-        replaces it, closing the old one's connection."""
+        ``begin_attempt``, ``mark_data_out`` and ``record_outcome`` on a connection it holds. One per
+        thread (lanes run in threads; each has its own); a store for another pool replaces it, giving
+        the old one's connection back."""
         kept: SendStore | None = getattr(_THREAD_STORES, "store", None)
         if kept is None or kept.redis.connection_pool is not connection.connection_pool:
-            if kept is not None:
-                kept.close()
+            if kept is not None and kept.held is not None:
+                kept.held.close()
             kept = _THREAD_STORES.store = cls(connection, hold=True)
         return kept
 
-    def close(self) -> None:
-        """Give the held connection (if any) back to the pool."""
-        held, self._held = self._held, None
-        if held is not None:
-            held.close()
-
-    def _calls(self) -> redis.Redis:
-        """Who sends an attempt call: the held client (made now if need be), or the shared one."""
-        if not self._hold:
-            return self.redis
-        if self._held is None:
-            self._held = self.redis.client()  # type: ignore[no-untyped-call]
-        return self._held
-
     def _call(self, *args: Any) -> Any:
-        """One command on ``_calls()``. On the held connection it is sent and its reply parsed directly
-        (``send_command``, ``parse_response``: the reply callbacks apply), under the connection's own
-        ``Retry`` with a disconnect between tries, as ``execute_command`` does — without its per-command
-        observability, HIMPORT and lock steps, which nothing here uses (~7 µs a command). Any exception
-        drops the held connection: a reply may still be on its way."""
-        client = self._calls()
-        if client is self.redis:
-            return client.execute_command(*args)  # type: ignore[no-untyped-call]
-        conn = client.connection
-        assert conn is not None, "a single-connection client holds its connection until closed"
+        if self.held is not None:
+            return self.held.call(*args)
+        return self.redis.execute_command(*args)  # type: ignore[no-untyped-call]
 
-        def once() -> Any:
-            conn.send_command(*args)  # type: ignore[no-untyped-call]
-            return client.parse_response(conn, args[0])  # type: ignore[no-untyped-call]
-
-        def failed(error: BaseException) -> None:
-            conn.disconnect()  # type: ignore[no-untyped-call]
-
-        try:
-            return conn.retry.call_with_retry(once, failed)
-        except BaseException as exc:
-            failed(exc)
-            raise
-
-    def _script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """``script`` by its digest (EVALSHA through ``_call``), loaded again when Redis lost it (a
-        restart, ``SCRIPT FLUSH``), as redis-py's ``Script`` does."""
-        try:
-            return self._call("EVALSHA", script.sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            script.sha = text(self._call("SCRIPT LOAD", script.script))
-            return self._call("EVALSHA", script.sha, len(keys), *keys, *args)
+    def _script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        if self.held is not None:
+            return self.held.script(script, keys, args)
+        return script(keys=keys, args=args)
 
     # -- transactions -------------------------------------------------------------------------------
 

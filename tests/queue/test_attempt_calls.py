@@ -43,19 +43,17 @@ def client_ids(connection: redis.Redis) -> set[int]:
     return {int(c["id"]) for c in connection.client_list()} - {own}
 
 
-def test_an_attempts_calls_hold_one_connection_and_leave_the_pool_free(redis_client: redis.Redis) -> None:
+def test_an_attempts_calls_go_over_one_held_connection(redis_client: redis.Redis) -> None:
     send_id = Producer(redis_client).enqueue(MAIL).id
     store = SendStore.for_attempts(redis_client)
-    assert SendStore.for_attempts(redis_client) is store
-    pool = redis_client.connection_pool
+    assert SendStore.for_attempts(redis_client) is store and store.held is not None
     store.load(send_id)
-    created = pool._created_connections  # type: ignore[attr-defined]
+    held, connected = store.held.client_id(), client_ids(redis_client)
     for attempt in range(20):
         assert store.load(send_id) is not None
         store.mark_data_out(send_id, attempt)
-    assert pool._created_connections == created  # type: ignore[attr-defined]
-    # the pool's own connections are all free: none of those calls took one
-    assert not pool._in_use_connections - {store._held.connection}  # type: ignore[attr-defined,union-attr]
+    assert store.held.client_id() == held  # every call on it
+    assert client_ids(redis_client) == connected  # and no other connection made for them
 
 
 def test_each_thread_has_its_own_store(redis_client: redis.Redis) -> None:
@@ -99,9 +97,9 @@ def test_a_forked_child_never_uses_its_parents_held_connection(redis_client: red
         try:
             child = SendStore.for_attempts(redis_client)
             rec = child.load(send_id)
-            ok = child is not parent and rec is not None and redis_client.client_id() not in before
-            os.write(write, str(child._held.client_id() if child._held else 0).encode())
-            code = 0 if ok else 1
+            assert child is not parent and child.held is not None and rec is not None
+            os.write(write, str(child.held.client_id()).encode())
+            code = 0
         finally:
             os._exit(code)
     os.close(write)
@@ -129,11 +127,12 @@ def test_a_script_redis_lost_is_loaded_again_on_the_held_connection(redis_client
 def test_a_held_connection_redis_dropped_is_made_again_by_the_next_call(redis_client: redis.Redis) -> None:
     send_id = Producer(redis_client).enqueue(MAIL).id
     store = SendStore.for_attempts(redis_client)
-    held = int(store._call("CLIENT ID"))
+    assert store.held is not None
+    held = store.held.client_id()
     redis_client.client_kill_filter(_id=str(held))
     try:  # the connection's Retry decides whether this call asks again (redis-py's default: it does not)
         rec = store.load(send_id)
     except QueueUnavailable:
         rec = store.load(send_id)
     assert rec is not None and rec.send_id == send_id
-    assert int(store._call("CLIENT ID")) != held
+    assert store.held.client_id() != held
