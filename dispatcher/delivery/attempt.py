@@ -55,7 +55,7 @@ class Attempt:
     def __init__(self, runtime: Runtime, connection: redis.Redis, job_id: str, send_id: str) -> None:
         self.runtime = runtime
         self.redis = connection
-        self.store = SendStore(connection)
+        self.store = SendStore.for_attempts(connection)
         self.job_id = job_id
         self.send_id = send_id
         self.started = time.time()

@@ -356,7 +356,7 @@ class SendRecord:
             "updated_at": repr(self.updated_at),
             "next_attempt_at": repr(self.next_attempt_at) if self.next_attempt_at is not None else "",
             "rq_job": self.rq_job or "",
-            "record": json.dumps(self.record_json(), separators=(",", ":")),
+            "record": compact_json(self.record_json()),
             "data_out": str(self.data_out) if self.data_out is not None else "",
         }
 

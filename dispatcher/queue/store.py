@@ -26,20 +26,28 @@ Invariants the store's writes keep (README "Guarantees"):
    written; recovery then settles the send *unknown*, never resends it.
 3. A recipient in the ledger is never sent to again: the outcome's script adds the accepted ones in the
    same atomic call as the record that says so.
+
+An attempt's own calls (read the record, begin, mark the data out, record the outcome) go through
+``SendStore.for_attempts``: this thread's store, sending them on a connection it holds
+(``queue.held``) instead of taking one from the pool around every command.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import redis
+from redis.commands.core import Script
 
 from dispatcher.errors import QueueUnavailable
 from dispatcher.mail.fields import PRIORITIES
+from dispatcher.queue.held import HeldConnection
 from dispatcher.queue.keys import (
     INFLIGHT,
     KEY_TTL,
@@ -94,10 +102,35 @@ class SendStore:
     Methods named ``stage_*`` queue their writes on a MULTI pipeline the caller executes with ``execute``
     (together with rq's enqueue of the next job); the others talk to Redis themselves."""
 
-    def __init__(self, connection: redis.Redis) -> None:
+    def __init__(self, connection: redis.Redis, *, hold: bool = False) -> None:
         self.redis = connection
         self._begin = connection.register_script(BEGIN_ATTEMPT)
         self._outcome = connection.register_script(RECORD_OUTCOME)
+        self.held = HeldConnection(connection) if hold else None
+        """With ``hold``: the connection the attempt calls go over (``queue.held``)."""
+
+    @classmethod
+    def for_attempts(cls, connection: redis.Redis) -> SendStore:
+        """This thread's store for delivery attempts on ``connection``'s pool: ``load``,
+        ``begin_attempt``, ``mark_data_out`` and ``record_outcome`` on a connection it holds. One per
+        thread (lanes run in threads; each has its own); a store for another pool replaces it, giving
+        the old one's connection back."""
+        kept: SendStore | None = getattr(_THREAD_STORES, "store", None)
+        if kept is None or kept.redis.connection_pool is not connection.connection_pool:
+            if kept is not None and kept.held is not None:
+                kept.held.close()
+            kept = _THREAD_STORES.store = cls(connection, hold=True)
+        return kept
+
+    def _call(self, *args: Any) -> Any:
+        if self.held is not None:
+            return self.held.call(*args)
+        return self.redis.execute_command(*args)  # type: ignore[no-untyped-call]
+
+    def _script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        if self.held is not None:
+            return self.held.script(script, keys, args)
+        return script(keys=keys, args=args)
 
     # -- transactions -------------------------------------------------------------------------------
 
@@ -131,7 +164,7 @@ class SendStore:
 
     @outage_is_unavailable
     def load(self, send_id: str) -> SendRecord | None:
-        raw = self.redis.hgetall(send_key(send_id))
+        raw = self._call("HGETALL", send_key(send_id))
         return SendRecord.from_hash(send_id, raw) if raw else None
 
     @outage_is_unavailable
@@ -310,7 +343,8 @@ class SendStore:
             raise ValueError(f"an attempt begins from a waiting state, not {rec.stored_state}")
         rec.updated_at = now
         fields = [item for pair in rec.to_hash().items() for item in pair]
-        result = self._begin(
+        result = self._script(
+            self._begin,
             keys=[send_key(rec.send_id), ledger_key(rec.message_id), source_key(rec.send_id), INFLIGHT,
                   state_key(rec.stored_state), state_key(rec.stored_state, rec.priority),
                   state_key(rec.state), state_key(rec.state, rec.priority)],
@@ -327,7 +361,7 @@ class SendStore:
     def mark_data_out(self, send_id: str, attempt: int) -> None:
         """Record, before the first byte of its data is sent, that ``attempt`` may deliver the message.
         One round trip; it raises (and so no data goes out) when Redis does not acknowledge it."""
-        self.redis.hset(send_key(send_id), "data_out", str(attempt))
+        self._call("HSET", send_key(send_id), "data_out", str(attempt))
 
     @outage_is_unavailable
     def record_outcome(self, rec: SendRecord, accepted: Sequence[str], *, now: float) -> None:
@@ -335,7 +369,7 @@ class SendStore:
         recipients (casefolded) into the ledger, the delivery count when ``rec`` is delivered, the record
         and its move between the state indexes, and the lease dropped."""
         keys, args = self._outcome_call(rec, accepted, now)
-        self._outcome(keys=keys, args=args)
+        self._script(self._outcome, keys, args)
         rec.stored_state = rec.state
 
     def stage_outcome(self, pipe: Any, rec: SendRecord, accepted: Sequence[str], *, now: float) -> None:
@@ -406,3 +440,16 @@ class SendStore:
     def is_leased(pipe: Any, send_id: str) -> bool:
         """On a pipeline in WATCH mode (immediate): whether ``send_id`` is under a lease."""
         return pipe.zscore(INFLIGHT, send_id) is not None
+
+
+_THREAD_STORES = threading.local()
+"""Each thread's ``SendStore.for_attempts`` store."""
+
+
+def _forget_thread_stores() -> None:
+    """In a forked child: a held connection is the parent's socket, never to be used here."""
+    global _THREAD_STORES
+    _THREAD_STORES = threading.local()
+
+
+os.register_at_fork(after_in_child=_forget_thread_stores)
