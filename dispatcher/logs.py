@@ -103,11 +103,17 @@ def render_json(logger: Any, method: str, event: EventDict) -> str:
 
 class _Output:
     """The one output every cached logger writes to: a line per event, flushed, on the stream in force
-    (``None``: ``sys.stdout`` at the time of writing, as structlog's default ``PrintLogger``)."""
+    (``None``: ``sys.stdout`` at the time of writing, as structlog's default ``PrintLogger``).
+
+    Its lock is reentrant: a signal handler that logs (the supervisor's ``pool_stopping``, rq's warm-stop
+    line) runs in the main thread between two bytecodes — possibly inside this very ``msg`` — and a plain
+    lock held by the frame it interrupted would never be released: a pool told to stop the moment it had
+    written ``pool_started`` hung there. Each line is still written whole: the handler's line goes out
+    before or after the interrupted one, never inside it (``write`` is one C call)."""
 
     def __init__(self) -> None:
         self.stream: TextIO | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def msg(self, message: str) -> None:
         stream = sys.stdout if self.stream is None else self.stream

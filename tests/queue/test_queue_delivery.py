@@ -4,6 +4,8 @@ priorities, scheduled sends and a graceful SIGTERM (issue 3, "Tests")."""
 from __future__ import annotations
 
 import math
+import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 from helpers import wait_until
-from queue_support import GatedSink, WorkerRun, smtp_url
+from queue_support import PYTHON, ROOT, GatedSink, WorkerRun, base_env, smtp_url
 from rq import Queue
 from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
@@ -319,3 +321,24 @@ def test_sigterm_right_after_the_pool_started_exits_0(
     code = pool.wait(timeout=20)
     stopped = [e for e in pool.events() if e.get("event") == "pool_stopped"]
     assert code == 0, stopped
+
+
+def test_sigterm_the_moment_pool_started_is_written_stops_the_pool(redis_url: str) -> None:
+    """The supervisor's stop handler logs (``pool_stopping``); a SIGTERM that lands while the supervisor
+    itself is still writing ``pool_started`` ran that handler inside the write — and the log output's lock
+    was not reentrant, so the pool hung there for ever (13 of 20 tries, read from the pipe at once)."""
+    env = base_env(redis_url, SMTP_URL="smtp://127.0.0.1:9?tls=off")
+    for _ in range(5):
+        pool = subprocess.Popen([PYTHON, "worker.py", "--concurrency", "2"], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        try:
+            assert pool.stdout is not None
+            for line in pool.stdout:
+                if '"pool_started"' in line:
+                    break
+            pool.send_signal(signal.SIGTERM)
+            assert pool.wait(timeout=20) == 0
+        finally:
+            if pool.poll() is None:  # its children stop by themselves once it is gone (lineage)
+                pool.kill()
+                pool.wait()
