@@ -37,6 +37,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
+from dispatcher.errors import QueueUnavailable
 from dispatcher.queue.producer import RESULT_TTL
 from dispatcher.queue.records import text
 from dispatcher.queue.store import SendStore
@@ -59,10 +60,24 @@ def adopt(
 ) -> list[Adopted]:  # fmt: skip
     """Take over up to ``jobs`` queued jobs of ``queue`` carrying ``sends`` sends at most, for ``adopter``.
 
-    Raises what Redis raises; the jobs adopted before an error are leased and finished, a job popped but not
-    yet taken over is the reconciler's (module docstring)."""
-    store = SendStore(connection)
+    Redis failing stops the adoption there: the jobs taken over before are returned (leased and finished,
+    they are the adopter's to deliver), a job popped but not yet taken over is the reconciler's."""
     adopted: list[Adopted] = []
+    try:
+        _adopt(connection, queue, adopter, adopted, jobs, sends, lease_seconds, worker_name)
+    except (redis.RedisError, QueueUnavailable) as exc:
+        logger.warning("adoption_stopped", job_id=adopter.id, adopted=len(adopted), error=str(exc))
+    if adopted:
+        logger.info("jobs_adopted", job_id=adopter.id, adopted=[a.job_id for a in adopted],
+                    sends=sum(len(a.send_ids) for a in adopted))  # fmt: skip
+    return adopted
+
+
+def _adopt(
+    connection: redis.Redis, queue: Queue, adopter: Job, adopted: list[Adopted], jobs: int, sends: int,
+    lease_seconds: float, worker_name: str,
+) -> None:  # fmt: skip
+    store = SendStore(connection)
     room = sends
     while len(adopted) < jobs and room > 0:
         popped = connection.lpop(queue.key)
@@ -85,10 +100,6 @@ def adopt(
         _take_over(store, job, send_ids, adopter.id, time.time() + lease_seconds, worker_name)
         adopted.append(Adopted(job.id, send_ids))
         room -= len(send_ids)
-    if adopted:
-        logger.info("jobs_adopted", job_id=adopter.id, adopted=[a.job_id for a in adopted],
-                    sends=sum(len(a.send_ids) for a in adopted))  # fmt: skip
-    return adopted
 
 
 def _take_over(

@@ -206,7 +206,7 @@ class MailWorker(SimpleWorker):
 
     def _adopt_for(self, job: Job, queue: Queue) -> int:
         """With K > 1 connections, adopt up to K - 1 more jobs of ``queue`` for ``job`` (``worker.adoption``);
-        how many sends they carry. Redis failing here adopts no more: the job runs with what it has."""
+        how many sends they carry. Redis failing stops the adoption: the job runs with what it has."""
         connections = self.runtime.connections
         if connections < 2 or self._stop_requested:
             return 0
@@ -216,9 +216,6 @@ class MailWorker(SimpleWorker):
                 self.connection, queue, job, jobs=connections - 1, sends=connections * JOB_BATCH_SIZE - own,
                 lease_seconds=self.runtime.settings.lease_seconds, worker_name=self.name,
             )  # fmt: skip
-        except (redis.RedisError, QueueUnavailable) as exc:
-            logger.warning("adoption_failed", job_id=job.id, error=str(exc))
-            return 0
         except Exception as exc:  # never die of adopting: a job popped and not taken over is the reconciler's
             logger.exception("adoption_failed", job_id=job.id, error=str(exc))
             return 0

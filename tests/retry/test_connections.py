@@ -305,3 +305,18 @@ def test_adoption_takes_jobs_in_queue_order_within_the_bound_and_puts_back_the_o
         job = Job.fetch(adopted.job_id, connection=redis_client, serializer=JSONSerializer)
         assert job.get_status() == "finished" and job.return_value() == {"adopted_by": head.id}
     assert {load(redis_client, s).state for s in (*adopter.values(), *last.values())} == {"queued"}
+
+
+def test_redis_failing_mid_adoption_keeps_the_jobs_already_taken_over(redis_client: redis.Redis) -> None:
+    """The second job's hash cannot be read (a key of the wrong type: Redis answers WRONGTYPE): adoption
+    stops there and returns the first job, leased and finished — the adopter delivers it."""
+    enqueue(redis_client, 1)
+    first = enqueue(redis_client, 5)
+    queue = Queue("mail-default", connection=redis_client, serializer=JSONSerializer)
+    head = queue.get_jobs()[0]
+    assert queue.pop_job_id() == head.id
+    redis_client.set("rq:job:broken", "not a hash")
+    redis_client.rpush(queue.key, "broken")
+    taken = adopt(redis_client, queue, head, jobs=5, sends=60, lease_seconds=30, worker_name="w")
+    assert [sorted(a.send_ids) for a in taken] == [sorted(first.values())]
+    assert {text(s) for s in redis_client.zrange("dispatch:inflight", 0, -1)} == set(first.values())
