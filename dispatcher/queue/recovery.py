@@ -134,7 +134,10 @@ def requeue(
     connection: redis.Redis, send_id: str, *, from_job: str | None, reason: str, now: float | None = None
 ) -> bool:
     """Queue ``send_id`` again in a job of its own if it is still waiting on a job that will not deliver
-    it (``from_job``, or any job when None); drop it from the in-flight set either way. Atomic."""
+    it (``from_job``, or any job when None), and drop its lease — unless its record names a job other than
+    ``from_job``: that job's worker may hold the send under its own lease, which a stale job handing the
+    send back must leave alone (the send would be left ``sending`` with no owner once that worker died).
+    Atomic."""
     now = time.time() if now is None else now
     store = SendStore(connection)
     with store.watching() as pipe:
@@ -147,10 +150,11 @@ def requeue(
                     pipe.reset()
                     quarantine(connection, send_id, describe_unreadable(exc), job_id=from_job, now=now)
                     return False
+                ours = rec is None or from_job is None or rec.rq_job == from_job
                 pipe.multi()
-                store.stage_release(pipe, send_id)
-                lost = rec is not None and rec.state in LOST_STATES
-                if rec is not None and lost and (from_job is None or rec.rq_job == from_job):
+                if ours:
+                    store.stage_release(pipe, send_id)
+                if rec is not None and ours and rec.state in LOST_STATES:
                     if rec.state is SendState.SENDING and rec.data_out == rec.attempts:
                         settle_unknown(rec, now)
                         store.stage_save(pipe, rec, now=now)

@@ -26,6 +26,9 @@ from servers import Fault, RecordingSmtpServer, ScriptedSmtpServer
 from dispatcher.delivery.jobs import Batch
 from dispatcher.queue.producer import Producer
 from dispatcher.queue.records import text
+from dispatcher.queue.recovery import reap_abandoned, requeue_unstarted
+from dispatcher.queue.states import SendState
+from dispatcher.queue.store import SendStore
 from dispatcher.settings import load_settings
 from dispatcher.worker.adoption import adopt
 from dispatcher.worker.runtime import Runtime
@@ -320,3 +323,20 @@ def test_redis_failing_mid_adoption_keeps_the_jobs_already_taken_over(redis_clie
     taken = adopt(redis_client, queue, head, jobs=5, sends=60, lease_seconds=30, worker_name="w")
     assert [sorted(a.send_ids) for a in taken] == [sorted(first.values())]
     assert {text(s) for s in redis_client.zrange("dispatch:inflight", 0, -1)} == set(first.values())
+
+
+def test_handing_back_a_send_another_job_owns_leaves_that_jobs_lease_alone(redis_client: redis.Redis) -> None:
+    """A batch (an adopted job, say) hands back a send whose record names another job, whose worker is
+    sending it under its lease: the hand-back must not drop that lease, or the send would be left in
+    ``sending`` with no owner once that worker died (found in review)."""
+    (send_id,) = enqueue(redis_client, 1).values()
+    store = SendStore(redis_client)
+    rec = load(redis_client, send_id)
+    rec.move(SendState.SENDING)
+    rec.attempts += 1
+    assert store.begin_attempt(rec, now=time.time(), lease_seconds=30) is not None
+    assert requeue_unstarted(redis_client, [send_id], "batch-not-the-owner") == []
+    assert redis_client.zscore("dispatch:inflight", send_id) is not None
+    assert load(redis_client, send_id).state == "sending"
+    reaped = reap_abandoned(redis_client, now=time.time() + 3600)  # once the owner's lease expires
+    assert reaped == [send_id] and load(redis_client, send_id).state == "queued"
