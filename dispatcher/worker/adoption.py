@@ -18,10 +18,13 @@ Who owns an adopted job's sends (the owners of ``queue.reconcile``):
    attempt's begin script checks; a send the batch does not reach is handed back from that job; a dead
    worker's lease expires into recovery (``queue.recovery``).
 
-A popped job that is not ours (``vetting.job_refusal``), that rq cannot load, or whose sends would pass the
-bound goes back to the head of its queue (``LPUSH``) and adoption stops there: rq's own dequeue takes it
-next, and fails a refused one with its reason as for any job. A popped id whose job hash is gone is dropped,
-as rq's dequeue drops it.
+Only the producer's batch jobs (``deliver_batch``) are adopted: their sends are ``queued``, which a batch that
+does not reach them hands back and recovery requeues. A single send's job may be a retry or a scheduled send
+(``deferred``, ``scheduled``): adopted and not reached, its send would wait on a finished job until the
+reconciler found it. A popped job that is not a batch, not ours (``vetting.job_refusal``), that rq cannot
+load, or whose sends would pass the bound goes back to the head of its queue (``LPUSH``) and adoption stops
+there: rq's own dequeue takes it next, and fails a refused one with its reason as for any job. A popped id
+whose job hash is gone is dropped, as rq's dequeue drops it.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now
 
 from dispatcher.errors import QueueUnavailable
-from dispatcher.queue.producer import RESULT_TTL
+from dispatcher.queue.producer import BATCH_FUNCTION, RESULT_TTL
 from dispatcher.queue.records import text
 from dispatcher.queue.store import SendStore
 from dispatcher.worker.vetting import job_refusal, job_sends
@@ -93,7 +96,7 @@ def _adopt(
         except Exception:  # undecodable: rq's dequeue fails it by id (MailWorker's dequeue)
             connection.lpush(queue.key, job_id)
             break
-        if job_refusal(job) is not None or len(job_sends(job)) > room:
+        if job_refusal(job) is not None or job.func_name != BATCH_FUNCTION or len(job_sends(job)) > room:
             connection.lpush(queue.key, job_id)
             break
         send_ids = job_sends(job)

@@ -340,3 +340,17 @@ def test_handing_back_a_send_another_job_owns_leaves_that_jobs_lease_alone(redis
     assert load(redis_client, send_id).state == "sending"
     reaped = reap_abandoned(redis_client, now=time.time() + 3600)  # once the owner's lease expires
     assert reaped == [send_id] and load(redis_client, send_id).state == "queued"
+
+
+def test_a_single_sends_job_is_never_adopted(redis_client: redis.Redis) -> None:
+    """A job of one send may be a retry or a scheduled send (``deferred``/``scheduled``): adopted and not
+    reached, nothing would requeue it. So adoption stops at it and leaves it at the head of the queue."""
+    enqueue(redis_client, 1)
+    Producer(redis_client).enqueue(mail(["solo@example.org"], "solo"))
+    enqueue(redis_client, 5)
+    queue = Queue("mail-default", connection=redis_client, serializer=JSONSerializer)
+    head = queue.get_jobs()[0]
+    assert queue.pop_job_id() == head.id
+    order = queue.get_job_ids()
+    assert adopt(redis_client, queue, head, jobs=5, sends=60, lease_seconds=30, worker_name="w") == []
+    assert queue.get_job_ids() == order
