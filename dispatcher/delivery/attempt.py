@@ -55,16 +55,22 @@ class Attempt:
     def __init__(self, runtime: Runtime, connection: redis.Redis, job_id: str, send_id: str) -> None:
         self.runtime = runtime
         self.redis = connection
-        self.store = SendStore.for_attempts(connection)
         self.job_id = job_id
         self.send_id = send_id
         self.started = time.time()
         self.pause: RoutePause | None = None
+        """Set when the route held this attempt back (``_throttled``)."""
         self.write_retries = 0
         """How often writing the outcome had to be tried again (Redis away; ``outcome_write_retry``)."""
         self.journaled = False
         """Whether the outcome went to the outcome journal (Redis away past half the lease)."""
-        """Set when the route held this attempt back (``_throttled``)."""
+
+    @property
+    def store(self) -> SendStore:
+        """The store of the thread running this call (``SendStore.for_attempts``): an attempt prepared in one
+        thread may be completed in another (a lane takes the batch's first send; the job's thread goes on
+        with the send a lane held), and a held connection belongs to one thread."""
+        return SendStore.for_attempts(self.redis)
 
     def run(self) -> dict[str, Any]:
         """The whole attempt: prepare, send through the route gate, record."""

@@ -88,12 +88,19 @@ class MailWorker(SimpleWorker):
                 signal.signal(signum, self.request_force_stop)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        """Run ``job`` only if it is one of ours (``job_refusal``); fail it with the reason otherwise."""
+        """Run ``job`` only if it is one of ours (``job_refusal``); fail it with the reason otherwise. Before
+        rq records it as started, the jobs it adopts (``worker.adoption``) and its timeout, which counts
+        every send it will deliver: rq's started registry keeps the job for that timeout (+ 60 s)."""
         reason = job_refusal(job)
-        if reason is None:
-            super().execute_job(job, queue)
-        else:
+        if reason is not None:
             self.refuse(job, queue, reason)
+            return
+        sends = len(job_sends(job)) + self._adopt_for(job, queue)
+        job.timeout = int(self.runtime.settings.job_timeout() * sends)
+        try:
+            super().execute_job(job, queue)
+        finally:
+            self.runtime.adopted.pop(job.id, None)
 
     def refuse(self, job: Job, queue: Queue, reason: str) -> None:
         """Fail ``job`` in rq's failed registry with ``reason``, running nothing of it: no function, no
@@ -195,13 +202,9 @@ class MailWorker(SimpleWorker):
         super().clean_registries()  # type: ignore[no-untyped-call]
 
     def perform_job(self, job: Job, queue: Queue) -> bool:
-        # execute_job let only our jobs through: the argument is a send id or a list of them
-        sends = len(job_sends(job)) + self._adopt_for(job, queue)
-        job.timeout = int(self.runtime.settings.job_timeout() * sends)
         try:
             return bool(super().perform_job(job, queue))
         finally:
-            self.runtime.adopted.pop(job.id, None)
             self.publish_status()
 
     def _adopt_for(self, job: Job, queue: Queue) -> int:
