@@ -105,21 +105,41 @@ class _Output:
     """The one output every cached logger writes to: a line per event, flushed, on the stream in force
     (``None``: ``sys.stdout`` at the time of writing, as structlog's default ``PrintLogger``).
 
-    Its lock is reentrant: a signal handler that logs (the supervisor's ``pool_stopping``, rq's warm-stop
-    line) runs in the main thread between two bytecodes — possibly inside this very ``msg`` — and a plain
-    lock held by the frame it interrupted would never be released: a pool told to stop the moment it had
-    written ``pool_started`` hung there. Each line is still written whole: the handler's line goes out
-    before or after the interrupted one, never inside it (``write`` is one C call)."""
+    A signal handler that logs (the supervisor's ``pool_stopping``, rq's warm-stop line) runs in the main
+    thread between two bytecodes — possibly inside this very ``msg``, even while its ``flush`` waits on a
+    full pipe. A plain lock held by the interrupted frame would never be released (a pool told to stop the
+    moment it had written ``pool_started`` hung there), and writing from inside the interrupted write makes
+    the stream raise (``RuntimeError: reentrant call``). So the lock is reentrant and a line logged while
+    this thread is writing waits in ``_pending``: the interrupted call writes it after its own."""
 
     def __init__(self) -> None:
         self.stream: TextIO | None = None
         self._lock = threading.RLock()
+        self._writer: int | None = None
+        """The thread writing right now (holding the lock), while it writes."""
+        self._pending: list[str] = []
 
     def msg(self, message: str) -> None:
-        stream = sys.stdout if self.stream is None else self.stream
+        me = threading.get_ident()
+        if self._writer == me:  # a signal handler, inside this thread's write
+            self._pending.append(message)
+            return
         with self._lock:
-            stream.write(message + "\n")
-            stream.flush()
+            stream = sys.stdout if self.stream is None else self.stream
+            self._writer = me
+            try:
+                self._write(stream, message)
+                while self._pending:
+                    self._write(stream, self._pending.pop(0))
+            finally:
+                self._writer = None
+            while self._pending:  # appended after the last look, before _writer was cleared
+                self._write(stream, self._pending.pop(0))
+
+    @staticmethod
+    def _write(stream: TextIO, message: str) -> None:
+        stream.write(message + "\n")
+        stream.flush()
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg

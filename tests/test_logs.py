@@ -6,12 +6,17 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import structlog
 from structlog.contextvars import bind_contextvars, clear_contextvars, merge_contextvars
 
 from dispatcher.logs import configure_logging, merge_context, redact_secrets, render_json, reset_logging
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _lines(out: io.StringIO) -> list[dict[str, Any]]:
@@ -88,3 +93,37 @@ def test_redaction_only_touches_secret_fields() -> None:
     event = {"event": "e", "token": "t", "user": "u"}
     assert redact_secrets(None, "info", event) == {"event": "e", "token": "<redacted>", "user": "u"}
     assert redact_secrets(None, "info", {"event": "e"}) == {"event": "e"}
+
+
+SIGNAL_INSIDE_A_BLOCKED_WRITE = r"""
+import os, signal, sys, threading
+from dispatcher.logs import _OUTPUT
+read_end, write_end = os.pipe()
+_OUTPUT.stream = os.fdopen(write_end, "w")
+blocked, received = threading.Event(), []
+signal.signal(signal.SIGUSR1, lambda signum, frame: _OUTPUT.msg("from the handler"))
+
+def reader():
+    blocked.wait()
+    os.kill(os.getpid(), signal.SIGUSR1)  # pending while the main thread is blocked in flush (pipe full)
+    while chunk := os.read(read_end, 1 << 20):
+        received.append(chunk)
+
+threading.Thread(target=reader, daemon=True).start()
+threading.Timer(0.3, blocked.set).start()
+_OUTPUT.msg("x" * (1 << 20))  # larger than the pipe's buffer: the write blocks until the reader reads
+_OUTPUT.msg("last")
+_OUTPUT.stream.close()
+while threading.active_count() > 1 and not b"".join(received).endswith(b"last\n"):
+    threading.Event().wait(0.01)
+print(b"".join(received).split(b"\n")[1:])
+"""
+
+
+def test_a_signal_handler_logging_inside_a_blocked_write_waits_its_turn() -> None:
+    """A stop signal's handler logs while the main thread's log write waits on a full pipe: the handler's
+    line goes out after the interrupted one, whole, and the interrupted write does not raise."""
+    script = [sys.executable, "-c", SIGNAL_INSIDE_A_BLOCKED_WRITE]
+    done = subprocess.run(script, cwd=ROOT, capture_output=True, timeout=30, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[b'from the handler', b'last', b'']", done.stdout
