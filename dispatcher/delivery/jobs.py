@@ -51,7 +51,7 @@ def deliver_batch(send_ids: list[str]) -> dict[str, Any]:
     if len(send_ids) > 1:  # a lone send is leased by its attempt's first transaction
         SendStore(job.connection).lease(send_ids, time.time() + seconds)
     adopted = runtime.adopted.get(job.id, [])
-    sends = [(job.id, s) for s in send_ids] + [(j, s) for j, ids in adopted for s in ids]
+    sends = [(j, s) for j, ids in [(job.id, send_ids), *adopted] for s in ids]
     batch = Batch(runtime, job.connection, sends)
     try:
         with LeaseKeeper.for_process(job.connection, seconds).hold([s for _, s in sends]):
@@ -82,8 +82,9 @@ class Batch:
     def __init__(self, runtime: Runtime, connection: redis.Redis, sends: list[tuple[str, str]]) -> None:
         self.runtime = runtime
         self.redis = connection
-        self.waiting = deque(sends)
-        """``(job id, send id)``: the job each send's record names (its own, or one adopted for it)."""
+        self.waiting = deque(dict.fromkeys(sends))
+        """``(job id, send id)``: the job each send's record names (its own, or one adopted for it). Each
+        pair once: a send named twice (a job queued twice) would be taken by two lanes at once."""
         self.results: dict[str, Any] = {}
         self.held: Attempt | None = None
         self.abandoned: set[str] = set()

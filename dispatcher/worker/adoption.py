@@ -63,13 +63,16 @@ def adopt(
 ) -> list[Adopted]:  # fmt: skip
     """Take over up to ``jobs`` queued jobs of ``queue`` carrying ``sends`` sends at most, for ``adopter``.
 
-    Redis failing stops the adoption there: the jobs taken over before are returned (leased and finished,
-    they are the adopter's to deliver), a job popped but not yet taken over is the reconciler's."""
+    Redis failing (or anything else) stops the adoption there: the jobs taken over before are returned
+    (leased and finished, they are the adopter's to deliver), a job popped but not yet taken over is the
+    reconciler's."""
     adopted: list[Adopted] = []
     try:
         _adopt(connection, queue, adopter, adopted, jobs, sends, lease_seconds, worker_name)
     except (redis.RedisError, QueueUnavailable) as exc:
         logger.warning("adoption_stopped", job_id=adopter.id, adopted=len(adopted), error=str(exc))
+    except Exception as exc:  # anything else stops it too; what was taken over stays the adopter's
+        logger.exception("adoption_stopped", job_id=adopter.id, adopted=len(adopted), error=str(exc))
     if adopted:
         logger.info("jobs_adopted", job_id=adopter.id, adopted=[a.job_id for a in adopted],
                     sends=sum(len(a.send_ids) for a in adopted))  # fmt: skip

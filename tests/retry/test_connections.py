@@ -357,3 +357,20 @@ def test_a_single_sends_job_is_never_adopted(redis_client: redis.Redis) -> None:
     order = queue.get_job_ids()
     assert adopt(redis_client, queue, head, jobs=5, sends=60, lease_seconds=30, worker_name="w") == []
     assert queue.get_job_ids() == order
+
+
+def test_a_send_named_twice_in_a_batch_over_three_connections_is_attempted_once(
+    smtp_server: Sink, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """A job queued twice, or a batch naming a send twice, reaches the batch as the same pair twice: two
+    lanes must not take it at once (the second would move a send already ``sending``)."""
+    sink = smtp_server()
+    sends = enqueue(redis_client, 2)
+    (job,) = queued_jobs(redis_client)
+    settings = load_settings(env_for(redis_url, smtp_url(sink.port)), need_routes=True)
+    pairs = [(job.id, s) for s in job.args[0]]
+    batch = Batch(Runtime(settings, connections=3), redis_client, [*pairs, *pairs])
+    batch.run()
+    batch.runtime.close()
+    assert sorted(batch.results) == sorted(sends.values())
+    assert Counter(str(message_id_of(m.data)) for m in sink.messages) == Counter(dict.fromkeys(sends, 1))
