@@ -72,6 +72,9 @@ class MailWorker(SimpleWorker):
         self.runtime.worker_name = self.name
         self.runtime.should_stop = lambda: bool(self._stop_requested)
         self._limits: dict[str, dict[str, object]] = {}
+        self.drained = False
+        """Set when a burst's dequeue found every queue empty: the one end of a burst that is not a failure
+        (rq also leaves its loop, as quietly, on any error of its own)."""
 
     @property
     def dequeue_timeout(self) -> int:
@@ -141,7 +144,9 @@ class MailWorker(SimpleWorker):
         the work loop (rq re-raises it with ``job_id`` and ``queue`` attached)."""
         while True:
             try:
-                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+                result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+                self.drained = result is None and timeout is None  # rq's burst dequeue does not block
+                return result
             except (redis.RedisError, StopRequested):
                 raise
             except Exception as exc:
@@ -287,20 +292,22 @@ def run_one(
     may use at once (``--connections``). Redis away at the start is waited for (``startup``).
 
     rq leaves its work loop on any error of its own (Redis gone in the middle of a job's bookkeeping, for
-    one): then the worker is started again here, in the same process, after ``RestartBackoff``'s delay —
-    a lone ``worker.py`` has no supervisor to do it, and a pool's child keeps its place."""
+    one): then the worker is started again here, in the same process, after ``RestartBackoff``'s delay and
+    once Redis answers — a lone ``worker.py`` has no supervisor to do it, and a pool's child keeps its
+    place. A burst ends only when its dequeue found the queues empty (``MailWorker.drained``): rq leaves its
+    loop as quietly on an error, and a burst worker used to exit 0 then with mail still queued."""
     for signum in STOP_SIGNALS:  # until rq installs its own handlers in work()
         signal.signal(signum, note_early_stop)
     settings = load_settings(need_routes=True)
     if redis_url:
         settings = dataclasses.replace(settings, redis_url=redis_url)
     connection = connect(settings.redis_url)
-    if not wait_for_redis(connection, stop=lambda: bool(_stop_before_start)):
-        logger.info("worker_stopped_before_start", redis=where(connection))
-        return 0
     queues = [Queue(name, connection=connection, serializer=JSONSerializer) for name in queue_names]
     backoff = RestartBackoff()
     while True:
+        if not wait_for_redis(connection, stop=lambda: bool(_stop_before_start)):
+            logger.info("worker_stopped_before_start", redis=where(connection))
+            return 0
         worker = MailWorker(queues, connection=connection, runtime=Runtime(settings, connections=connections))
         logger.info(
             "worker_started",
@@ -320,7 +327,7 @@ def run_one(
             logging_level=logging.getLevelName(logging.getLogger("rq").getEffectiveLevel()),
         )
         asked = worker._stop_requested or worker._shutdown_requested_date is not None
-        if burst or asked:
+        if asked or (burst and worker.drained):
             logger.info("worker_stopped", worker=worker.name)
             return 0
         for signum in STOP_SIGNALS:  # rq's handlers belong to the worker that just ended

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import pytest
 from chaoskit import SeededFaults, Tally, chaos_mails, enqueued, events, explain, finished, tally
 from helpers import wait_until
-from retrykit import StartWorker, env_for, message_id_of, smtp_url
+from retrykit import StartWorker, env_for, load, message_id_of, smtp_url
 from servers import RedisServer, ScriptedSmtpServer
 
 from dispatcher.queue.producer import Producer
@@ -217,3 +217,38 @@ def test_redis_away_15_s_under_load_no_restart_storm_and_mail_resumes_at_once(
 def _accepted(server: ScriptedSmtpServer) -> int:
     """Messages the server has answered 250 after their data."""
     return sum(1 for m in server.messages if m.final_reply is not None and m.final_reply.startswith(b"250"))
+
+
+def test_a_burst_worker_redis_left_for_a_moment_drains_the_queue_before_it_exits(
+    scripted_server: Scripted, make_redis_server: MakeRedis, start_worker: StartWorker
+) -> None:
+    """rq leaves its work loop on a Redis error of its own and a burst worker took that for "drained":
+    it exited 0 with mail still queued. Now only an empty queue ends a burst; any other end of rq's loop
+    starts it again (after ``RestartBackoff``'s delay), as it does for a worker that is not in burst mode."""
+    redis_server = make_redis_server(appendonly=True, appendfsync="always")
+    client = redis_server.client()
+    server = scripted_server()
+    server.faults = SeededFaults(SEED, table={}, latency=0.02)  # type: ignore[assignment]
+    mails = chaos_mails(150, tag="burst")
+    ids = enqueued(Producer(client).enqueue_many(mails), mails)
+    store = SendStore(client)
+    worker = start_worker(settings(redis_server.url, server.port), "--burst")
+    wait_until(lambda: finished(store, 20), 60, interval=0.05, message="mail never started to flow")
+
+    def until_rq_quits() -> None:
+        wait_until(lambda: "quitting" in worker.log_text(), 20, message="rq's loop went on without Redis")
+
+    redis_server.restart(while_down=until_rq_quits)
+    assert worker.process.wait(timeout=90) == 0
+    # drained: no job left in a queue; what is not final is under a lease (the batch cut by the outage
+    # could not hand its sends back), which recovery requeues once it expires — the next burst's
+    waiting = [s for s in ids if not load(client, s).state.final]
+    assert sum(client.llen(f"rq:queue:mail-{p}") for p in ("high", "default", "bulk")) == 0
+    assert all(client.zscore("dispatch:inflight", s) is not None for s in waiting), waiting
+    leases_end = time.time() + 3
+    wait_until(lambda: time.time() > leases_end, 10)
+    again = start_worker(settings(redis_server.url, server.port), "--burst")
+    assert again.process.wait(timeout=90) == 0
+    assert finished(store, len(ids)), SendStore(client).count_states()
+    result = tally(store, server, ids)
+    assert result.lost == result.duplicated == 0, explain(result.problems, store, server)
