@@ -20,9 +20,10 @@ import time
 from collections.abc import Callable
 
 import pytest
+import redis
 from chaoskit import SeededFaults, Tally, chaos_mails, enqueued, events, explain, finished, tally
 from helpers import wait_until
-from retrykit import StartWorker, env_for, load, message_id_of, smtp_url
+from retrykit import StartWorker, WorkerProcess, env_for, load, message_id_of, smtp_url
 from servers import RedisServer, ScriptedSmtpServer
 
 from dispatcher.queue.producer import Producer
@@ -168,15 +169,9 @@ def _restart_under_load(
 def test_redis_away_15_s_under_load_no_restart_storm_and_mail_resumes_at_once(
     scripted_server: Scripted, make_redis_server: MakeRedis, start_worker: StartWorker
 ) -> None:
-    redis_server = make_redis_server(appendonly=True, appendfsync="always")
-    client = redis_server.client()
-    server = scripted_server()
-    server.faults = SeededFaults(SEED, table={}, latency=0.02)  # type: ignore[assignment]
-    mails = chaos_mails(600, tag="outage")
-    ids = enqueued(Producer(client).enqueue_many(mails), mails)
-    store = SendStore(client)
-    pool = start_worker(settings(redis_server.url, server.port), "--concurrency", "4")
-    wait_until(lambda: finished(store, 100), 60, interval=0.05, message="mail never started to flow")
+    redis_server, _, server, ids, store, pool = _flowing(
+        make_redis_server, scripted_server, start_worker, 600, "outage", ["--concurrency", "4"], flowing=100
+    )
 
     pids_while_down: set[int] = set()
 
@@ -225,15 +220,9 @@ def test_a_burst_worker_redis_left_for_a_moment_drains_the_queue_before_it_exits
     """rq leaves its work loop on a Redis error of its own and a burst worker took that for "drained":
     it exited 0 with mail still queued. Now only an empty queue ends a burst; any other end of rq's loop
     starts it again (after ``RestartBackoff``'s delay), as it does for a worker that is not in burst mode."""
-    redis_server = make_redis_server(appendonly=True, appendfsync="always")
-    client = redis_server.client()
-    server = scripted_server()
-    server.faults = SeededFaults(SEED, table={}, latency=0.02)  # type: ignore[assignment]
-    mails = chaos_mails(150, tag="burst")
-    ids = enqueued(Producer(client).enqueue_many(mails), mails)
-    store = SendStore(client)
-    worker = start_worker(settings(redis_server.url, server.port), "--burst")
-    wait_until(lambda: finished(store, 20), 60, interval=0.05, message="mail never started to flow")
+    redis_server, client, server, ids, store, worker = _flowing(
+        make_redis_server, scripted_server, start_worker, 150, "burst", ["--burst"], flowing=20
+    )
 
     def until_rq_quits() -> None:
         wait_until(lambda: "quitting" in worker.log_text(), 20, message="rq's loop went on without Redis")
@@ -252,3 +241,22 @@ def test_a_burst_worker_redis_left_for_a_moment_drains_the_queue_before_it_exits
     assert finished(store, len(ids)), SendStore(client).count_states()
     result = tally(store, server, ids)
     assert result.lost == result.duplicated == 0, explain(result.problems, store, server)
+
+
+def _flowing(
+    make_redis_server: MakeRedis, scripted_server: Scripted, start_worker: StartWorker, mails: int, tag: str,
+    args: list[str], *, flowing: int,
+) -> tuple[RedisServer, redis.Redis, ScriptedSmtpServer, dict[str, tuple[str, list[str]]], SendStore,
+           WorkerProcess]:  # fmt: skip
+    """A private Redis (AOF, ``always``), a server taking 20 ms a message, ``mails`` enqueued and a worker
+    (``args``) started; returned once ``flowing`` sends are final."""
+    redis_server = make_redis_server(appendonly=True, appendfsync="always")
+    client = redis_server.client()
+    server = scripted_server()
+    server.faults = SeededFaults(SEED, table={}, latency=0.02)  # type: ignore[assignment]
+    batch = chaos_mails(mails, tag=tag)
+    ids = enqueued(Producer(client).enqueue_many(batch), batch)
+    store = SendStore(client)
+    worker = start_worker(settings(redis_server.url, server.port), *args)
+    wait_until(lambda: finished(store, flowing), 60, interval=0.05, message="mail never started to flow")
+    return redis_server, client, server, ids, store, worker
