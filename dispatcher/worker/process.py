@@ -220,6 +220,9 @@ class MailWorker(SimpleWorker):
             return 0
         own = len(job_sends(job))
         try:
+            # busy from here, as rq makes it only in prepare_execution: a warm stop signalled while an
+            # idle worker adopts would otherwise raise StopRequested in the middle of the adoption
+            self.set_state(WorkerStatus.BUSY)
             adopted = adopt(
                 self.connection, queue, job, jobs=connections - 1, sends=connections * JOB_BATCH_SIZE - own,
                 lease_seconds=self.runtime.settings.lease_seconds, worker_name=self.name,

@@ -7,8 +7,10 @@ once, and a break, a ``kill -9`` or a cold shutdown mid-batch with K > 1 leaves 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,6 +33,7 @@ from dispatcher.queue.states import SendState
 from dispatcher.queue.store import SendStore
 from dispatcher.settings import load_settings
 from dispatcher.worker.adoption import adopt
+from dispatcher.worker.process import MailWorker
 from dispatcher.worker.runtime import Runtime
 
 Sink = Callable[..., RecordingSmtpServer]
@@ -374,3 +377,40 @@ def test_a_send_named_twice_in_a_batch_over_three_connections_is_attempted_once(
     batch.runtime.close()
     assert sorted(batch.results) == sorted(sends.values())
     assert Counter(str(message_id_of(m.data)) for m in sink.messages) == Counter(dict.fromkeys(sends, 1))
+
+
+def test_a_warm_stop_signalled_while_a_worker_adopts_is_kept(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """rq's SIGTERM handler raises ``StopRequested`` when the worker is not busy, and adoption runs before
+    rq marks it busy: the stop was swallowed by the adoption's error handling and lost (the worker went on
+    taking jobs). The worker is busy while it adopts, so the stop is recorded and taken after the job.
+    The signal lands while Redis holds the adoption's first write (``CLIENT PAUSE``)."""
+    for _ in range(3):
+        enqueue(redis_client, 2)
+    queue = Queue("mail-default", connection=redis_client, serializer=JSONSerializer)
+    head = queue.get_jobs()[0]
+    assert queue.pop_job_id() == head.id
+    settings = load_settings(env_for(redis_url, "smtp://127.0.0.1:9?tls=off"), need_routes=True)
+    worker = MailWorker([queue], connection=redis_client, runtime=Runtime(settings, connections=3))
+    watcher = redis.Redis.from_url(redis_url)
+
+    def stop_while_held() -> None:
+        wait_until(lambda: watcher.info("clients")["blocked_clients"] >= 1, 5, interval=0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    stopper = threading.Thread(target=stop_while_held)
+    try:
+        worker._install_signal_handlers()  # type: ignore[no-untyped-call]
+        watcher.execute_command("CLIENT", "PAUSE", "1000", "WRITE")
+        stopper.start()
+        sends = worker._adopt_for(head, queue)
+    finally:
+        watcher.execute_command("CLIENT", "UNPAUSE")
+        stopper.join()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        worker.runtime.close()
+    assert worker._stop_requested
+    assert sends == 4
