@@ -99,10 +99,10 @@ def _adopt(
         except Exception:  # undecodable: rq's dequeue fails it by id (MailWorker's dequeue)
             connection.lpush(queue.key, job_id)
             break
-        if job_refusal(job) is not None or job.func_name != BATCH_FUNCTION or len(job_sends(job)) > room:
+        send_ids = job_sends(job) if job_refusal(job) is None and job.func_name == BATCH_FUNCTION else None
+        if send_ids is None or len(send_ids) > room:
             connection.lpush(queue.key, job_id)
             break
-        send_ids = job_sends(job)
         _take_over(store, job, send_ids, adopter.id, time.time() + lease_seconds, worker_name)
         adopted.append(Adopted(job.id, send_ids))
         room -= len(send_ids)

@@ -98,7 +98,8 @@ class MailWorker(SimpleWorker):
         if reason is not None:
             self.refuse(job, queue, reason)
             return
-        sends = len(job_sends(job)) + self._adopt_for(job, queue)
+        own = len(job_sends(job))
+        sends = own + self._adopt_for(job, queue, own)
         job.timeout = int(self.runtime.settings.job_timeout() * sends)
         try:
             super().execute_job(job, queue)
@@ -212,13 +213,13 @@ class MailWorker(SimpleWorker):
         finally:
             self.publish_status()
 
-    def _adopt_for(self, job: Job, queue: Queue) -> int:
-        """With K > 1 connections, adopt up to K - 1 more jobs of ``queue`` for ``job`` (``worker.adoption``);
-        how many sends they carry. Redis failing stops the adoption: the job runs with what it has."""
+    def _adopt_for(self, job: Job, queue: Queue, own: int) -> int:
+        """With K > 1 connections, adopt up to K - 1 more jobs of ``queue`` for ``job`` (``worker.adoption``),
+        which carries ``own`` sends; how many sends they carry. Redis failing stops the adoption: the job
+        runs with what it has."""
         connections = self.runtime.connections
         if connections < 2 or self._stop_requested:
             return 0
-        own = len(job_sends(job))
         try:
             # busy from here, as rq makes it only in prepare_execution: a warm stop signalled while an
             # idle worker adopts would otherwise raise StopRequested in the middle of the adoption

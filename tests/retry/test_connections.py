@@ -405,7 +405,7 @@ def test_a_warm_stop_signalled_while_a_worker_adopts_is_kept(
         worker._install_signal_handlers()  # type: ignore[no-untyped-call]
         watcher.execute_command("CLIENT", "PAUSE", "1000", "WRITE")
         stopper.start()
-        sends = worker._adopt_for(head, queue)
+        sends = worker._adopt_for(head, queue, own=2)
     finally:
         watcher.execute_command("CLIENT", "UNPAUSE")
         stopper.join()
