@@ -36,7 +36,7 @@ from dispatcher.errors import HeaderInjection, ValidationError
 from dispatcher.mail.attachments import Attachment
 from dispatcher.mail.message import Mail
 from dispatcher.mail.mime import build_message, check_written, compose, validated
-from dispatcher.queue.keys import source_key
+from dispatcher.queue.keys import send_key
 from dispatcher.queue.producer import Producer
 from dispatcher.queue.store import SendStore
 from dispatcher.settings import load_settings
@@ -322,7 +322,8 @@ def test_the_worker_fails_a_hostile_source_permanently_and_sends_nothing(
 ) -> None:
     server = scripted_server()
     send_id = Producer(redis_client).enqueue(BASE).id
-    redis_client.set(source_key(send_id), json.dumps({**BASE, "subject": PAYLOAD}))  # a raw Redis writer
+    hostile = json.dumps({**BASE, "subject": PAYLOAD})
+    redis_client.hset(send_key(send_id), "source", hostile)  # a raw Redis writer
     runtime = Runtime(
         load_settings({"SMTP_URL": f"smtp://127.0.0.1:{server.port}?tls=off"}, need_routes=True)
     )

@@ -8,7 +8,7 @@ import redis
 from servers import Fault, ScriptedSmtpServer
 
 from dispatcher.delivery.attempt import Attempt
-from dispatcher.queue.keys import send_key, source_key
+from dispatcher.queue.keys import send_key
 from dispatcher.queue.producer import Producer
 from dispatcher.queue.store import SendStore
 from dispatcher.settings import load_settings
@@ -34,7 +34,7 @@ def test_every_attempt_sends_the_bytes_the_first_one_sent(
     server = scripted_server(faults={"data_end": Fault("reply", b"451 4.3.0 try later\r\n", occurrence=1)})
     send_id = Producer(redis_client).enqueue(MAIL).id
     assert not redis_client.hexists(send_key(send_id), "raw")  # no MIME stored at enqueue
-    assert redis_client.exists(source_key(send_id))
+    assert redis_client.hexists(send_key(send_id), "source")  # the mail, in its record
     runtime = runtime_for(server.port)
     assert attempt(redis_client, runtime, send_id)["state"] == "deferred"
     assert attempt(redis_client, runtime, send_id)["state"] == "delivered"
@@ -48,7 +48,8 @@ def test_a_mail_the_worker_cannot_build_fails_with_its_reason(
 ) -> None:
     server = scripted_server()
     send_id = Producer(redis_client).enqueue(MAIL).id
-    redis_client.set(source_key(send_id), '{"from": "not an address", "to": "ann@example.org", "text": "x"}')
+    bad = '{"from": "not an address", "to": "ann@example.org", "text": "x"}'
+    redis_client.hset(send_key(send_id), "source", bad)
     runtime = runtime_for(server.port)
     assert attempt(redis_client, runtime, send_id)["state"] == "failed"
     rec = SendStore(redis_client).load(send_id)

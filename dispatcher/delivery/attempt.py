@@ -117,7 +117,8 @@ class Attempt:
         if begun is None:  # the send moved on between our read and our begin: its new owner sends it
             logger.info("mail_stale_job", send_id=self.send_id, job_id=self.job_id, state=rec.stored_state)
             return {"id": self.send_id, "state": str(rec.stored_state), "stale_job": True}
-        ledger, source = begun
+        ledger, legacy_source = begun
+        source = rec.source if rec.source is not None else legacy_source
         for recipient in rec.recipients:
             if recipient.casefold() in ledger:
                 known = rec.outcomes.get(recipient, RecipientRecord())

@@ -2,14 +2,27 @@
 
 The send store's keys (``queue.store.SendStore`` is the only code that reads or writes them):
 
-    dispatch:send:<id>          hash   mail summary (JSON), state, attempts, generation, timestamps, record
-    dispatch:source:<id>        string the whole mail (JSON) the worker builds the MIME message from
+    dispatch:send:<id>          hash   mail summary (JSON), state, attempts, generation, timestamps, record,
+                                       and the mail itself: ``source`` (the whole mail as JSON, which the
+                                       worker builds the MIME message from) or ``raw`` (MIME given as is)
     dispatch:key:<sha256(key)>  string the send id owning an idempotency key, with the mail's fingerprint
     dispatch:ledger:<msgid>     set    recipients that accepted the message: never sent to again
-    dispatch:state:<state>      zset   send ids by last update, one per state (dashboard, retry filters)
-    dispatch:state:<state>:<p>  zset   the same per priority (the dashboard's per-queue counts)
-    dispatch:inflight           zset   send ids being sent, scored by lease expiry (crash recovery)
-    dispatch:delivered:<minute> string messages delivered in that minute (overview chart)
+    dispatch:state:<state>:<p>  zset   send ids by last update, per state and priority (``<p>`` one of
+                                       ``PRIORITIES``, or ``unsorted`` for a record whose priority cannot
+                                       be read) — for every state but ``sending``: those are the records
+                                       leased in ``dispatch:inflight``
+    dispatch:inflight           zset   send ids under a worker's lease, scored by its expiry (recovery; and
+                                       the index of ``sending``)
+
+Each attempt writes a send's index entry twice (into ``dispatch:inflight`` and out of its waiting state
+at the start, out of it and into its outcome's state at the end); nothing else is kept per state, so the
+counts the dashboard shows are ZCARDs and its chart of deliveries per minute is ZCOUNTs over
+``delivered``'s indexes (issue 15: every command of an attempt counts).
+
+Keys earlier versions wrote and this one only reads or removes: ``dispatch:source:<id>`` (the mail, before
+it moved into the record: still read for sends enqueued before the upgrade), ``dispatch:state:<state>``
+(the overall index per state: no longer written or read; safe to delete) and
+``dispatch:delivered:<minute>`` (per-minute counters, expired within 3 h).
 
 The workers' presence (``queue.presence.Presence``):
 
@@ -32,7 +45,6 @@ PREFIX = "dispatch"
 LEDGER_TTL = 30 * 86400
 KEY_TTL = 30 * 86400
 RECORD_TTL = 30 * 86400
-STATS_TTL = 3 * 3600
 INFLIGHT = f"{PREFIX}:inflight"
 RECONCILER_LOCK = f"{PREFIX}:reconciler"
 ROUTES = f"{PREFIX}:routes"
@@ -42,9 +54,13 @@ def send_key(send_id: str) -> str:
     return f"{PREFIX}:send:{send_id}"
 
 
-def state_key(state: str, priority: str | None = None) -> str:
-    """The index of sends in ``state``; with ``priority``, only those of that queue."""
-    return f"{PREFIX}:state:{state}" if priority is None else f"{PREFIX}:state:{state}:{priority}"
+UNSORTED = "unsorted"
+"""The index bucket of a record whose priority cannot be read (not one of ``PRIORITIES``)."""
+
+
+def state_key(state: str, bucket: str) -> str:
+    """The index of sends in ``state`` of one priority (``bucket``: a priority, or ``UNSORTED``)."""
+    return f"{PREFIX}:state:{state}:{bucket}"
 
 
 def ledger_key(message_id: str) -> str:
@@ -55,16 +71,13 @@ def idempotency_key(key: str) -> str:
     return f"{PREFIX}:key:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
-def source_key(send_id: str) -> str:
+def legacy_source_key(send_id: str) -> str:
+    """Where a send enqueued before the mail moved into its record keeps the mail (read, never written)."""
     return f"{PREFIX}:source:{send_id}"
 
 
 def worker_key(name: str) -> str:
     return f"{PREFIX}:worker:{name}"
-
-
-def delivered_key(minute: int) -> str:
-    return f"{PREFIX}:delivered:{minute}"
 
 
 def login_failures_key(address: str) -> str:

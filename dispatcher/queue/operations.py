@@ -133,11 +133,8 @@ class Operations:
                         return "not found"
                     if rec.state not in RETRYABLE_STATES:
                         return f"skipped: {rec.state}"
-                    ledger = {m.casefold() for m in self.store.ledger(rec.message_id)}
-                    pending = [
-                        r for r, o in rec.outcomes.items()
-                        if o.status is not DeliveryStatus.ACCEPTED and r.casefold() not in ledger
-                    ]  # fmt: skip
+                    never = self.store.never_again(rec)
+                    pending = [r for r in rec.outcomes if r.casefold() not in never]
                     if not pending:
                         return "skipped: every recipient already accepted"
                     if dry_run:

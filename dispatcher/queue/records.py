@@ -25,6 +25,11 @@ from dispatcher.queue.states import SendState
 
 HISTORY_KEPT = 50
 """The newest history entries a record keeps."""
+SUMMARY_FIELDS = ("mail", "state", "attempts", "generation", "created_at", "updated_at", "next_attempt_at",
+                  "rq_job", "record", "data_out", "ledger")  # fmt: skip
+"""The hash fields of a record but the mail itself (``raw``, ``source``): what a listing reads."""
+_MAIL_BYTES = (b"raw", b"source")
+LEDGER_IN_RECORD = b"record"
 
 
 class DeliveryStatus(enum.StrEnum):
@@ -245,7 +250,19 @@ class SendRecord:
     extra: dict[str, Any] = field(default_factory=dict)
     """Fields of the stored record this version does not know: kept as they are."""
     raw: bytes | None = field(default=None, repr=False)
-    source: str | None = field(default=None, repr=False)
+    """The MIME message as given (a send enqueued as MIME), or as built by this attempt."""
+    source: bytes | None = field(default=None, repr=False)
+    """The whole mail as JSON, which the worker builds the MIME message from (``raw`` is None then);
+    None when the record was loaded without it (listings), or a send from before the mail moved into
+    its record (``keys.legacy_source_key``)."""
+    ledger_in_record: bool = False
+    """The send's Message-ID was generated for it (``Mail.message_id_generated``), so no other send has
+    it and this record's outcomes are its ledger: its attempts neither read nor write the ledger set.
+    Stored as the hash field ``ledger`` = ``record``; a replayed outcome that could only add to the
+    ledger set (``delivery.journal``) sets it to ``set``, and from then on attempts read the set too."""
+    legacy_source: bool = field(default=False, repr=False)
+    """Loaded without ``raw`` or ``source`` in the hash: the mail is at ``keys.legacy_source_key`` (a send
+    enqueued before the mail moved into its record), or the load was a listing's."""
     stored_state: SendState | None = None
     data_out: int | None = None
     """The attempt whose message data may be on the wire: written (durably, ``mark_data_out``) right
@@ -328,7 +345,7 @@ class SendRecord:
     @classmethod
     def from_hash(cls, send_id: str, raw: Mapping[Any, Any]) -> SendRecord:
         message = raw.get(b"raw")
-        fields = {text(k): text(v) for k, v in raw.items() if k != b"raw"}
+        fields = {text(k): text(v) for k, v in raw.items() if k not in _MAIL_BYTES}
         rec = cls(
             send_id=send_id,
             mail=json.loads(fields["mail"]),
@@ -340,6 +357,9 @@ class SendRecord:
             next_attempt_at=float(fields["next_attempt_at"]) if fields.get("next_attempt_at") else None,
             rq_job=fields.get("rq_job") or None,
             raw=message,
+            source=raw.get(b"source"),
+            legacy_source=b"raw" not in raw and b"source" not in raw,
+            ledger_in_record=raw.get(b"ledger") == LEDGER_IN_RECORD,
             stored_state=SendState(fields["state"]),
             data_out=int(fields["data_out"]) if fields.get("data_out") else None,
         )
@@ -374,6 +394,10 @@ class SendRecord:
             fields["next_attempt_at"] = repr(self.next_attempt_at)
         if self.raw is not None:
             fields["raw"] = self.raw
+        if self.source is not None:
+            fields["source"] = self.source
+        if self.ledger_in_record:
+            fields["ledger"] = LEDGER_IN_RECORD
         return fields
 
     def status(self) -> dict[str, Any]:

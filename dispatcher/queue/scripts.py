@@ -9,49 +9,64 @@ key type or memory, never on what an attempt decides.
 from __future__ import annotations
 
 BEGIN_ATTEMPT = """
-local stored = redis.call('HMGET', KEYS[1], 'rq_job', 'state')
+local stored = redis.call('HMGET', KEYS[1], 'rq_job', 'state', 'ledger')
 if (stored[1] or '') ~= ARGV[1] or stored[2] ~= ARGV[2] then return false end
 redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('ZREM', KEYS[5], ARGV[3])
-redis.call('ZREM', KEYS[6], ARGV[3])
-redis.call('ZADD', KEYS[7], ARGV[4], ARGV[3])
-redis.call('ZADD', KEYS[8], ARGV[4], ARGV[3])
-redis.call('ZADD', KEYS[4], ARGV[5], ARGV[3])
-return {redis.call('SMEMBERS', KEYS[2]), redis.call('GET', KEYS[3])}
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[3])
+local ledger = {}
+if stored[3] ~= 'record' then ledger = redis.call('SMEMBERS', KEYS[2]) end
+local source = false
+if ARGV[5] == '1' then source = redis.call('GET', KEYS[3]) end
+return {ledger, source}
 """
-"""``SendStore.begin_attempt``: KEYS record, ledger, source, in-flight, the old and new state indexes
-(overall, priority); ARGV the rq job and state the attempt loaded, send id, updated_at, lease expiry,
-then the record's fields. False when the record moved on since it was loaded."""
+"""``SendStore.begin_attempt``: KEYS record, ledger, legacy source, in-flight, the index of the state the
+attempt loaded; ARGV the rq job and state the attempt loaded, send id, lease expiry, ``1`` to read the
+legacy source (a send enqueued before the mail moved into its record), then the record's fields. False
+when the record moved on since it was loaded; else the ledger set (not read, so empty, while the record
+says it is its own ledger: its hash field ``ledger`` is ``record``) and the legacy source (nil when not
+read)."""
 
 RECORD_OUTCOME = """
 local accepted = tonumber(ARGV[7])
 for first = 8, 7 + accepted, 500 do
-  redis.call('SADD', KEYS[3], unpack(ARGV, first, math.min(first + 499, 7 + accepted)))
+  redis.call('SADD', KEYS[2], unpack(ARGV, first, math.min(first + 499, 7 + accepted)))
 end
-if accepted > 0 then redis.call('EXPIRE', KEYS[3], ARGV[5]) end
-if ARGV[6] ~= '' and redis.call('INCR', KEYS[9]) == 1 then redis.call('EXPIRE', KEYS[9], ARGV[6]) end
+if accepted > 0 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
 redis.call('HSET', KEYS[1], unpack(ARGV, 8 + accepted))
-if ARGV[3] == 'expire' then
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
-elseif ARGV[3] == 'persist' then
+if ARGV[3] == '1' then
   redis.call('PERSIST', KEYS[1])
-  redis.call('PERSIST', KEYS[2])
+  if ARGV[5] == '1' then redis.call('PERSIST', KEYS[6]) end
 end
-if KEYS[5] ~= KEYS[7] then
-  redis.call('ZREM', KEYS[5], ARGV[1])
-  redis.call('ZREM', KEYS[6], ARGV[1])
-end
-redis.call('ZADD', KEYS[7], ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[8], ARGV[2], ARGV[1])
-redis.call('ZREM', KEYS[4], ARGV[1])
+if ARGV[6] == '1' then redis.call('ZREM', KEYS[4], ARGV[1]) end
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
 return 1
 """
 """``SendStore.record_outcome`` / ``stage_outcome``: what an attempt's outcome writes, unconditionally
-(the attempt's lease keeps every other writer off the send): the accepted recipients into the ledger
-(its TTL renewed), the minute's delivery count (its TTL set when this created it), the record and its
-TTL (set when final, dropped when it leaves a final state), the move between the state indexes, and
-the lease dropped. KEYS record, source, ledger, in-flight, the old state indexes (overall, priority;
-the new ones again when the state did not change), the new ones, the minute's delivery counter; ARGV
-send id, updated_at, ``expire``/``persist``/empty, record TTL, ledger TTL, counter TTL (empty: not
-delivered), how many accepted recipients follow, them, then the record's fields."""
+(the attempt's lease keeps every other writer off the send): the accepted recipients into the ledger set
+(its TTL renewed; none are passed for a send whose record is its own ledger), the record, the move into
+the new state's index, and the lease dropped. KEYS record, ledger, in-flight, the old state's index, the
+new state's, the legacy source; ARGV send id, updated_at, ``1`` to drop a TTL an earlier version set on a
+final record (and ``1`` next but one when its legacy source has one too), ledger TTL, ``1`` to take the
+send out of the old index (it was not ``sending`` and the state changed), how many accepted recipients
+follow, them, then the record's fields."""
+
+SWEEP_FINAL = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+if #ids == 0 then return 0 end
+local doomed = {}
+for _, id in ipairs(ids) do
+  doomed[#doomed + 1] = ARGV[3] .. id
+  doomed[#doomed + 1] = ARGV[4] .. id
+end
+redis.call('DEL', unpack(doomed))
+redis.call('ZREM', KEYS[1], unpack(ids))
+return #ids
+"""
+"""``SendStore.sweep_final``: the oldest ``ARGV[2]`` sends of a final state's index (``KEYS[1]``) last
+updated at or before ``ARGV[1]`` — their records (key prefix ``ARGV[3]``), legacy sources (``ARGV[4]``)
+and index entries — deleted together. Atomic, so a send an operator retries meanwhile (its record
+saved and its index entry moved in one MULTI) is either already out of this index or deleted before the
+retry reads it, never half. The record keys are built here from the ids, not declared: one call for up
+to ``ARGV[2]`` sends is the point (a standalone Redis; dispatcher's transactions span keys anyway)."""

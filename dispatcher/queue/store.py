@@ -25,7 +25,17 @@ Invariants the store's writes keep (README "Guarantees"):
 2. ``data_out`` (``mark_data_out``) is durable before the first byte of an attempt's message data is
    written; recovery then settles the send *unknown*, never resends it.
 3. A recipient in the ledger is never sent to again: the outcome's script adds the accepted ones in the
-   same atomic call as the record that says so.
+   same atomic call as the record that says so. The ledger is the set of the send's Message-ID when the
+   app gave that id (every send of it reads and adds to the set); for a generated Message-ID, which no
+   other send can have, it is the record's own outcomes, and the set is read only once something wrote
+   it outside the record (``stage_ledger``, which marks the record so) — ``never_again`` is the union.
+4. Retention: final records carry no TTL; ``sweep_final`` deletes them ``RECORD_TTL`` after their last
+   update together with their index entries (atomic with an operator's retry, which moves the entry).
+
+The key layout keeps an attempt to 12–14 Redis commands a mail (issue 15, ``tests/test_command_budget``):
+the mail in the record (no source key), one index per state and priority and none for ``sending`` (the
+in-flight set is its index), no per-minute counters (``delivered_per_minute`` counts the delivered
+index), no TTL writes, and no ledger set for a generated Message-ID.
 
 An attempt's own calls (read the record, begin, mark the data out, record the outcome) go through
 ``SendStore.for_attempts``: this thread's store, sending them on a connection it holds
@@ -36,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import os
 import threading
 import time
@@ -53,22 +64,27 @@ from dispatcher.queue.keys import (
     KEY_TTL,
     LEDGER_TTL,
     RECORD_TTL,
-    STATS_TTL,
-    delivered_key,
+    UNSORTED,
     idempotency_key,
     ledger_key,
+    legacy_source_key,
     send_key,
-    source_key,
     state_key,
 )
-from dispatcher.queue.records import SendRecord, text
-from dispatcher.queue.scripts import BEGIN_ATTEMPT, RECORD_OUTCOME
+from dispatcher.queue.records import SUMMARY_FIELDS, DeliveryStatus, SendRecord, text
+from dispatcher.queue.scripts import BEGIN_ATTEMPT, RECORD_OUTCOME, SWEEP_FINAL
 from dispatcher.queue.states import FINAL_STATES, SendState
 
 DECODE_ERRORS = (ValueError, KeyError, TypeError, AttributeError)
 """What decoding a bad record hash raises (``UnicodeDecodeError``, ``JSONDecodeError`` are ValueErrors;
 KeyError for a missing field; an unknown state is a ValueError of ``SendState``)."""
 STATES = tuple(SendState)
+BUCKETS = (*PRIORITIES, UNSORTED)
+"""Every state's index is one sorted set per bucket: a priority, or ``UNSORTED``."""
+INDEXED_STATES: tuple[SendState, ...] = tuple(s for s in SendState if s is not SendState.SENDING)
+"""The states with an index of their own: ``sending``'s is the in-flight set (invariant 1 below keeps
+every sending record leased), so an attempt moves its send between indexes twice, not four times."""
+_SUMMARY_KEYS = tuple(f.encode() for f in SUMMARY_FIELDS)
 OUTAGE = (redis.ConnectionError, redis.TimeoutError)
 """What redis-py raises when Redis cannot be reached, does not answer in time, or is still loading its
 data after a restart (``BusyLoadingError`` is a ``ConnectionError``): the one definition of an outage."""
@@ -106,6 +122,7 @@ class SendStore:
         self.redis = connection
         self._begin = connection.register_script(BEGIN_ATTEMPT)
         self._outcome = connection.register_script(RECORD_OUTCOME)
+        self._sweep = connection.register_script(SWEEP_FINAL)
         self.held = HeldConnection(connection) if hold else None
         """With ``hold``: the connection the attempt calls go over (``queue.held``)."""
 
@@ -174,19 +191,28 @@ class SendStore:
         raw: dict[bytes, bytes] = self.redis.hgetall(send_key(send_id))  # type: ignore[assignment]
         return raw
 
+    def _summaries(self, ids: list[str]) -> list[dict[bytes, bytes]]:
+        """Each of ``ids``' record hashes without the mail itself (one round trip): what a listing
+        needs, without the attachments; an empty dict for a send that does not exist."""
+        pipe = self.redis.pipeline(transaction=False)
+        for send_id in ids:
+            pipe.hmget(send_key(send_id), SUMMARY_FIELDS)
+        return [
+            {k: v for k, v in zip(_SUMMARY_KEYS, values, strict=True) if v is not None}
+            for values in pipe.execute()
+        ]
+
     @outage_is_unavailable
     def load_many_tolerant(
         self, send_ids: Iterable[str]
     ) -> tuple[list[SendRecord], list[tuple[str, BaseException]]]:
-        """The records of ``send_ids`` that exist (one round trip), each decoded on its own: those that
-        cannot be decoded come back apart with what was wrong, so one bad hash breaks no listing."""
+        """The records of ``send_ids`` that exist (one round trip, without the mail itself: ``raw`` and
+        ``source`` are None), each decoded on its own: those that cannot be decoded come back apart
+        with what was wrong, so one bad hash breaks no listing."""
         ids = list(send_ids)
-        pipe = self.redis.pipeline(transaction=False)
-        for send_id in ids:
-            pipe.hgetall(send_key(send_id))
         readable: list[SendRecord] = []
         unreadable: list[tuple[str, BaseException]] = []
-        for send_id, raw in zip(ids, pipe.execute(), strict=True):
+        for send_id, raw in zip(ids, self._summaries(ids), strict=True):
             if not raw:
                 continue
             try:
@@ -197,11 +223,9 @@ class SendStore:
 
     @outage_is_unavailable
     def load_many(self, send_ids: Iterable[str]) -> list[SendRecord]:
+        """The records of ``send_ids`` that exist, without the mail itself (``load_many_tolerant``)."""
         ids = list(send_ids)
-        pipe = self.redis.pipeline(transaction=False)
-        for send_id in ids:
-            pipe.hgetall(send_key(send_id))
-        return [SendRecord.from_hash(i, raw) for i, raw in zip(ids, pipe.execute(), strict=True) if raw]
+        return [SendRecord.from_hash(i, raw) for i, raw in zip(ids, self._summaries(ids), strict=True) if raw]
 
     @outage_is_unavailable
     def ledger(self, message_id: str) -> set[str]:
@@ -209,37 +233,83 @@ class SendStore:
 
     @outage_is_unavailable
     def ids_in_state(self, state: str, *, since: float | None = None, limit: int | None = None) -> list[str]:
+        """Ids of the sends in ``state`` updated since ``since``, newest first (every priority's)."""
         low: float | str = since if since is not None else "-inf"
+        if state == SendState.SENDING:
+            return self._sending(low, limit)
         start, num = (0, limit) if limit is not None else (None, None)
-        ids = self.redis.zrevrangebyscore(state_key(state), "+inf", low, start=start, num=num)
-        return [text(i) for i in ids]
+        pipe = self.redis.pipeline(transaction=False)
+        for bucket in BUCKETS:
+            key = state_key(state, bucket)
+            pipe.zrevrangebyscore(key, "+inf", low, start=start, num=num, withscores=True)
+        merged = sorted(itertools.chain.from_iterable(pipe.execute()), key=lambda pair: -pair[1])
+        return [text(i) for i, _ in merged[:limit]]
+
+    def _sending(self, low: float | str, limit: int | None) -> list[str]:
+        """``ids_in_state(sending)``: the leased sends whose record is ``sending``, newest lease first
+        (a lease's score is its expiry, a fixed time after the attempt began or was last refreshed)."""
+        leased = [text(i) for i in self.redis.zrevrangebyscore(INFLIGHT, "+inf", low)]
+        states = self._states_of(leased)
+        return [i for i in leased if states.get(i) == SendState.SENDING][:limit]
+
+    def _states_of(self, ids: list[str]) -> dict[str, str]:
+        pipe = self.redis.pipeline(transaction=False)
+        for send_id in ids:
+            pipe.hget(send_key(send_id), "state")
+        return {i: text(v) for i, v in zip(ids, pipe.execute(), strict=True) if v is not None}
 
     @outage_is_unavailable
     def waiting_since(self, states: Iterable[SendState], before: float, limit: int) -> list[str]:
         """Ids of sends in ``states`` not updated since ``before``, oldest first, at most ``limit`` each."""
         found: list[str] = []
         for state in states:
-            ids = self.redis.zrangebyscore(state_key(state), "-inf", before, start=0, num=limit)
-            found.extend(text(i) for i in ids)
+            pipe = self.redis.pipeline(transaction=False)
+            for bucket in BUCKETS:
+                key = state_key(state, bucket)
+                pipe.zrangebyscore(key, "-inf", before, start=0, num=limit, withscores=True)
+            merged = sorted(itertools.chain.from_iterable(pipe.execute()), key=lambda pair: pair[1])
+            found.extend(text(i) for i, _ in merged[:limit])
         return found
 
     @outage_is_unavailable
     def count_states(self, priority: str | None = None) -> dict[str, int]:
         """Sends per state, over every queue or in one priority's."""
+        buckets = BUCKETS if priority is None else (_bucket(priority),)
         pipe = self.redis.pipeline(transaction=False)
-        for state in STATES:
-            pipe.zcard(state_key(state, priority))
-        return dict(zip(STATES, pipe.execute(), strict=True))
+        for state in INDEXED_STATES:
+            for bucket in buckets:
+                pipe.zcard(state_key(state, bucket))
+        sizes = iter(pipe.execute())
+        counts: dict[SendState, int] = {state: sum(next(sizes) for _ in buckets) for state in INDEXED_STATES}
+        counts[SendState.SENDING] = self._count_sending(priority)
+        return {state: counts[state] for state in STATES}
+
+    def _count_sending(self, priority: str | None) -> int:
+        leased = [text(i) for i in self.redis.zrange(INFLIGHT, 0, -1)]
+        if priority is None:
+            return sum(1 for state in self._states_of(leased).values() if state == SendState.SENDING)
+        pipe = self.redis.pipeline(transaction=False)
+        for send_id in leased:
+            pipe.hmget(send_key(send_id), "state", "mail")
+        count = 0
+        for state, mail in pipe.execute():
+            if state != b"sending":
+                continue
+            if priority is None or _bucket(_priority_in(mail)) == _bucket(priority):
+                count += 1
+        return count
 
     @outage_is_unavailable
     def delivered_per_minute(self, minutes: int = 60, *, now: float | None = None) -> list[tuple[int, int]]:
+        """Deliveries in each of the last ``minutes`` minutes (the delivered index, by delivery time)."""
         current = int((now or time.time()) // 60)
-        keys = [delivered_key(m) for m in range(current - minutes + 1, current + 1)]
-        values = self.redis.mget(keys)
-        return [
-            (m * 60, int(v or 0))
-            for m, v in zip(range(current - minutes + 1, current + 1), values, strict=True)
-        ]
+        span = range(current - minutes + 1, current + 1)
+        pipe = self.redis.pipeline(transaction=False)
+        for minute in span:
+            for bucket in BUCKETS:
+                pipe.zcount(state_key(SendState.DELIVERED, bucket), minute * 60, f"({(minute + 1) * 60}")
+        counts = iter(pipe.execute())
+        return [(m * 60, sum(next(counts) for _ in BUCKETS)) for m in span]
 
     # -- creating sends -------------------------------------------------------------------------------
 
@@ -260,44 +330,39 @@ class SendStore:
         pipe.set(idempotency_key(key), f"{send_id} {fingerprint}", ex=KEY_TTL)
 
     def stage_new(self, pipe: Any, recs: list[SendRecord], *, now: float) -> None:
-        """Queue the writes creating ``recs`` on ``pipe``: a hash each, and their sources and state-index
-        entries in as few commands as possible (bulk enqueue is bounded by Redis commands)."""
+        """Queue the writes creating ``recs`` on ``pipe``: a hash each (the mail in it), and their
+        state-index entries in as few commands as possible (bulk enqueue is bounded by Redis commands)."""
         if not recs:
             return
-        sources: dict[str, str] = {}
         indexes: dict[str, dict[str, float]] = {}
         for rec in recs:
             rec.updated_at = now
             rec.stored_state = rec.state
             fields = itertools.chain.from_iterable(rec.to_hash_new().items())
             pipe.execute_command("HSET", send_key(rec.send_id), *fields)  # hset(mapping=) without its copy
-            if rec.source is not None:
-                sources[source_key(rec.send_id)] = rec.source
-            for key in (state_key(rec.state), state_key(rec.state, rec.priority)):
-                indexes.setdefault(key, {})[rec.send_id] = now
-        if sources:
-            pipe.mset(sources)
+            if rec.state is not SendState.SENDING:
+                indexes.setdefault(state_key(rec.state, _bucket(rec.priority)), {})[rec.send_id] = now
         for key, members in indexes.items():
             pipe.zadd(key, members)
 
     # -- saving ---------------------------------------------------------------------------------------
 
     def stage_save(self, pipe: Any, rec: SendRecord, *, now: float | None = None) -> None:
-        """Queue the writes that persist ``rec`` and its state index on ``pipe`` (a MULTI pipeline)."""
+        """Queue the writes that persist ``rec`` and its state index on ``pipe`` (a MULTI pipeline). A
+        record saved as ``sending`` gets no index entry: the caller's lease is its index."""
         rec.updated_at = now or time.time()
-        pipe.hset(send_key(rec.send_id), mapping=rec.to_hash())
-        if rec.state in FINAL_STATES:
-            pipe.expire(send_key(rec.send_id), RECORD_TTL)
-            pipe.expire(source_key(rec.send_id), RECORD_TTL)
-        elif rec.stored_state in FINAL_STATES:
-            pipe.persist(send_key(rec.send_id))
-            pipe.persist(source_key(rec.send_id))
-        priority = rec.priority
-        if rec.stored_state is not None and rec.stored_state != rec.state:
-            pipe.zrem(state_key(rec.stored_state), rec.send_id)
-            pipe.zrem(state_key(rec.stored_state, priority), rec.send_id)
-        pipe.zadd(state_key(rec.state), {rec.send_id: rec.updated_at})
-        pipe.zadd(state_key(rec.state, priority), {rec.send_id: rec.updated_at})
+        key = send_key(rec.send_id)
+        pipe.hset(key, mapping=rec.to_hash())
+        if rec.stored_state in FINAL_STATES and rec.state not in FINAL_STATES:  # a TTL of an older version
+            pipe.persist(key)
+            if rec.legacy_source:
+                pipe.persist(legacy_source_key(rec.send_id))
+        bucket = _bucket(rec.priority)
+        before = rec.stored_state
+        if before is not None and before != rec.state and before is not SendState.SENDING:
+            pipe.zrem(state_key(before, bucket), rec.send_id)
+        if rec.state is not SendState.SENDING:
+            pipe.zadd(state_key(rec.state, bucket), {rec.send_id: rec.updated_at})
         rec.stored_state = rec.state
 
     def stage_fields(
@@ -305,26 +370,22 @@ class SendStore:
         priority: str | None, now: float,
     ) -> None:  # fmt: skip
         """Queue a write of some fields of a record that cannot be decoded as a whole, and its move
-        between the state indexes: out of every priority's (its own may be what is unreadable), into
-        ``priority``'s when it is known."""
+        between the state indexes: out of every bucket's (its own may be what is unreadable), into
+        ``priority``'s (``UNSORTED`` when it is not known)."""
         before, after = moved
-        key = send_key(send_id)
-        pipe.hset(key, mapping=dict(fields))
-        if after.final:
-            pipe.expire(key, RECORD_TTL)
-            pipe.expire(source_key(send_id), RECORD_TTL)
-        for each in (None, *PRIORITIES):
-            pipe.zrem(state_key(before, each), send_id)
-        pipe.zadd(state_key(after), {send_id: now})
-        if priority is not None:
-            pipe.zadd(state_key(after, priority), {send_id: now})
+        pipe.hset(send_key(send_id), mapping=dict(fields))
+        if before is not SendState.SENDING:
+            for bucket in BUCKETS:
+                pipe.zrem(state_key(before, bucket), send_id)
+        if after is not SendState.SENDING:
+            pipe.zadd(state_key(after, _bucket(priority)), {send_id: now})
 
     def stage_delete(self, pipe: Any, rec: SendRecord, states: Iterable[SendState]) -> None:
-        """Queue the removal of ``rec``: hash, source, ledger, lease and entries in ``states``' indexes."""
-        pipe.delete(send_key(rec.send_id), source_key(rec.send_id))
+        """Queue the removal of ``rec``: hash, ledger, lease and entries in ``states``' indexes."""
+        pipe.delete(send_key(rec.send_id), legacy_source_key(rec.send_id))
         for state in states:
-            pipe.zrem(state_key(state), rec.send_id)
-            pipe.zrem(state_key(state, rec.priority), rec.send_id)
+            if state is not SendState.SENDING:
+                pipe.zrem(state_key(state, _bucket(rec.priority)), rec.send_id)
         pipe.zrem(INFLIGHT, rec.send_id)
         pipe.delete(ledger_key(rec.message_id))
 
@@ -335,21 +396,22 @@ class SendStore:
         self, rec: SendRecord, *, now: float, lease_seconds: float
     ) -> tuple[set[str], bytes | None] | None:
         """Save ``rec`` (moved to ``sending`` by the caller) under a lease of ``lease_seconds``, and read
-        its ledger (casefolded) and the stored mail to build it from (None when absent) — in one script,
-        and only if the stored record still names the job and state ``rec`` was loaded with. None when it
+        its ledger (casefolded) and, for a send enqueued before the mail moved into its record, the
+        stored mail from its old key (None otherwise: ``rec.source`` holds it) — in one script, and
+        only if the stored record still names the job and state ``rec`` was loaded with. None when it
         does not: the send moved on meanwhile (the reconciler gave it another job while this worker was
         stalled; an operator retried it) and whoever owns it now sends it, not this attempt."""
-        if rec.stored_state is None or rec.stored_state.final:
+        if rec.stored_state is None or rec.stored_state.final or rec.stored_state is SendState.SENDING:
             raise ValueError(f"an attempt begins from a waiting state, not {rec.stored_state}")
         rec.updated_at = now
         fields = [item for pair in rec.to_hash().items() for item in pair]
+        legacy = rec.legacy_source
         result = self._script(
             self._begin,
-            keys=[send_key(rec.send_id), ledger_key(rec.message_id), source_key(rec.send_id), INFLIGHT,
-                  state_key(rec.stored_state), state_key(rec.stored_state, rec.priority),
-                  state_key(rec.state), state_key(rec.state, rec.priority)],
-            args=[rec.rq_job or "", rec.stored_state.value, rec.send_id, rec.updated_at, now + lease_seconds,
-                  *fields],
+            keys=[send_key(rec.send_id), ledger_key(rec.message_id), legacy_source_key(rec.send_id), INFLIGHT,
+                  state_key(rec.stored_state, _bucket(rec.priority))],
+            args=[rec.rq_job or "", rec.stored_state.value, rec.send_id, now + lease_seconds,
+                  "1" if legacy else "", *fields],
         )  # fmt: skip
         if result is None:
             return None
@@ -384,31 +446,61 @@ class SendStore:
     def _outcome_call(
         self, rec: SendRecord, accepted: Sequence[str], now: float
     ) -> tuple[list[str], list[str | float | int]]:
+        if rec.state is SendState.SENDING:
+            raise ValueError("an outcome moves a send out of sending")
         rec.updated_at = now
         before = rec.stored_state if rec.stored_state is not None else rec.state
-        if rec.state in FINAL_STATES:
-            ttl_mode = "expire"
-        elif rec.stored_state in FINAL_STATES:
-            ttl_mode = "persist"
-        else:
-            ttl_mode = ""
-        delivered = rec.state is SendState.DELIVERED
+        persist = rec.stored_state in FINAL_STATES and rec.state not in FINAL_STATES
+        if rec.ledger_in_record:  # its outcomes, written in this same script, are its ledger
+            accepted = ()
+        bucket = _bucket(rec.priority)
+        legacy = rec.legacy_source
+        leaves = before is not SendState.SENDING and before != rec.state
         fields = [item for pair in rec.to_hash().items() for item in pair]
-        keys = [send_key(rec.send_id), source_key(rec.send_id), ledger_key(rec.message_id), INFLIGHT,
-                state_key(before), state_key(before, rec.priority),
-                state_key(rec.state), state_key(rec.state, rec.priority), delivered_key(int(now // 60))]
+        keys = [send_key(rec.send_id), ledger_key(rec.message_id), INFLIGHT, state_key(before, bucket),
+                state_key(rec.state, bucket), legacy_source_key(rec.send_id)]
         args: list[str | float | int] = [
-            rec.send_id, rec.updated_at, ttl_mode, RECORD_TTL, LEDGER_TTL, STATS_TTL if delivered else "",
-            len(accepted), *accepted, *fields,
+            rec.send_id, rec.updated_at, "1" if persist else "", LEDGER_TTL, "1" if legacy else "",
+            "1" if leaves else "", len(accepted), *accepted, *fields,
         ]  # fmt: skip
         return keys, args
 
     @staticmethod
-    def stage_ledger(pipe: Any, message_id: str, accepted: Sequence[str]) -> None:
-        """Queue adding ``accepted`` recipients (casefolded) to the ledger of ``message_id``."""
+    def stage_ledger(pipe: Any, rec: SendRecord, accepted: Sequence[str]) -> None:
+        """Queue adding ``accepted`` recipients (casefolded) to the ledger set of ``rec``'s Message-ID,
+        outside its record (a replayed outcome whose attempt the record no longer shows): the record
+        then says that its attempts read the set too (hash field ``ledger``: ``set``)."""
         if accepted:
-            pipe.sadd(ledger_key(message_id), *accepted)
-            pipe.expire(ledger_key(message_id), LEDGER_TTL)
+            pipe.sadd(ledger_key(rec.message_id), *accepted)
+            pipe.expire(ledger_key(rec.message_id), LEDGER_TTL)
+            if rec.ledger_in_record:
+                pipe.hset(send_key(rec.send_id), "ledger", "set")
+                rec.ledger_in_record = False
+
+    def never_again(self, rec: SendRecord) -> set[str]:
+        """The recipients (casefolded) ``rec`` is never sent to again: its ledger set's, and those its
+        record shows accepted (which is all of them for a send that is its own ledger)."""
+        accepted = {r.casefold() for r, o in rec.outcomes.items() if o.status is DeliveryStatus.ACCEPTED}
+        return accepted | {m.casefold() for m in self.ledger(rec.message_id)}
+
+    @outage_is_unavailable
+    def sweep_final(self, now: float, *, chunk: int = 500, rounds: int = 20) -> int:
+        """Delete the final sends last updated ``RECORD_TTL`` ago or more — record, legacy source, index
+        entry, in one script per chunk (``queue.scripts.SWEEP_FINAL``) — up to ``rounds`` chunks per
+        index; how many went. Final records carry no TTL of their own: this is their retention, and
+        it keeps the indexes from holding ids whose records are gone."""
+        cutoff = now - RECORD_TTL
+        prefixes = [send_key(""), legacy_source_key("")]
+        swept = 0
+        for state in FINAL_STATES:
+            for bucket in BUCKETS:
+                key = state_key(state, bucket)
+                for _ in range(rounds):
+                    gone = int(self._sweep(keys=[key], args=[cutoff, chunk, *prefixes]))
+                    swept += gone
+                    if gone < chunk:
+                        break
+        return swept
 
     # -- leases ---------------------------------------------------------------------------------------
 
@@ -440,6 +532,20 @@ class SendStore:
     def is_leased(pipe: Any, send_id: str) -> bool:
         """On a pipeline in WATCH mode (immediate): whether ``send_id`` is under a lease."""
         return pipe.zscore(INFLIGHT, send_id) is not None
+
+
+def _bucket(priority: str | None) -> str:
+    """The index bucket of a send of ``priority``."""
+    return priority if priority in PRIORITIES else UNSORTED
+
+
+def _priority_in(mail: bytes | None) -> str | None:
+    """The priority in a record's stored ``mail`` JSON (None when it cannot be read)."""
+    try:
+        priority = json.loads(mail or b"null").get("priority", "default")
+    except (ValueError, AttributeError):
+        return None
+    return priority if isinstance(priority, str) else None
 
 
 _THREAD_STORES = threading.local()

@@ -45,6 +45,7 @@ from dispatcher.queue.producer import FAILURE_TTL, JOB_BATCH_SIZE, connect
 from dispatcher.queue.reconcile import reconcile
 from dispatcher.queue.records import text
 from dispatcher.queue.recovery import reap_abandoned
+from dispatcher.queue.store import SendStore
 from dispatcher.settings import load_settings
 from dispatcher.worker.adoption import adopt
 from dispatcher.worker.backoff import RestartBackoff
@@ -58,6 +59,8 @@ logger = structlog.get_logger("dispatcher.worker.process")
 WORKER_TTL = 35
 #: rq's own worker key lives worker_ttl + 60 s; an idle worker refreshes its status only between dequeues.
 STATUS_TTL = WORKER_TTL + 60
+SWEEP_INTERVAL = 60.0
+"""How often one worker sweeps the final sends past their retention (``SendStore.sweep_final``)."""
 
 
 class MailWorker(SimpleWorker):
@@ -72,6 +75,7 @@ class MailWorker(SimpleWorker):
         self.runtime.worker_name = self.name
         self.runtime.should_stop = lambda: bool(self._stop_requested)
         self._limits: dict[str, dict[str, object]] = {}
+        self._swept_at: float | None = None
         self.drained = False
         """Set when a burst's dequeue found every queue empty: the one end of a burst that is not a failure
         (rq also leaves its loop, as quietly, on any error of its own)."""
@@ -270,10 +274,21 @@ class MailWorker(SimpleWorker):
         try:
             reap_abandoned(self.connection)
             reconcile(self.connection, older_than=self.runtime.settings.reconcile_after)
+            self._sweep()
         except StopRequested:  # rq's warm stop, raised from its signal handler while idle: let it through
             raise
         except Exception as exc:  # recovery must never take the worker down with it
             logger.exception("recovery_failed", error=str(exc))
+
+    def _sweep(self) -> None:
+        """Retention: the final sends past ``RECORD_TTL`` go, at most every ``SWEEP_INTERVAL`` seconds."""
+        at = time.monotonic()
+        if self._swept_at is not None and at - self._swept_at < SWEEP_INTERVAL:
+            return
+        self._swept_at = at
+        swept = SendStore(self.connection).sweep_final(time.time())
+        if swept:
+            logger.info("records_swept", sends=swept)
 
     def teardown(self) -> None:
         self.runtime.close()

@@ -11,7 +11,7 @@ import redis
 from dashboard_support import AUTH, csrf_of, state_of
 from flask.testing import FlaskClient
 
-from dispatcher.queue.keys import send_key, source_key
+from dispatcher.queue.keys import send_key
 from dispatcher.queue.producer import Producer
 from dispatcher.queue.recovery import quarantine
 
@@ -113,7 +113,7 @@ def test_a_quarantined_send_is_counted_and_shown_with_its_reason(
     broken = Producer(redis_client).enqueue(
         {"from": "app@example.com", "to": "q@example.org", "subject": "s", "text": "x"}
     ).id
-    redis_client.set(source_key(broken), b"\xff\xfe")
+    redis_client.hset(send_key(broken), "source", b"\xff\xfe")
     assert quarantine(redis_client, broken, "UnicodeDecodeError: not utf-8", job_id=None)["state"] == "broken"
 
     overview = logged_in.get("/overview.json")

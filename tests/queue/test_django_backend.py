@@ -26,7 +26,7 @@ from queue_support import WorkerRun, smtp_url
 from servers import RecordingSmtpServer
 
 from dispatcher.errors import ValidationError
-from dispatcher.queue.store import SendStore, state_key
+from dispatcher.queue.store import SendStore
 
 StartWorkers = Callable[..., WorkerRun]
 SmtpServer = Callable[..., RecordingSmtpServer]
@@ -151,7 +151,7 @@ def test_every_django_api_arrives_as_djangos_smtp_backend_sends_it(
     ours, theirs = smtp_server(), smtp_server()
     for api in each_api(tmp_path):
         assert api(None) == api(reference(theirs.port)), api.__name__  # the same count sent
-    assert redis_client.zcard(state_key("queued")) == 9  # enqueued, not sent
+    assert SendStore(redis_client).count_states()["queued"] == 9  # enqueued, not sent
     assert len(theirs.messages) == 9
 
     worker = start_workers(smtp_url(ours.port), "--burst")
@@ -172,7 +172,7 @@ def test_the_message_id_django_set_is_the_one_sent_and_the_ledgers_key(
     headers = {"Message-ID": "<order-7@shop.example.com>"}
     EmailMessage("Kept id", "x", to=["ann@example.org"], headers=headers).send()
     store = SendStore(redis_client)
-    (send_id,) = [m.decode() for m in redis_client.zrange(state_key("queued"), 0, -1)]
+    (send_id,) = SendStore(redis_client).ids_in_state("queued")
     assert store.load(send_id).mail["message_id"] == "<order-7@shop.example.com>"
     worker = start_workers(smtp_url(sink.port), "--burst")
     assert worker.wait(timeout=30) == 0, worker.text()
@@ -181,7 +181,7 @@ def test_the_message_id_django_set_is_the_one_sent_and_the_ledgers_key(
 
 def queued(client: redis.Redis) -> list[dict[str, Any]]:
     store = SendStore(client)
-    return [store.load(i.decode()).mail for i in client.zrange(state_key("queued"), 0, -1)]
+    return [store.load(i).mail for i in reversed(store.ids_in_state("queued"))]
 
 
 def test_one_bad_message_names_its_index_and_field_and_nothing_of_the_call_is_enqueued(
@@ -224,7 +224,7 @@ def test_dispatch_options_and_settings_choose_priority_route_key_and_schedule(
     assert set(mails) == {"urgent"}  # "later" is scheduled
     assert (mails["urgent"]["priority"], mails["urgent"]["route"]) == ("high", "marketing")
     assert mails["urgent"]["key"] == "reset-ann-1" and mails["urgent"]["metadata"] == {"user": 7}
-    assert redis_client.zcard(state_key("scheduled")) == 1
+    assert SendStore(redis_client).count_states()["scheduled"] == 1
 
 
 def test_a_bad_dispatch_option_is_named(dispatch: None) -> None:

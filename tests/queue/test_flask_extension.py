@@ -18,7 +18,7 @@ from servers import RecordingSmtpServer
 
 from dispatcher.errors import ValidationError
 from dispatcher.flask import Dispatcher, Message
-from dispatcher.queue.store import SendStore, state_key
+from dispatcher.queue.store import SendStore
 from dispatcher.testing import Outbox
 
 StartWorkers = Callable[..., WorkerRun]
@@ -85,7 +85,7 @@ def test_views_enqueue_with_the_apps_config_and_a_worker_delivers(
     assert ids[1] == ids[2]  # the same key: one send
     store = SendStore(redis_client)
     assert store.load(ids[1]).mail["priority"] == "high"
-    assert redis_client.zcard(state_key("queued")) == 3
+    assert store.count_states()["queued"] == 3
 
     sink = smtp_server()
     worker = start_workers(smtp_url(sink.port), "--burst")

@@ -17,7 +17,8 @@ from dispatcher.queue.records import SendRecord
 from dispatcher.queue.states import SendState
 from dispatcher.queue.store import SendStore
 
-MAIL = {"from": "app@example.com", "to": ["a@example.org", "b@example.org"], "subject": "s", "text": "hi"}
+MAIL = {"from": "app@example.com", "to": ["a@example.org", "b@example.org"], "subject": "s", "text": "hi",
+        "message_id": "<outcome-script@example.com>"}  # given: its ledger is a set (test_store_layout)
 
 
 def begun(connection: redis.Redis) -> tuple[SendStore, SendRecord]:

@@ -22,7 +22,6 @@ from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 from servers import RecordingSmtpServer
 
-from dispatcher.queue.keys import state_key
 from dispatcher.queue.producer import Producer
 from dispatcher.queue.store import SendStore
 
@@ -97,7 +96,7 @@ def test_one_process_delivers_200_over_one_connection(
     assert len(sink.messages) == 200
     assert sink.connections == 1
     assert Counter(message_ids(sink)) == Counter(expected)  # each exactly once
-    assert redis_client.zcard(state_key("delivered")) == 200
+    assert SendStore(redis_client).count_states()["delivered"] == 200
     # The kept connection was closed with QUIT at the end of the burst, not dropped.
     assert sink.command_lines()[-1] == "QUIT"
     assert sink.command_lines().count("QUIT") == 1
@@ -120,7 +119,7 @@ def test_four_processes_use_at_most_four_connections(
     assert len(delivering) == sink.connections
     pool_started = [e for e in pool.events() if e.get("event") == "pool_started"]
     assert pool_started and len(pool_started[0]["pids"]) == 4
-    assert redis_client.zcard(state_key("delivered")) == 200
+    assert SendStore(redis_client).count_states()["delivered"] == 200
 
 
 def test_same_key_now_then_scheduled_is_one_record_and_one_delivery(

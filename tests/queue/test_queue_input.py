@@ -17,9 +17,8 @@ from servers import RecordingSmtpServer
 
 from dispatcher.cli import EXIT_INVALID_LINES, EXIT_USAGE
 from dispatcher.errors import ValidationError
-from dispatcher.queue.keys import state_key
 from dispatcher.queue.producer import Enqueued, Producer, enqueue, enqueue_many
-from dispatcher.queue.store import STATES
+from dispatcher.queue.store import STATES, SendStore
 
 RunCli = Callable[..., subprocess.CompletedProcess[str]]
 INJECTED = "Hi\r\nBcc: victim@evil.test"
@@ -62,7 +61,7 @@ def stored_keys(client: redis.Redis) -> list[bytes]:
 
 
 def state_counts(client: redis.Redis) -> dict[str, int]:
-    return {state: client.zcard(state_key(state)) for state in STATES}
+    return SendStore(client).count_states()
 
 
 @pytest.mark.parametrize(("name", "mail", "field", "words"), BAD_MAILS, ids=[b[0] for b in BAD_MAILS])

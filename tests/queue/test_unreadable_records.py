@@ -14,7 +14,7 @@ from helpers import wait_until
 from queue_support import WorkerRun, smtp_url
 from servers import RecordingSmtpServer
 
-from dispatcher.queue.keys import INFLIGHT, send_key, source_key, state_key
+from dispatcher.queue.keys import INFLIGHT, send_key, state_key
 from dispatcher.queue.producer import Producer
 from dispatcher.queue.recovery import reap_abandoned
 from dispatcher.queue.store import SendStore
@@ -43,7 +43,7 @@ def test_a_source_that_is_not_utf8_is_quarantined_once_with_its_reason_and_never
     sink = smtp_server()
     producer = Producer(redis_client)
     poison = producer.enqueue(mail(1)).id
-    redis_client.set(source_key(poison), b'{"from": "\xff\xfe app@example.com"}')
+    redis_client.hset(send_key(poison), "source", b'{"from": "\xff\xfe app@example.com"}')
     good = producer.enqueue(mail(2)).id
     worker = start_workers(smtp_url(sink.port))
 
@@ -76,8 +76,8 @@ def test_a_record_hash_that_cannot_be_parsed_is_quarantined_by_the_worker_once(
 
     sink.wait_for_messages(1, timeout=30)
     wait_until(lambda: stored_state(redis_client, broken) == b"broken", timeout=20, message=worker.text())
-    assert redis_client.zscore(state_key("broken"), broken) is not None
-    assert redis_client.zscore(state_key("queued"), broken) is None
+    assert SendStore(redis_client).ids_in_state("broken") == [broken]
+    assert broken not in SendStore(redis_client).ids_in_state("queued")
     assert redis_client.zscore(INFLIGHT, broken) is None
     assert len(rq_jobs_of(redis_client, broken)) == 1
     assert not [line for line in worker.raw_lines() if "Traceback" in line], worker.text()
@@ -94,7 +94,7 @@ def test_the_reaper_quarantines_an_expired_unreadable_record_once_without_an_err
     assert reap_abandoned(redis_client) == []
     assert redis_client.zscore(INFLIGHT, broken) is None  # not looked at again every round
     assert stored_state(redis_client, broken) == b"broken"
-    assert redis_client.zscore(state_key("broken"), broken) is not None
+    assert redis_client.zscore(state_key("broken", "default"), broken) is not None
     assert b"unreadable record" in (redis_client.hget(send_key(broken), "record") or b"")
     assert reap_abandoned(redis_client) == []
 

@@ -85,7 +85,7 @@ def test_an_outcome_redis_cannot_take_in_half_a_lease_is_journaled_and_replayed_
         assert rec.status()["reason"] is None and rec.data_out is None
         assert rec.status()["history"][-1]["event"] == "outcome_replayed"
         assert rec.status()["history"][-1]["was"] == "unknown"
-        assert SendStore(client).ledger(rec.message_id) == {"kept@example.test"}
+        assert SendStore(client).never_again(rec) == {"kept@example.test"}
         assert send_id not in SendStore(client).leased()
         assert journal.pending() == 0 and not list(tmp_path.rglob("*.jsonl"))
         assert journal.replay(client) == 0
@@ -161,7 +161,7 @@ def test_a_worker_process_journals_when_redis_dies_before_the_reply_and_replays_
     wait_until(lambda: not any(journal_dir.rglob("*.jsonl")), 30, message="the journal was not emptied")
     rec = load(client, done.id)
     assert {rec.status_of(r) for r in ("p@example.test", "q@example.test")} == {"accepted"}
-    assert SendStore(client).ledger(rec.message_id) == {"p@example.test", "q@example.test"}
+    assert SendStore(client).never_again(rec) == {"p@example.test", "q@example.test"}
     accepted = deliveries(smtp.messages, only_final=b"250")
     assert set(accepted.values()) == {1} and len(accepted) == 2
     assert len(smtp.messages) == 1, "the mail was sent again"

@@ -52,7 +52,7 @@ def test_an_outcome_known_while_redis_is_away_is_written_when_it_returns(
         assert result.get("state") == "delivered", result
         rec = load(client, done.id)
         assert rec.state == "delivered" and rec.data_out is None and rec.attempts == 1
-        assert SendStore(client).ledger(rec.message_id) == {"kept@example.test"}
+        assert SendStore(client).never_again(rec) == {"kept@example.test"}
         assert len(sink.messages) == 1
     finally:
         runtime.close()
