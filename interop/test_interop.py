@@ -23,8 +23,8 @@ from queue_support import WorkerRun, base_env
 from servers.redis_server import RedisServer
 
 from dispatcher.errors import PolicyError, SmtpError, TlsError
-from dispatcher.queue.keys import state_key
 from dispatcher.queue.producer import Producer
+from dispatcher.queue.store import SendStore
 from dispatcher.smtp import RecipientStatus, SendResult, SmtpClient, Stage
 from dispatcher.smtp.commands import normalize_line_endings
 from dispatcher.smtp.stream import Outgoing
@@ -530,10 +530,11 @@ def test_queue200(server: ServerUnderTest, run_dir: Path) -> None:
         senders = Counter(d.sender for ds in arrived.values() for d in ds)
         assert senders == Counter(sender for sender, _ in expected.values()), "envelope senders differ"
         deadline = time.monotonic() + 30  # the worker records each verdict after the server's reply
-        while client.zcard(state_key("delivered")) < 200 and time.monotonic() < deadline:
+        store = SendStore(client)
+        while store.count_states()["delivered"] < 200 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert client.zcard(state_key("delivered")) == 200, (
-            f"{client.zcard(state_key('delivered'))} of 200 recorded as delivered"
+        assert store.count_states()["delivered"] == 200, (
+            f"{store.count_states()['delivered']} of 200 recorded as delivered"
         )
         client.close()
     finally:

@@ -39,6 +39,9 @@ class Channel:
         """Transactions that ended on this connection (its ``max_messages`` cap counts these)."""
         self.data_in_flight = False
         """Message data is being written: an interruption now may leave the message delivered."""
+        self.mail_refused: Reply | None = None
+        """A 4xx this server gave a MAIL: the session may refuse every later one too (OpenSMTPD past its
+        per-session cap answers each ``452 4.5.3 Too many messages sent``), so it takes no new message."""
         self.opened_at = self.last_used = time.monotonic()
 
     def transaction(self, sender: str, recipients: Sequence[str], data: bytes) -> Transaction:
@@ -75,6 +78,8 @@ class Channel:
         """Read one reply; a 421 on any command means the server is closing (RFC 5321 §3.8)."""
         reply = self.conn.read_reply(stage)
         self.transcript.reply(stage, reply)
+        if stage is Stage.MAIL and 400 <= reply.code < 500:
+            self.mail_refused = reply
         if reply.code == 421:
             raise ServiceClosing("the server is closing the connection", stage=stage, reply=reply)
         return reply

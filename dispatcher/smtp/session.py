@@ -307,7 +307,15 @@ class SmtpClient:
 
     def _check_reusable(self, channel: Channel) -> None:
         now = time.monotonic()
-        if channel.messages >= self.config.max_messages or now - channel.opened_at >= self.config.max_age:
+        if channel.mail_refused is not None:
+            self._transcript.event(
+                "smtp_connection_retired",
+                messages=channel.messages,
+                age_s=round(now - channel.opened_at, 1),
+                reason=f"MAIL refused: {channel.mail_refused.code} {channel.mail_refused.text}",
+            )
+            self.close()
+        elif channel.messages >= self.config.max_messages or now - channel.opened_at >= self.config.max_age:
             self._transcript.event(
                 "smtp_connection_retired",
                 messages=channel.messages,

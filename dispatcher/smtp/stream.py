@@ -146,7 +146,9 @@ class MessageStream:
         if self.again:  # already counted against the connection's cap when it was first pulled
             return self._in_flight(self.again.popleft(), follows)
         while not self.exhausted:
-            if channel.messages + len(self.inflight) >= channel.config.max_messages:
+            if channel.mail_refused is not None or (
+                channel.messages + len(self.inflight) >= channel.config.max_messages
+            ):
                 self.exhausted = True
                 break
             message = next(self.source, None)

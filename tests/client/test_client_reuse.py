@@ -297,3 +297,22 @@ def test_chunking_drop_after_the_group_left_is_unknown_and_never_resent(scripted
             client.send("a@x.org", ["b@y.org"], b"two\r\n")
     assert server.connection_count == 1
     assert len(server.messages) == 1
+
+
+def test_a_connection_whose_server_refused_mail_with_a_4xx_is_not_used_again(
+    scripted_server: Scripted,
+) -> None:
+    """OpenSMTPD answers every MAIL past its per-session cap (``max-mails``, 100) with ``452 4.5.3 Too many
+    messages sent`` for as long as the session lasts: ``make interop`` saw a kept connection defer every
+    retry of 36 mails that way until its ``max_age``. After a 4xx to MAIL the next message goes on a new
+    connection (and the refused one is retried there by the queue)."""
+    server = scripted_server(ehlo_keywords=PIPELINED, max_mails=2)
+    with SmtpClient.from_url(url(server.port)) as client:
+        first = [client.send("a@x.org", ["b@y.org"], b"m%d\r\n" % i) for i in range(3)]
+        after = client.send("a@x.org", ["b@y.org"], b"m3\r\n")
+    assert first[2].reply is not None and first[2].reply.code == 452
+    assert first[2].with_status(RecipientStatus.TRANSIENT) == ("b@y.org",)
+    assert after.accepted == ("b@y.org",)
+    assert after.conn_id != first[0].conn_id
+    assert server.connection_count == 2
+    assert [m.data for m in server.messages] == [b"m0\r\n", b"m1\r\n", b"m3\r\n"]

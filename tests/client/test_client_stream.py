@@ -237,3 +237,27 @@ def test_every_follower_opens_with_rset_in_the_same_write(
     assert verbs == ["EHLO", *transaction, "RSET", *transaction, "RSET", *transaction, "QUIT"]
     if "CHUNKING" not in keywords:  # the CHUNKING window's count depends on thread timing (servers.scripted)
         assert server.round_trips == 4  # as without the RSETs: 1 + one per message
+
+
+def test_a_stream_ends_on_a_4xx_to_mail_and_the_rest_go_on_a_new_connection(
+    scripted_server: Scripted,
+) -> None:
+    """OpenSMTPD past its per-session cap refuses every MAIL (452) while the session lasts: the stream stops
+    feeding that connection, the messages already pipelined behind the refusal keep their own verdicts,
+    and the rest of the source goes on a fresh connection."""
+    server = scripted_server(ehlo_keywords=PIPELINED, max_mails=3)
+    items = messages(8)
+    outcomes = dict((m.key, o) for m, o in drain_all(SmtpClient.from_url(url(server.port)), items))
+    refused = [k for k, o in outcomes.items() if isinstance(o, SendResult) and o.reply is not None
+               and o.reply.code == 452]  # fmt: skip
+    assert refused and all(k in {f"m{i}" for i in range(3, 8)} for k in refused)
+    assert server.connection_count >= 2
+    delivered = {m.data for m in server.messages}
+    assert len(delivered) == len(server.messages) == 8 - len(refused)
+    assert all(accepted(o) for k, o in outcomes.items() if k not in refused)
+    assert len(refused) <= 2, f"the stream kept feeding a refusing connection: {refused}"
+
+
+def drain_all(client: SmtpClient, items: list[Outgoing]) -> list[tuple[Outgoing, SendResult | SmtpError]]:
+    with client:
+        return drain(client, items)

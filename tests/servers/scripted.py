@@ -59,6 +59,8 @@ HARAKA_PIPELINED_AFTER_DATA = b"503 Bad sequence of commands - pipelined after e
 EXIM_SENDER_GIVEN = b"503 sender already given\r\n"
 EXIM_NO_VALID_RCPT = b"503 valid RCPT command must precede DATA\r\n"
 TOO_MANY_RECIPIENTS = b"452 4.5.3 Error: too many recipients\r\n"
+TOO_MANY_MESSAGES = b"452 4.5.3 Too many recipients: Too many messages sent\r\n"
+"""OpenSMTPD's answer to every MAIL past its per-session cap (``smtpd.conf`` ``max-mails``, 100)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class ScriptedSmtpServer:
         auth_reply: bytes | None = None,
         strictness: Strictness | None = None,
         max_rcpts: int | None = None,
+        max_mails: int | None = None,
     ) -> None:
         """``max_rcpts``: recipients one transaction takes; every RCPT after them gets Postfix's
         ``452 4.5.3 Error: too many recipients`` (RFC 5321 §4.5.3.1.10). ``replies``: per-stage reply
@@ -165,6 +168,8 @@ class ScriptedSmtpServer:
         self.auth_reply = auth_reply
         self.strictness = strictness
         self.max_rcpts = max_rcpts
+        self.max_mails = max_mails
+        """Transactions one connection takes; every MAIL after them gets OpenSMTPD's ``TOO_MANY_MESSAGES``."""
         self.records: list[ConnectionRecord] = []
         self._messages: list[ScriptedMessage] = []
         self._cond = threading.Condition()
@@ -325,6 +330,7 @@ class _Session:
         self.mail_from: str | None = None
         self.mail_params: list[str] = []
         self.rcpts: list[str] = []
+        self.mails_taken = 0
         self.chunks: list[bytes] = []
         self.pipelined_after_data = 0  # bytes that arrived before the reply to the final dot (haraka)
 
@@ -558,9 +564,13 @@ class _Session:
             self._answer("mail", b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n")
             return
         self._reset()
+        if self.server.max_mails is not None and self.mails_taken >= self.server.max_mails:
+            self._answer("mail", TOO_MANY_MESSAGES)
+            return
         self.mail_from = match.group(1).decode("utf-8", "surrogateescape")
         self.mail_params = match.group(2).decode("utf-8", "surrogateescape").split()
-        self._answer("mail", b"250 2.1.0 Ok\r\n")
+        if self._answer("mail", b"250 2.1.0 Ok\r\n").startswith(b"2"):
+            self.mails_taken += 1
 
     def _do_RCPT(self, arg: bytes) -> None:
         match = _ADDRESS.match(arg)
