@@ -21,22 +21,25 @@ from dispatcher.queue.operations import FailureFilter, describe_group, group_key
 from dispatcher.queue.presence import Presence
 from dispatcher.queue.producer import QUEUE_NAMES
 from dispatcher.queue.records import SendRecord
-from dispatcher.queue.store import SendStore
+from dispatcher.queue.store import STATES, SendStore
 
 CHART_MINUTES = 60
 
 
-def queue_numbers(connection: redis.Redis) -> list[dict[str, Any]]:
-    """Per queue: sends in each state (from the records), and what rq holds — jobs waiting, scheduled for
-    later, running now, and in rq's failed registry (a job may carry up to 20 sends)."""
+def queue_numbers(
+    connection: redis.Redis, counts: dict[str, dict[str, int]] | None = None
+) -> list[dict[str, Any]]:
+    """Per queue: sends in each state (from the records; ``counts``, ``SendStore.counts_per_priority``,
+    when the caller has them), and what rq holds — jobs waiting, scheduled for later, running now, and in
+    rq's failed registry (a job may carry up to 20 sends)."""
     rows = []
-    store = SendStore(connection)
+    counts = SendStore(connection).counts_per_priority() if counts is None else counts
     for priority, name in zip(PRIORITIES, QUEUE_NAMES, strict=True):
         queue = Queue(name, connection=connection, serializer=JSONSerializer)
         rows.append(
             {
                 "name": name,
-                "states": store.count_states(priority),
+                "states": counts[priority],
                 "waiting": queue.count,
                 "scheduled": ScheduledJobRegistry(queue=queue).get_job_count(cleanup=False),  # type: ignore[no-untyped-call]
                 "started": StartedJobRegistry(queue=queue).get_job_count(cleanup=False),
@@ -100,10 +103,11 @@ def overview(connection: redis.Redis, now: float | None = None) -> dict[str, Any
     now = now or time.time()
     store = SendStore(connection)
     per_minute = store.delivered_per_minute(CHART_MINUTES, now=now)
+    counts = store.counts_per_priority()
     return {
         "generated_at": now,
-        "queues": queue_numbers(connection),
-        "states": store.count_states(),
+        "queues": queue_numbers(connection, counts),
+        "states": {state: sum(bucket[state] for bucket in counts.values()) for state in STATES},
         "delivered_last_hour": sum(count for _, count in per_minute),
         "chart": [{"t": minute, "n": count} for minute, count in per_minute],
         "workers": workers(connection, now),

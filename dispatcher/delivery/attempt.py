@@ -96,7 +96,7 @@ class Attempt:
         JSON, is quarantined as ``broken`` with the reason ``unreadable record: …`` — never handed back to
         be requeued (a hot loop of jobs)."""
         try:
-            rec = load_readable(self.store, self.send_id)
+            rec = load_readable(self.store, self.send_id, whole=True)
         except UNREADABLE as exc:
             error = describe_unreadable(exc)
             return quarantine(self.redis, self.send_id, error, job_id=self.job_id)

@@ -202,7 +202,7 @@ def replay_entry(store: SendStore, entry: Entry) -> str:
                 same = (rec.generation, rec.attempts) == (entry.generation, entry.attempts)
                 pipe.multi()
                 if not same or rec.state not in REPLAYABLE:
-                    store.stage_ledger(pipe, rec, entry.accepted)
+                    store.stage_ledger(pipe, rec.message_id, entry.accepted)
                     store.execute(pipe)
                     return "ledger"
                 settled_as = rec.state.value

@@ -54,10 +54,6 @@ class Mail:
     date: str
     raw: bytes = field(default=b"", compare=False, repr=False)
     """The MIME bytes, built once at validation: every attempt sends exactly these."""
-    message_id_generated: bool = field(default=False, compare=False, repr=False)
-    """``message_id`` was made here, not given: no other mail can have it (``make_msgid``), so the send's
-    own record is its ledger (``queue.store``). Not in ``to_dict``: a mail read back from it counts as
-    given."""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, max_recipients: int | None = None) -> Mail:
@@ -94,7 +90,6 @@ class Mail:
             checker.problems["text"] = "missing: at least one of text, html or attachments"
         send_at = checker.run("send_at", fields.send_at)
         message_id = checker.run("message_id", fields.message_id)
-        generated = message_id is None and sender is not None
         if message_id is None and sender is not None:
             domain = sender.domain
             message_id = make_msgid(domain=domain if domain.startswith("[") else fields.ascii_domain(domain))
@@ -118,7 +113,6 @@ class Mail:
             route=checker.run("route", fields.route, DEFAULT_ROUTE),
             message_id=message_id or "",
             date=date,
-            message_id_generated=generated,
         )
         if checker.problems:
             raise ValidationError(checker.problems)

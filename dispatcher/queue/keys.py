@@ -8,9 +8,10 @@ The send store's keys (``queue.store.SendStore`` is the only code that reads or 
     dispatch:key:<sha256(key)>  string the send id owning an idempotency key, with the mail's fingerprint
     dispatch:ledger:<msgid>     set    recipients that accepted the message: never sent to again
     dispatch:state:<state>:<p>  zset   send ids by last update, per state and priority (``<p>`` one of
-                                       ``PRIORITIES``, or ``unsorted`` for a record whose priority cannot
-                                       be read) — for every state but ``sending``: those are the records
-                                       leased in ``dispatch:inflight``
+                                       ``PRIORITIES``, or ``unsorted`` for a record whose priority is not
+                                       one of them; a quarantined record whose mail cannot be read counts
+                                       as ``default``) — for every state but ``sending``: those are the
+                                       records leased in ``dispatch:inflight``
     dispatch:inflight           zset   send ids under a worker's lease, scored by its expiry (recovery; and
                                        the index of ``sending``)
 
@@ -21,8 +22,8 @@ counts the dashboard shows are ZCARDs and its chart of deliveries per minute is 
 
 Keys earlier versions wrote and this one only reads or removes: ``dispatch:source:<id>`` (the mail, before
 it moved into the record: still read for sends enqueued before the upgrade), ``dispatch:state:<state>``
-(the overall index per state: no longer written or read; safe to delete) and
-``dispatch:delivered:<minute>`` (per-minute counters, expired within 3 h).
+and ``dispatch:state:sending:<p>`` (the overall indexes and the ``sending`` ones: no longer written or
+read; README "Upgrading") and ``dispatch:delivered:<minute>`` (per-minute counters, expired within 3 h).
 
 The workers' presence (``queue.presence.Presence``):
 

@@ -285,7 +285,6 @@ class Producer:
                 mail=summary,
                 raw=mail.raw or None,
                 source=None if mail.raw else compact_json(as_dict).encode(),
-                ledger_in_record=mail.message_id_generated,
                 state=initial_state(scheduled),
                 created_at=now,
                 outcomes=dict.fromkeys(summary["envelope"]["recipients"], PENDING),

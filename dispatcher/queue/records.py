@@ -26,10 +26,9 @@ from dispatcher.queue.states import SendState
 HISTORY_KEPT = 50
 """The newest history entries a record keeps."""
 SUMMARY_FIELDS = ("mail", "state", "attempts", "generation", "created_at", "updated_at", "next_attempt_at",
-                  "rq_job", "record", "data_out", "ledger")  # fmt: skip
+                  "rq_job", "record", "data_out")  # fmt: skip
 """The hash fields of a record but the mail itself (``raw``, ``source``): what a listing reads."""
 _MAIL_BYTES = (b"raw", b"source")
-LEDGER_IN_RECORD = b"record"
 
 
 class DeliveryStatus(enum.StrEnum):
@@ -255,14 +254,9 @@ class SendRecord:
     """The whole mail as JSON, which the worker builds the MIME message from (``raw`` is None then);
     None when the record was loaded without it (listings), or a send from before the mail moved into
     its record (``keys.legacy_source_key``)."""
-    ledger_in_record: bool = False
-    """The send's Message-ID was generated for it (``Mail.message_id_generated``), so no other send has
-    it and this record's outcomes are its ledger: its attempts neither read nor write the ledger set.
-    Stored as the hash field ``ledger`` = ``record``; a replayed outcome that could only add to the
-    ledger set (``delivery.journal``) sets it to ``set``, and from then on attempts read the set too."""
     legacy_source: bool = field(default=False, repr=False)
     """Loaded without ``raw`` or ``source`` in the hash: the mail is at ``keys.legacy_source_key`` (a send
-    enqueued before the mail moved into its record), or the load was a listing's."""
+    enqueued before the mail moved into its record), or the load left the mail out (``SendStore.load``)."""
     stored_state: SendState | None = None
     data_out: int | None = None
     """The attempt whose message data may be on the wire: written (durably, ``mark_data_out``) right
@@ -359,7 +353,6 @@ class SendRecord:
             raw=message,
             source=raw.get(b"source"),
             legacy_source=b"raw" not in raw and b"source" not in raw,
-            ledger_in_record=raw.get(b"ledger") == LEDGER_IN_RECORD,
             stored_state=SendState(fields["state"]),
             data_out=int(fields["data_out"]) if fields.get("data_out") else None,
         )
@@ -389,6 +382,7 @@ class SendRecord:
             "updated_at": repr(self.updated_at),
             "rq_job": self.rq_job or "",
             "record": compact_json(self.record_json()),
+            "priority": self.priority,
         }
         if self.next_attempt_at is not None:
             fields["next_attempt_at"] = repr(self.next_attempt_at)
@@ -396,8 +390,6 @@ class SendRecord:
             fields["raw"] = self.raw
         if self.source is not None:
             fields["source"] = self.source
-        if self.ledger_in_record:
-            fields["ledger"] = LEDGER_IN_RECORD
         return fields
 
     def status(self) -> dict[str, Any]:

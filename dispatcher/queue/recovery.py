@@ -58,9 +58,10 @@ def check_readable(rec: SendRecord) -> None:
         raise TypeError("recipients must be strings")
 
 
-def load_readable(store: SendStore, send_id: str) -> SendRecord | None:
-    """``store.load``, and ``check_readable`` on what it found; raises one of ``UNREADABLE``."""
-    rec = store.load(send_id)
+def load_readable(store: SendStore, send_id: str, *, whole: bool = False) -> SendRecord | None:
+    """``store.load`` (``load_whole`` with ``whole``: the mail too), and ``check_readable`` on what it
+    found; raises one of ``UNREADABLE``."""
+    rec = store.load_whole(send_id) if whole else store.load(send_id)
     if rec is not None:
         check_readable(rec)
     return rec

@@ -9,13 +9,12 @@ key type or memory, never on what an attempt decides.
 from __future__ import annotations
 
 BEGIN_ATTEMPT = """
-local stored = redis.call('HMGET', KEYS[1], 'rq_job', 'state', 'ledger')
+local stored = redis.call('HMGET', KEYS[1], 'rq_job', 'state')
 if (stored[1] or '') ~= ARGV[1] or stored[2] ~= ARGV[2] then return false end
 redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('ZREM', KEYS[5], ARGV[3])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[3])
-local ledger = {}
-if stored[3] ~= 'record' then ledger = redis.call('SMEMBERS', KEYS[2]) end
+local ledger = redis.call('SMEMBERS', KEYS[2])
 local source = false
 if ARGV[5] == '1' then source = redis.call('GET', KEYS[3]) end
 return {ledger, source}
@@ -23,8 +22,7 @@ return {ledger, source}
 """``SendStore.begin_attempt``: KEYS record, ledger, legacy source, in-flight, the index of the state the
 attempt loaded; ARGV the rq job and state the attempt loaded, send id, lease expiry, ``1`` to read the
 legacy source (a send enqueued before the mail moved into its record), then the record's fields. False
-when the record moved on since it was loaded; else the ledger set (not read, so empty, while the record
-says it is its own ledger: its hash field ``ledger`` is ``record``) and the legacy source (nil when not
+when the record moved on since it was loaded; else the ledger and the legacy source (nil when not
 read)."""
 
 RECORD_OUTCOME = """
@@ -44,8 +42,8 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 return 1
 """
 """``SendStore.record_outcome`` / ``stage_outcome``: what an attempt's outcome writes, unconditionally
-(the attempt's lease keeps every other writer off the send): the accepted recipients into the ledger set
-(its TTL renewed; none are passed for a send whose record is its own ledger), the record, the move into
+(the attempt's lease keeps every other writer off the send): the accepted recipients into the ledger
+(its TTL renewed), the record, the move into
 the new state's index, and the lease dropped. KEYS record, ledger, in-flight, the old state's index, the
 new state's, the legacy source; ARGV send id, updated_at, ``1`` to drop a TTL an earlier version set on a
 final record (and ``1`` next but one when its legacy source has one too), ledger TTL, ``1`` to take the
@@ -54,19 +52,28 @@ follow, them, then the record's fields."""
 
 SWEEP_FINAL = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-if #ids == 0 then return 0 end
-local doomed = {}
+if #ids == 0 then return {0, 0} end
+local doomed, swept = {}, 0
 for _, id in ipairs(ids) do
-  doomed[#doomed + 1] = ARGV[3] .. id
-  doomed[#doomed + 1] = ARGV[4] .. id
+  local stored = redis.call('HMGET', ARGV[3] .. id, 'state', 'updated_at')
+  if stored[1] == false then
+    doomed[#doomed + 1] = ARGV[4] .. id
+  elseif stored[1] == ARGV[5] and tonumber(stored[2]) <= tonumber(ARGV[1]) then
+    doomed[#doomed + 1] = ARGV[3] .. id
+    doomed[#doomed + 1] = ARGV[4] .. id
+    swept = swept + 1
+  end
 end
-redis.call('DEL', unpack(doomed))
+if #doomed > 0 then redis.call('UNLINK', unpack(doomed)) end
 redis.call('ZREM', KEYS[1], unpack(ids))
-return #ids
+return {swept, #ids}
 """
-"""``SendStore.sweep_final``: the oldest ``ARGV[2]`` sends of a final state's index (``KEYS[1]``) last
-updated at or before ``ARGV[1]`` — their records (key prefix ``ARGV[3]``), legacy sources (``ARGV[4]``)
-and index entries — deleted together. Atomic, so a send an operator retries meanwhile (its record
-saved and its index entry moved in one MULTI) is either already out of this index or deleted before the
-retry reads it, never half. The record keys are built here from the ids, not declared: one call for up
-to ``ARGV[2]`` sends is the point (a standalone Redis; dispatcher's transactions span keys anyway)."""
+"""``SendStore.sweep_final``: the oldest ``ARGV[2]`` entries of a final state's index (``KEYS[1]``, state
+``ARGV[5]``) scored at or before ``ARGV[1]`` leave it; the record behind each (key prefix ``ARGV[3]``)
+and its legacy source (``ARGV[4]``) are deleted (UNLINK: freed off Redis's main thread) only when the
+record still is in that state and was last updated by then — an entry a stale write left behind, or a
+send id made again, loses its entry, never its record. Atomic, so a send an operator retries meanwhile
+(record and index entry moved in one MULTI) is either out of this index already or deleted before the
+retry reads it. The record keys are built here from the ids, not declared: one call for up to
+``ARGV[2]`` sends is the point (a standalone Redis; dispatcher's transactions span keys anyway).
+Returns the records deleted and the entries removed."""

@@ -1,5 +1,5 @@
-"""The send store: the one owner of a send's Redis keys (``queue.keys``) — records, sources, idempotency
-keys, the ledger, the state indexes, in-flight leases and the delivery stats (who is alive is
+"""The send store: the one owner of a send's Redis keys (``queue.keys``) — records (the mail in them),
+idempotency keys, the ledger, the state indexes and in-flight leases (who is alive is
 ``queue.presence``'s).
 
 rq jobs only carry a send id; the record is the source of truth for state, attempts and every
@@ -25,17 +25,15 @@ Invariants the store's writes keep (README "Guarantees"):
 2. ``data_out`` (``mark_data_out``) is durable before the first byte of an attempt's message data is
    written; recovery then settles the send *unknown*, never resends it.
 3. A recipient in the ledger is never sent to again: the outcome's script adds the accepted ones in the
-   same atomic call as the record that says so. The ledger is the set of the send's Message-ID when the
-   app gave that id (every send of it reads and adds to the set); for a generated Message-ID, which no
-   other send can have, it is the record's own outcomes, and the set is read only once something wrote
-   it outside the record (``stage_ledger``, which marks the record so) — ``never_again`` is the union.
+   same atomic call as the record that says so. The ledger is per Message-ID, not per send: every send
+   of a Message-ID reads it at its begin (the app may enqueue a message again with the id it was given).
 4. Retention: final records carry no TTL; ``sweep_final`` deletes them ``RECORD_TTL`` after their last
    update together with their index entries (atomic with an operator's retry, which moves the entry).
 
-The key layout keeps an attempt to 12–14 Redis commands a mail (issue 15, ``tests/test_command_budget``):
-the mail in the record (no source key), one index per state and priority and none for ``sending`` (the
-in-flight set is its index), no per-minute counters (``delivered_per_minute`` counts the delivered
-index), no TTL writes, and no ledger set for a generated Message-ID.
+The key layout keeps an attempt's cost to Redis low (issue 15, ``tests/test_command_budget``): the mail in
+the record (no source key), one index per state and priority and none for ``sending`` (the in-flight set
+is its index), no per-minute counters (``delivered_per_minute`` counts the delivered index) and no TTL
+writes on records. Every reader but an attempt loads a record without its mail (``load``).
 
 An attempt's own calls (read the record, begin, mark the data out, record the outcome) go through
 ``SendStore.for_attempts``: this thread's store, sending them on a connection it holds
@@ -181,6 +179,15 @@ class SendStore:
 
     @outage_is_unavailable
     def load(self, send_id: str) -> SendRecord | None:
+        """The record without the mail itself (``raw`` and ``source`` None): what every reader but an
+        attempt needs — a retry of a send with big attachments moves no attachment."""
+        values = self._call("HMGET", send_key(send_id), *SUMMARY_FIELDS)
+        raw = {k: v for k, v in zip(_SUMMARY_KEYS, values, strict=True) if v is not None}
+        return SendRecord.from_hash(send_id, raw) if raw else None
+
+    @outage_is_unavailable
+    def load_whole(self, send_id: str) -> SendRecord | None:
+        """The record with the mail itself: what an attempt sends."""
         raw = self._call("HGETALL", send_key(send_id))
         return SendRecord.from_hash(send_id, raw) if raw else None
 
@@ -274,30 +281,42 @@ class SendStore:
     @outage_is_unavailable
     def count_states(self, priority: str | None = None) -> dict[str, int]:
         """Sends per state, over every queue or in one priority's."""
+        per_bucket = self.counts_per_priority()
         buckets = BUCKETS if priority is None else (_bucket(priority),)
+        return {state: sum(per_bucket[b][state] for b in buckets) for state in STATES}
+
+    @outage_is_unavailable
+    def counts_per_priority(self) -> dict[str, dict[str, int]]:
+        """Sends per state in each bucket (``BUCKETS``), in one pass: the ZCARDs of the indexes, and for
+        ``sending`` the leased sends whose record is ``sending``, each read once (its ``priority`` field;
+        the mail summary only for a record written before that field)."""
         pipe = self.redis.pipeline(transaction=False)
-        for state in INDEXED_STATES:
-            for bucket in buckets:
+        for bucket in BUCKETS:
+            for state in INDEXED_STATES:
                 pipe.zcard(state_key(state, bucket))
         sizes = iter(pipe.execute())
-        counts: dict[SendState, int] = {state: sum(next(sizes) for _ in buckets) for state in INDEXED_STATES}
-        counts[SendState.SENDING] = self._count_sending(priority)
-        return {state: counts[state] for state in STATES}
+        counts = {bucket: {state: int(next(sizes)) for state in INDEXED_STATES} for bucket in BUCKETS}
+        sending = dict.fromkeys(BUCKETS, 0)
+        for priority in self._sending_priorities():
+            sending[_bucket(priority)] += 1
+        for bucket in BUCKETS:
+            counts[bucket][SendState.SENDING] = sending[bucket]
+        return {bucket: {state: counts[bucket][state] for state in STATES} for bucket in BUCKETS}
 
-    def _count_sending(self, priority: str | None) -> int:
+    def _sending_priorities(self) -> list[str | None]:
+        """The priority of each leased send whose record is ``sending``."""
         leased = [text(i) for i in self.redis.zrange(INFLIGHT, 0, -1)]
-        if priority is None:
-            return sum(1 for state in self._states_of(leased).values() if state == SendState.SENDING)
         pipe = self.redis.pipeline(transaction=False)
         for send_id in leased:
-            pipe.hmget(send_key(send_id), "state", "mail")
-        count = 0
-        for state, mail in pipe.execute():
-            if state != b"sending":
-                continue
-            if priority is None or _bucket(_priority_in(mail)) == _bucket(priority):
-                count += 1
-        return count
+            pipe.hmget(send_key(send_id), "state", "priority")
+        found = zip(leased, pipe.execute(), strict=True)
+        sending = [(i, p) for i, (state, p) in found if state == b"sending"]
+        older = [i for i, p in sending if p is None]
+        pipe = self.redis.pipeline(transaction=False)
+        for send_id in older:
+            pipe.hget(send_key(send_id), "mail")
+        mails = dict(zip(older, pipe.execute(), strict=True)) if older else {}
+        return [text(p) if p is not None else _priority_in(mails.get(i)) for i, p in sending]
 
     @outage_is_unavailable
     def delivered_per_minute(self, minutes: int = 60, *, now: float | None = None) -> list[tuple[int, int]]:
@@ -451,8 +470,6 @@ class SendStore:
         rec.updated_at = now
         before = rec.stored_state if rec.stored_state is not None else rec.state
         persist = rec.stored_state in FINAL_STATES and rec.state not in FINAL_STATES
-        if rec.ledger_in_record:  # its outcomes, written in this same script, are its ledger
-            accepted = ()
         bucket = _bucket(rec.priority)
         legacy = rec.legacy_source
         leaves = before is not SendState.SENDING and before != rec.state
@@ -466,20 +483,15 @@ class SendStore:
         return keys, args
 
     @staticmethod
-    def stage_ledger(pipe: Any, rec: SendRecord, accepted: Sequence[str]) -> None:
-        """Queue adding ``accepted`` recipients (casefolded) to the ledger set of ``rec``'s Message-ID,
-        outside its record (a replayed outcome whose attempt the record no longer shows): the record
-        then says that its attempts read the set too (hash field ``ledger``: ``set``)."""
+    def stage_ledger(pipe: Any, message_id: str, accepted: Sequence[str]) -> None:
+        """Queue adding ``accepted`` recipients (casefolded) to the ledger of ``message_id``."""
         if accepted:
-            pipe.sadd(ledger_key(rec.message_id), *accepted)
-            pipe.expire(ledger_key(rec.message_id), LEDGER_TTL)
-            if rec.ledger_in_record:
-                pipe.hset(send_key(rec.send_id), "ledger", "set")
-                rec.ledger_in_record = False
+            pipe.sadd(ledger_key(message_id), *accepted)
+            pipe.expire(ledger_key(message_id), LEDGER_TTL)
 
     def never_again(self, rec: SendRecord) -> set[str]:
-        """The recipients (casefolded) ``rec`` is never sent to again: its ledger set's, and those its
-        record shows accepted (which is all of them for a send that is its own ledger)."""
+        """The recipients (casefolded) ``rec`` is never sent to again: its Message-ID's ledger's, and
+        those its record shows accepted."""
         accepted = {r.casefold() for r, o in rec.outcomes.items() if o.status is DeliveryStatus.ACCEPTED}
         return accepted | {m.casefold() for m in self.ledger(rec.message_id)}
 
@@ -496,9 +508,9 @@ class SendStore:
             for bucket in BUCKETS:
                 key = state_key(state, bucket)
                 for _ in range(rounds):
-                    gone = int(self._sweep(keys=[key], args=[cutoff, chunk, *prefixes]))
-                    swept += gone
-                    if gone < chunk:
+                    deleted, removed = self._sweep(keys=[key], args=[cutoff, chunk, *prefixes, state.value])
+                    swept += int(deleted)
+                    if int(removed) < chunk:
                         break
         return swept
 

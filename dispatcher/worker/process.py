@@ -274,11 +274,14 @@ class MailWorker(SimpleWorker):
         try:
             reap_abandoned(self.connection)
             reconcile(self.connection, older_than=self.runtime.settings.reconcile_after)
-            self._sweep()
         except StopRequested:  # rq's warm stop, raised from its signal handler while idle: let it through
             raise
         except Exception as exc:  # recovery must never take the worker down with it
             logger.exception("recovery_failed", error=str(exc))
+        try:
+            self._sweep()
+        except (redis.RedisError, QueueUnavailable) as exc:
+            logger.warning("records_sweep_failed", error=str(exc))
 
     def _sweep(self) -> None:
         """Retention: the final sends past ``RECORD_TTL`` go, at most every ``SWEEP_INTERVAL`` seconds."""

@@ -4,10 +4,8 @@ store's own calls against a real Redis:
 * the mail lives in its record (``source``), and listings read records without it;
 * one index per state and priority (``unsorted`` when the priority cannot be read), none for ``sending``,
   whose index is the in-flight set; counts, listings and the deliveries-per-minute chart come from them;
-* a send whose Message-ID was generated for it is its own ledger: no ledger set is read or written,
-  until a replayed outcome adds to the set, and from then on its attempts read the set too;
-* a send stored by the earlier layout (mail at ``dispatch:source:<id>``, no ``ledger`` field) is still sent,
-  and its ledger set still read;
+* the ledger stays the Message-ID's, for a generated Message-ID too (the app is given it back);
+* a send stored by the earlier layout (mail at ``dispatch:source:<id>``) is still sent;
 * final records have no TTL: ``sweep_final`` deletes those past ``RECORD_TTL`` with their index entries
   (the earlier layout left index entries behind for ever when a record's TTL ran out), and a worker's
   maintenance runs it.
@@ -22,6 +20,7 @@ import redis
 from queue_support import WorkerRun, smtp_url
 from servers import RecordingSmtpServer
 
+from dispatcher.dashboard.stats import overview
 from dispatcher.queue.keys import INFLIGHT, RECORD_TTL, ledger_key, legacy_source_key, send_key, state_key
 from dispatcher.queue.producer import Producer
 from dispatcher.queue.records import DeliveryStatus, RecipientRecord, SendRecord
@@ -33,8 +32,9 @@ GIVEN_ID = "<order-7@shop.example.com>"
 
 
 def enqueue(client: redis.Redis, **extra: object) -> SendRecord:
+    """A send enqueued, loaded whole (with its mail) as an attempt loads it."""
     send_id = Producer(client).enqueue({**MAIL, **extra}).id
-    rec = SendStore(client).load(send_id)
+    rec = SendStore(client).load_whole(send_id)
     assert rec is not None
     return rec
 
@@ -67,6 +67,8 @@ def test_the_mail_is_in_its_record_and_listings_read_records_without_it(redis_cl
     assert listed.source is None and listed.raw is None
     assert listed.state is SendState.QUEUED and listed.recipients == MAIL["to"]
     assert store.load_many_tolerant([rec.send_id, "mail-missing"])[0][0].source is None
+    summary = store.load(rec.send_id)  # every reader but an attempt: a retry moves no attachment
+    assert summary is not None and summary.source is None and summary.recipients == MAIL["to"]
 
 
 def test_one_index_per_state_and_priority_and_sending_is_the_leases(redis_client: redis.Redis) -> None:
@@ -126,65 +128,48 @@ def test_deliveries_per_minute_are_counted_from_the_delivered_index(redis_client
     assert keys_like(redis_client, "dispatch:delivered:*") == []
 
 
-def test_a_generated_message_id_makes_the_record_its_own_ledger(redis_client: redis.Redis) -> None:
+def test_a_generated_message_id_given_back_by_the_app_shares_the_ledger(redis_client: redis.Redis) -> None:
+    """The review of the first version of this layout: a generated Message-ID is returned to the app
+    (``Enqueued.message_id``), which may enqueue the message again with it — the ledger is the
+    Message-ID's, read by every send of it, so who accepted the first send is not sent to again."""
     store = SendStore(redis_client)
-    rec = enqueue(redis_client)
-    assert rec.ledger_in_record
-    ledger, _ = begin(store, rec)
-    assert ledger == set()
-    deliver(store, rec, ["a@example.org"])
-    assert not redis_client.exists(ledger_key(rec.message_id))  # no set: the record says it
-    stored = store.load(rec.send_id)
-    assert stored is not None and store.never_again(stored) == {"a@example.org"}
+    first = enqueue(redis_client)
+    begin(store, first)
+    deliver(store, first, ["a@example.org"])
+    assert store.ledger(first.message_id) == {"a@example.org"}
+    again = enqueue(redis_client, message_id=first.message_id)
+    ledger, _ = begin(store, again)
+    assert ledger == {"a@example.org"}
 
 
-def test_a_given_message_id_shares_its_ledger_set_across_sends(redis_client: redis.Redis) -> None:
+def test_a_given_message_id_shares_its_ledger_across_sends(redis_client: redis.Redis) -> None:
     """Two sends of one Message-ID the app gave: what the first delivered, the second never sends."""
     store = SendStore(redis_client)
     first = enqueue(redis_client, message_id=GIVEN_ID)
     second = enqueue(redis_client, message_id=GIVEN_ID)
-    assert not first.ledger_in_record
     begin(store, first)
     deliver(store, first, ["a@example.org"])
     assert store.ledger(GIVEN_ID) == {"a@example.org"}
     ledger, _ = begin(store, second)
     assert ledger == {"a@example.org"}
-
-
-def test_a_replayed_outcome_outside_an_own_ledger_record_makes_its_attempts_read_the_set(
-    redis_client: redis.Redis,
-) -> None:
-    """``delivery.journal``'s ``ledger`` replay (the record moved on: an operator retried it) can only add
-    to the ledger set; the record then says so, and the next attempt skips those recipients."""
-    store = SendStore(redis_client)
-    rec = enqueue(redis_client)
-    pipe = store.transaction()
-    store.stage_ledger(pipe, rec, ["b@example.org"])
-    store.execute(pipe)
-    assert redis_client.hget(send_key(rec.send_id), "ledger") == b"set"
-    again = store.load(rec.send_id)
-    assert again is not None and not again.ledger_in_record
-    ledger, _ = begin(store, again)
-    assert ledger == {"b@example.org"}
-    deliver(store, again, ["a@example.org"])
-    assert store.ledger(rec.message_id) == {"a@example.org", "b@example.org"}
+    stored = store.load(first.send_id)
+    assert stored is not None and store.never_again(stored) == {"a@example.org"}
 
 
 def test_a_send_stored_in_the_earlier_layout_is_sent_from_its_legacy_source(
     redis_client: redis.Redis,
 ) -> None:
-    """Queued before an upgrade: the mail at ``dispatch:source:<id>``, no ``ledger`` field (so the ledger
-    set is read, as then), an entry in the overall index the earlier version also kept."""
+    """Queued before an upgrade: the mail at ``dispatch:source:<id>``."""
     store = SendStore(redis_client)
     rec = enqueue(redis_client)
     key = send_key(rec.send_id)
     source = redis_client.hget(key, "source")
     assert source is not None
-    redis_client.hdel(key, "source", "ledger")
+    redis_client.hdel(key, "source")
     redis_client.set(legacy_source_key(rec.send_id), source)
     redis_client.sadd(ledger_key(rec.message_id), "b@example.org")
-    old = store.load(rec.send_id)
-    assert old is not None and old.legacy_source and old.source is None and not old.ledger_in_record
+    old = store.load_whole(rec.send_id)
+    assert old is not None and old.legacy_source and old.source is None
 
     ledger, legacy = begin(store, old)
     assert legacy == source and ledger == {"b@example.org"}
@@ -242,3 +227,38 @@ def test_a_workers_maintenance_sweeps_sends_past_retention(
     assert not redis_client.exists(send_key(old.send_id))
     swept = [e for e in worker.events() if e.get("event") == "records_swept"]
     assert [e.get("sends") for e in swept] == [1], worker.text()
+
+
+def test_the_sweep_drops_a_stale_index_entry_but_never_a_live_record(redis_client: redis.Redis) -> None:
+    """The review of the first sweep: an old entry in a final index whose record is no longer in that
+    state (a stale outcome moved it on; a send id made again after its idempotency key expired) loses its
+    entry, never its record."""
+    store = SendStore(redis_client)
+    live = enqueue(redis_client)
+    old = time.time() - RECORD_TTL - 5
+    redis_client.zadd(state_key("delivered", "default"), {live.send_id: old})
+    redis_client.zadd(state_key("failed", "default"), {"mail-gone": old})
+    assert store.sweep_final(time.time()) == 0
+    assert store.load(live.send_id) is not None
+    assert store.ids_in_state(SendState.QUEUED) == [live.send_id]
+    assert store.ids_in_state(SendState.DELIVERED) == [] and store.ids_in_state(SendState.FAILED) == []
+
+
+def test_a_dashboard_refresh_reads_each_leased_record_once(redis_client: redis.Redis) -> None:
+    """The review of the first version: the overview counted ``sending`` once overall and once per queue,
+    reading every leased record (and its mail summary) four times a refresh."""
+    store = SendStore(redis_client)
+    recs = [enqueue(redis_client, priority=p) for p in ("high", "default", "default", "bulk")]
+    for rec in recs:
+        begin(store, rec)
+    legacy = recs[3]
+    redis_client.hdel(send_key(legacy.send_id), "priority")  # written before the field: read from its mail
+    redis_client.config_resetstat()
+    shown = overview(redis_client)
+    stats = redis_client.info("commandstats")
+    assert stats["cmdstat_hmget"]["calls"] == len(recs)
+    assert stats["cmdstat_hget"]["calls"] == 1  # the one record without its priority field
+    assert shown["states"]["sending"] == 4
+    assert {q["name"]: q["states"]["sending"] for q in shown["queues"]} == {
+        "mail-high": 1, "mail-default": 2, "mail-bulk": 1
+    }
