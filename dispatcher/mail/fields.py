@@ -108,8 +108,13 @@ def address_list(path: str, value: Any, problems: dict[str, str]) -> tuple[Addre
     if not isinstance(value, list):
         problems[path] = "must be a string or a list of strings"
         return ()
-    found = [one_address(f"{path}[{index}]", item, problems) for index, item in enumerate(value)]
-    return tuple(address for address in found if address is not None)
+    found: list[Address] = []
+    for index, item in enumerate(value):
+        try:  # the item's path ("to[3]") is written only for a problem
+            found.append(parse_address(item))
+        except ValueError as exc:
+            problems[f"{path}[{index}]"] = str(exc)  # "must be a string" for a non-string, as one_address
+    return tuple(found)
 
 
 def subject(path: str, value: Any, problems: dict[str, str]) -> str | None:
