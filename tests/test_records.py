@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import Any
 
 import pytest
 
 from dispatcher.queue.records import (
+    PENDING,
     DeliveryStatus,
     HistoryEntry,
     Reason,
     RecipientRecord,
     SendRecord,
+    compact_json,
     new_send_id,
+    tree_json,
 )
 from dispatcher.queue.states import SendState
 from dispatcher.queue.store import DECODE_ERRORS
@@ -104,3 +108,52 @@ def test_a_send_id_without_key_is_a_uuid4_in_hex() -> None:
         prefix, _, hex_id = send_id.partition("-")
         parsed = uuid.UUID(hex_id)
         assert (prefix, parsed.version, parsed.variant, parsed.hex) == ("mail", 4, uuid.RFC_4122, hex_id)
+
+
+TREES = [
+    {"from": "Zoë <z@x.org>", "to": ["a@x.org", '"Lee, Ann" <ann@x.org>'],
+     "subject": "Grüße \u2028 \"q\" \\ \t", "text": "line\n" * 20, "headers": {"X-A": "1"},
+     "metadata": {"n": 1, "f": 1.5, "big": 1e300, "neg": -0.0, "t": True, "none": None, "nan": float("nan"),
+                  "inf": float("-inf")},
+     "attachments": [{"size": 3}], "envelope": {"sender": "z@x.org", "recipients": ["a@x.org", "ann@x.org"]},
+     "emoji": "\U0001f600"},
+    [], {}, "plain", 7, None, [[], {}, [{}]], {"\udce9": "lone surrogate key", "v": "\ud800"},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("value", TREES, ids=repr)
+def test_tree_json_writes_the_text_compact_json_writes(value: object) -> None:
+    assert tree_json(value) == compact_json(value) == json.dumps(value, separators=(",", ":"))
+
+
+def test_tree_json_refuses_what_compact_json_refuses() -> None:
+    with pytest.raises(TypeError):
+        compact_json({"x": object()})
+    with pytest.raises(TypeError):
+        tree_json({"x": object()})
+
+
+NEW_RECORDS = [
+    {"outcomes": {}},
+    {"outcomes": {"a@x.org": PENDING}},
+    {"outcomes": {"a@x.org": RecipientRecord(), "zoë@bücher.example": PENDING, '"q\\"x"@x.org': PENDING}},
+    {"outcomes": {"a@x.org": RecipientRecord(DeliveryStatus.PENDING, "rcpt", 450, None, "later", "u", 1.0)}},
+    {"outcomes": {"a@x.org": RecipientRecord(DeliveryStatus.ACCEPTED)}},
+    {"outcomes": {"a@x.org": PENDING}, "history": [HistoryEntry(at=1.0, event="retry_requested")]},
+    {"outcomes": {"a@x.org": PENDING}, "reason": Reason(kind="message", text="no")},
+    {"outcomes": {"a@x.org": PENDING}, "last_reply": {"code": 250}},
+    {"outcomes": {"a@x.org": PENDING}, "transcript": [{"stage": "mail"}]},
+    {"outcomes": {"a@x.org": PENDING}, "first_attempt_at": 2.0},
+    {"outcomes": {"a@x.org": PENDING}, "delivered_via": "backup"},
+    {"outcomes": {"a@x.org": PENDING}, "extra": {"written_by_a_newer_version": 1}},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("fields", NEW_RECORDS, ids=repr)
+def test_a_new_records_json_is_the_text_of_its_record_json(fields: dict[str, Any]) -> None:
+    """``to_hash_new`` writes a just-created record's JSON directly; it is the text ``record_json`` dumps to,
+    and any record that is not a plain new one is dumped."""
+    rec = SendRecord("s5", {"message_id": "<m@x>", "to": ["a@x.org"]}, SendState.QUEUED, **fields)
+    stored = rec.to_hash_new()
+    assert stored["record"] == compact_json(rec.record_json())
+    assert stored["mail"] == compact_json(rec.mail)

@@ -30,7 +30,7 @@ from dispatcher.mail.limits import MAX_RECIPIENTS
 from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
 from dispatcher.mail.mime import validated
 from dispatcher.queue.presence import Presence
-from dispatcher.queue.records import RecipientRecord, SendRecord, compact_json, mail_summary, new_send_id
+from dispatcher.queue.records import PENDING, SendRecord, mail_summary, new_send_id, tree_json
 from dispatcher.queue.states import initial_state
 from dispatcher.queue.store import OUTAGE, SendStore, unavailable
 
@@ -45,8 +45,6 @@ RESULT_TTL = 86400
 FAILURE_TTL = 7 * 86400
 BATCH = 500
 ROUTES_READ_INTERVAL = 5.0
-PENDING = RecipientRecord()
-"""A new send's outcome for each recipient (frozen: one value shared by them all)."""
 _NOT_YET = ValidationError({"mail": "pending"})
 """The place of a valid mail in ``Producer.enqueue_many``'s results until its batch is stored (never
 returned: each is replaced by its ``Enqueued``, or by None in a ``PartiallyEnqueued``)."""
@@ -284,7 +282,7 @@ class Producer:
                 send_id=send_id,
                 mail=summary,
                 raw=mail.raw or None,
-                source=None if mail.raw else compact_json(as_dict).encode(),
+                source=None if mail.raw else tree_json(as_dict).encode(),
                 ledger_in_record=mail.message_id_generated,
                 state=initial_state(scheduled),
                 created_at=now,
