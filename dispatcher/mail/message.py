@@ -87,7 +87,9 @@ class Mail:
             checker.problems["recipients"] = too_many
             to = cc = bcc = ()
         else:
-            to, cc, bcc = (checker.run(n, fields.address_list, ()) for n in limits.RECIPIENT_FIELDS)
+            to = checker.run("to", fields.address_list, ())  # limits.RECIPIENT_FIELDS, in their order
+            cc = checker.run("cc", fields.address_list, ())
+            bcc = checker.run("bcc", fields.address_list, ())
         reply_to = checker.run("reply_to", fields.reply_to, ())
         if not (to or cc or bcc) and not checker.has_problem("to", "cc", "bcc", "recipients"):
             checker.problems["to"] = "missing: at least one recipient in to, cc or bcc"
