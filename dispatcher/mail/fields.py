@@ -87,6 +87,8 @@ class Checker:
         return default
 
     def has_problem(self, *names: str) -> bool:
+        if not self.problems:
+            return False
         return any(path.split("[")[0].split(".")[0] in names for path in self.problems)
 
 
@@ -287,11 +289,19 @@ def custom_header_problem(name: object, value: object, seen: set[str]) -> str | 
     The value must survive the email package under both policies :func:`build_message` may use:
     no parse defects (a structured header must parse) and no folded line over 998 octets.
     """
-    if not isinstance(name, str) or not HEADER_NAME.fullmatch(name):
+    if not isinstance(name, str):
         return "not a header field name (printable ASCII, no spaces or ':')"
-    lowered = name.lower()
-    if lowered in RESERVED_HEADERS or lowered.startswith("content-"):
-        return "reserved: dispatcher writes this header itself or does not allow it"
+    lowered = _NAMES.get(name) if type(name) is str else None  # mails enqueued together share their names
+    if lowered is None:
+        if not HEADER_NAME.fullmatch(name):
+            return "not a header field name (printable ASCII, no spaces or ':')"
+        lowered = name.lower()
+        if lowered in RESERVED_HEADERS or lowered.startswith("content-"):
+            return "reserved: dispatcher writes this header itself or does not allow it"
+        if type(name) is str and len(name) <= _NAME_KEPT_CHARS:
+            if len(_NAMES) >= _NAMES_MAX:
+                _NAMES.clear()
+            _NAMES[name] = lowered
     if lowered in seen:
         return "duplicate header name (names are case-insensitive)"
     if not isinstance(value, str):
@@ -317,6 +327,12 @@ def custom_header_problem(name: object, value: object, seen: set[str]) -> str | 
             return f"too long: a line would exceed {MAX_LINE_OCTETS} octets"
     return None
 
+
+_NAMES: dict[str, str] = {}
+"""Custom header names found to be well-formed and not reserved, each with its lower-cased form (what
+``custom_header_problem`` finds of a name depends on nothing else). Emptied when ``_NAMES_MAX`` are held."""
+_NAMES_MAX = 256
+_NAME_KEPT_CHARS = 100
 
 _STRUCTURED: Mapping[str, Any] = email_policy.SMTP.header_factory.registry  # type: ignore[attr-defined]
 """The email package's registry of the header names it parses (address lists, dates, MIME fields), by
