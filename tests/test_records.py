@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from dispatcher.mail.mime import validated
 from dispatcher.queue.records import (
     PENDING,
     DeliveryStatus,
@@ -17,6 +18,7 @@ from dispatcher.queue.records import (
     RecipientRecord,
     SendRecord,
     compact_json,
+    mail_summary,
     new_send_id,
     tree_json,
 )
@@ -157,3 +159,27 @@ def test_a_new_records_json_is_the_text_of_its_record_json(fields: dict[str, Any
     stored = rec.to_hash_new()
     assert stored["record"] == compact_json(rec.record_json())
     assert stored["mail"] == compact_json(rec.mail)
+
+
+def test_a_new_records_times_are_written_as_repr_writes_them() -> None:
+    """``to_hash_new`` remembers the text of the last time it wrote (a batch's sends share one ``now``)."""
+    now = 1764629000.123456
+    for created, updated in [(now, now), (now, now + 1), (0.0, -0.0), (-0.0, -0.0), (now, now), (1e300, 0.1),
+                             (float("nan"), now), (now, 1.0 / 3)]:  # fmt: skip
+        rec = SendRecord("s6", {"message_id": "<m@x>"}, SendState.QUEUED, created_at=created,
+                         updated_at=updated)
+        stored = rec.to_hash_new()
+        assert (stored["created_at"], stored["updated_at"]) == (repr(created), repr(updated))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"html": "<p>x</p>", "cc": ["c@x.org"]},
+     {"attachments": [{"filename": "a.txt", "content_type": "text/plain", "content": "YWJj"}]}],
+    ids=repr,
+)  # fmt: skip
+def test_a_summary_made_in_place_is_the_summary_of_a_copy(extra: dict[str, Any]) -> None:
+    mail = validated({"from": "a@x.org", "to": ["b@x.org", "B@x.org"], "text": "t", **extra})
+    copied = mail_summary(mail, mail.to_dict())
+    assert mail_summary(mail, mail.to_dict(), in_place=True) == copied == mail_summary(mail)
+    assert list(mail_summary(mail, mail.to_dict(), in_place=True)) == list(copied)  # the same key order

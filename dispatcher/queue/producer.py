@@ -283,12 +283,13 @@ class Producer:
                 continue
             send_id = new_send_id(mail.key)
             scheduled = mail.send_at is not None and mail.send_at.timestamp() > now
-            summary = mail_summary(mail, as_dict)
+            source = None if mail.raw else tree_json(as_dict).encode()
+            summary = mail_summary(mail, as_dict, in_place=True)  # as_dict is done with: no copy
             rec = SendRecord(
                 send_id=send_id,
                 mail=summary,
                 raw=mail.raw or None,
-                source=None if mail.raw else tree_json(as_dict).encode(),
+                source=source,
                 ledger_in_record=mail.message_id_generated,
                 state=initial_state(scheduled),
                 created_at=now,

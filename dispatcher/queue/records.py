@@ -180,10 +180,15 @@ class HistoryEntry:
         )
 
 
-def mail_summary(mail: Mail, as_dict: dict[str, Any] | None = None) -> dict[str, Any]:
+def mail_summary(
+    mail: Mail, as_dict: dict[str, Any] | None = None, *, in_place: bool = False
+) -> dict[str, Any]:
     """What a record keeps of a mail for people and the worker's bookkeeping: headers, envelope,
-    attachment names (``as_dict``: ``mail.to_dict()`` when the caller has it already)."""
-    summary = dict(mail.to_dict() if as_dict is None else as_dict)
+    attachment names (``as_dict``: ``mail.to_dict()`` when the caller has it already; ``in_place``: the
+    caller is done with it, it becomes the summary instead of a copy)."""
+    if as_dict is None:
+        as_dict, in_place = mail.to_dict(), True
+    summary = as_dict if in_place else dict(as_dict)
     summary.pop("text", None)
     summary.pop("html", None)
     summary["attachments"] = [
@@ -221,6 +226,21 @@ def tree_json(value: Any) -> str:
     if _TREE_ENCODER is None:
         return compact_json(value)
     return "".join(_TREE_ENCODER(value, 0))
+
+
+_LAST_FLOAT: tuple[float, str] = (0.0, "0.0")
+
+
+def _float_text(value: float) -> str:
+    """``repr(value)``, remembered for the last float object given: the sends a batch creates share one
+    ``now`` for their creation and update times (two ``repr`` calls a mail otherwise)."""
+    global _LAST_FLOAT
+    last = _LAST_FLOAT
+    if value is last[0]:
+        return last[1]
+    text = repr(value)
+    _LAST_FLOAT = (value, text)
+    return text
 
 
 def new_send_id(key: str | None) -> str:
@@ -410,8 +430,8 @@ class SendRecord:
         fields: dict[str, str | bytes] = {
             "mail": tree_json(self.mail),
             "state": self.state,
-            "created_at": repr(self.created_at),
-            "updated_at": repr(self.updated_at),
+            "created_at": _float_text(self.created_at),
+            "updated_at": _float_text(self.updated_at),
             "rq_job": self.rq_job or "",
             "record": self._new_record_text(),
         }
