@@ -377,30 +377,35 @@ cheaper than a Python loop, and a huge list is refused by its limit later, for t
 
 def _small_ascii_mail(data: Mapping[str, Any]) -> bool:
     """Whether ``data`` is a flat mail of ASCII text (keys too; ``str.isascii`` costs nothing in CPython):
-    strings, numbers, and lists or objects of at most ``_SMALL`` of them. False says nothing: look closer."""
+    strings, numbers, and lists or objects of at most ``_SMALL`` of them. False says nothing: look closer.
+    Exact types only (``type(x) is str``, cheaper than ``isinstance``): a subclass, a bool, is looked at
+    closer."""
     for name, value in data.items():
-        if not (isinstance(name, str) and name.isascii()):
+        if type(name) is not str or not name.isascii():
             return False
-        if isinstance(value, str):
+        kind = type(value)
+        if kind is str:
             if not value.isascii():
                 return False
-        elif isinstance(value, list):
+        elif kind is list:
             if len(value) > _SMALL:
                 return False
             for item in value:
-                if not (isinstance(item, str) and item.isascii()):
+                if type(item) is not str or not item.isascii():
                     return False
-        elif isinstance(value, dict):
+        elif kind is dict:
             if len(value) > _SMALL:
                 return False
             for key, item in value.items():
-                if not (isinstance(key, str) and key.isascii()):
+                if type(key) is not str or not key.isascii():
                     return False
-                if isinstance(item, str) and not item.isascii():
+                item_kind = type(item)
+                if item_kind is str:
+                    if not item.isascii():
+                        return False
+                elif item is not None and item_kind is not int and item_kind is not float:
                     return False
-                if item is not None and not isinstance(item, str | int | float):
-                    return False
-        elif value is not None and not isinstance(value, int | float):
+        elif value is not None and kind is not int and kind is not float:
             return False
     return True
 
