@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatcher.mail import addresses
+from dispatcher.mail import addresses, fields
 from dispatcher.mail.addresses import Address, control_character_problem, parse_address
 
 ACCEPTED = [
@@ -205,3 +205,80 @@ def test_common_addresses_take_the_fast_path() -> None:
         "Recipient 7", "rcpt7@bench.example"
     )
     assert addresses._plain_address("first.o'neil+tag@sub.example.co.uk") is not None
+
+
+def _uncached(raw: object) -> Address | str:
+    """What ``parse_address`` answered before it kept answers: the address, or the ValueError's text."""
+    if not isinstance(raw, str):
+        return "must be a string"
+    try:
+        plain = addresses._plain_address(raw)
+        return plain if plain is not None else addresses._parsed_address(raw)
+    except ValueError as exc:
+        return str(exc)
+
+
+def _answer(raw: object) -> Address | str:
+    try:
+        return parse_address(raw)  # type: ignore[arg-type]
+    except ValueError as exc:
+        return str(exc)
+
+
+CORPUS = [raw for raw, *_ in ACCEPTED] + [raw for raw, _ in REJECTED] + EDGES
+
+
+@pytest.mark.parametrize("raw", [*CORPUS, "x" * 2000 + "@example.com", None, 7, b"ann@example.com"])
+def test_a_kept_answer_is_the_answer_parsing_gives(raw: object) -> None:
+    """The first call parses (and keeps the answer), the second finds it: both answer exactly as the
+    parser itself, the same address or the same error message."""
+    addresses._KNOWN.clear()
+    expected = _uncached(raw)
+    assert _answer(raw) == expected
+    assert _answer(raw) == expected
+    if isinstance(raw, str) and len(raw) <= addresses._LONGEST_ACCEPTED:
+        assert addresses._KNOWN[raw] == expected  # kept: the second answer came from it
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.sampled_from("aZ09.-_+=?@<> \"[]é,\\\n"), max_size=30))
+def test_kept_answers_agree_with_parsing_on_any_text(raw: str) -> None:
+    expected = _uncached(raw)
+    assert _answer(raw) == expected
+    assert _answer(raw) == expected
+
+
+def test_a_str_subclass_is_parsed_not_looked_up() -> None:
+    class Odd(str):
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        __hash__ = str.__hash__
+
+    addresses._KNOWN.clear()
+    parse_address("ann@example.com")
+    with pytest.raises(ValueError, match="no '@'"):
+        parse_address(Odd("no at sign"))
+    assert "no at sign" not in addresses._KNOWN
+
+
+def test_the_kept_answers_are_bounded() -> None:
+    addresses._KNOWN.clear()
+    for n in range(addresses._KNOWN_MAX + 10):
+        parse_address(f"user{n}@example.com")
+    assert len(addresses._KNOWN) <= addresses._KNOWN_MAX
+    assert parse_address("user3@example.com") == Address("", "user3@example.com")
+
+
+def test_a_list_names_each_bad_item_as_a_single_address_would_be_named() -> None:
+    """``fields.address_list`` writes an item's path only for a problem; what it finds is what checking
+    each item as one address (``fields.one_address`` at ``to[i]``) finds, in the same order."""
+    items: list[object] = [*CORPUS, None, 7, ["a@x.org"], "ann@example.com"]
+    for start in range(0, len(items), 7):
+        chunk = items[start : start + 7]
+        problems: dict[str, str] = {}
+        found = fields.address_list("to", chunk, problems)
+        expected_problems: dict[str, str] = {}
+        expected = [fields.one_address(f"to[{i}]", item, expected_problems) for i, item in enumerate(chunk)]
+        assert found == tuple(a for a in expected if a is not None)
+        assert list(problems.items()) == list(expected_problems.items())

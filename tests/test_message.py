@@ -7,8 +7,11 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dispatcher.errors import ValidationError
+from dispatcher.mail import fields
 from dispatcher.mail.addresses import Address
 from dispatcher.mail.attachments import Attachment
 from dispatcher.mail.fields import PRIORITIES
@@ -344,3 +347,39 @@ def test_validation_error_message_names_each_field() -> None:
         "priority: must be one of high, default, bulk; route: must be 1 to 64 characters from A-Z a-z 0-9 _ -"
     )
     assert caught.value.field == "priority"
+
+
+def _all_text_encodes(value: object) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_all_text_encodes(k) and _all_text_encodes(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_all_text_encodes(item) for item in value)
+    return True
+
+
+_TEXT = st.text(st.sampled_from("aZ0 @\u00e9\udce9\ud800\U0001f600"), max_size=4)
+_SCALAR = st.one_of(_TEXT, st.integers(), st.floats(), st.booleans(), st.none())
+
+
+_FIELD = st.one_of(_SCALAR, st.lists(_SCALAR, max_size=10),
+                   st.dictionaries(_TEXT, st.one_of(_SCALAR, st.lists(_SCALAR)), max_size=10))  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(_TEXT, _FIELD, max_size=8))
+def test_the_quick_ascii_look_passes_only_mails_whose_text_all_encodes(data: dict[str, Any]) -> None:
+    """``unencodable_text``'s shortcut (``_small_ascii_mail``) answers True only where every string,
+    at any depth, encodes as UTF-8; and then ``unencodable_text`` finds nothing, as its full walk would."""
+    if fields._small_ascii_mail(data):
+        assert _all_text_encodes(data)
+    assert (fields.unencodable_text(data) == {}) == _all_text_encodes(data)
+
+
+def test_the_common_mail_takes_the_quick_ascii_look() -> None:
+    assert fields._small_ascii_mail(minimal(headers={"X-A": "1"}, metadata={"n": 1, "f": 1.5, "s": "x"}))

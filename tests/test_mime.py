@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dispatcher.errors import ValidationError
+from dispatcher.mail import fields
 from dispatcher.mail.fields import MAX_LINE_OCTETS, custom_header_problem
 from dispatcher.mail.message import Mail
 from dispatcher.mail.mime import build_message, size_upper_bound, validated
@@ -270,3 +271,33 @@ def test_non_ascii_header_text_is_encoded_words_of_at_most_75_characters(text: s
     assert words and max(len(word) for word in words) <= 75
     parsed = parse(raw)
     assert (parsed["Subject"], parsed["X-Text"]) == (text[:998], text[:2048])
+
+
+class _OddName(str):
+    def lower(self) -> str:
+        return "x-odd"
+
+
+HEADER_NAMES: list[object] = [
+    "X-Ok", "x-ok", "X-OK", "Received", "Sender", "Bcc", "content-type", "Content-Disposition", "Content-",
+    "Résumé", "X Bad", "X-Bad:", "", ":", "X-\x7f", "Keywords", "List-Unsubscribe", "Message-ID", "X" * 101,
+    "X" * 1000, 5, None, b"X-Bytes", _OddName("X-Odd"),
+]  # fmt: skip
+HEADER_VALUES: list[object] = [
+    "fine", "ünïcode is encoded", "a\nb", "a\x00b", "=?utf-8?q?Gr=C3=BC=C3=9Fe?=", "<a@example.com>",
+    "x" * 990, "x" * 3000, "", 1, None,
+]  # fmt: skip
+
+
+def test_a_header_name_checked_before_gets_the_answer_it_got_then() -> None:
+    """``custom_header_problem`` keeps the lower-cased form of each well-formed, unreserved name it saw;
+    with a name kept (warm) it answers exactly what it answers having to check the name (cold)."""
+    for name in HEADER_NAMES:
+        for value in HEADER_VALUES:
+            for seen in (set(), {"x-ok"}, {"x-odd"}):
+                fields._NAMES.clear()
+                cold = custom_header_problem(name, value, set(seen))
+                custom_header_problem(name, "warm-up", set())
+                warm = custom_header_problem(name, value, set(seen))
+                assert warm == cold, (name, value, seen)
+    assert "X" * 1000 not in fields._NAMES and b"X-Bytes" not in fields._NAMES

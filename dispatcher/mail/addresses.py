@@ -87,6 +87,32 @@ def parse_address(value: str) -> Address:
     """
     if not isinstance(value, str):
         raise ValueError("must be a string")
+    if type(value) is not str or len(value) > _LONGEST_ACCEPTED:
+        return _parse(value)  # a str subclass may compare oddly, a long value is refused at once: no cache
+    known = _KNOWN.get(value)
+    if known is None:
+        try:
+            known = _parse(value)
+        except ValueError as exc:
+            known = str(exc)
+        if len(_KNOWN) >= _KNOWN_MAX:
+            _KNOWN.clear()
+        _KNOWN[value] = known
+    if isinstance(known, str):
+        raise ValueError(known)
+    return known
+
+
+_LONGEST_ACCEPTED = MAX_DISPLAY_NAME_CHARS + MAX_ADDRESS_OCTETS + 8
+"""Characters of the longest address ``_parsed_address`` does not refuse for its length alone."""
+_KNOWN: dict[str, Address | str] = {}
+"""``parse_address``'s answers by value: the ``Address``, or the message of the ``ValueError`` it raised.
+The parse depends on nothing but the text and ``Address`` is frozen, so an answer is good for every later
+call (bulk enqueue repeats its sender on every mail). Bounded: emptied when ``_KNOWN_MAX`` are held."""
+_KNOWN_MAX = 1024
+
+
+def _parse(value: str) -> Address:
     plain = _plain_address(value)
     if plain is not None:
         return plain
@@ -117,7 +143,7 @@ def _plain_address(value: str) -> Address | None:
 
 def _parsed_address(value: str) -> Address:
     """The strict parser: every form ``parse_address`` takes, a precise sentence for every problem."""
-    if len(value) > MAX_DISPLAY_NAME_CHARS + MAX_ADDRESS_OCTETS + 8:  # '"name" <addr>' and some spaces
+    if len(value) > _LONGEST_ACCEPTED:  # '"name" <addr>' and some spaces
         raise ValueError(f"too long: {len(value)} characters for one address")
     problem = header_text_problem(value)
     if problem is not None:

@@ -87,6 +87,8 @@ class Checker:
         return default
 
     def has_problem(self, *names: str) -> bool:
+        if not self.problems:
+            return False
         return any(path.split("[")[0].split(".")[0] in names for path in self.problems)
 
 
@@ -108,8 +110,13 @@ def address_list(path: str, value: Any, problems: dict[str, str]) -> tuple[Addre
     if not isinstance(value, list):
         problems[path] = "must be a string or a list of strings"
         return ()
-    found = [one_address(f"{path}[{index}]", item, problems) for index, item in enumerate(value)]
-    return tuple(address for address in found if address is not None)
+    found: list[Address] = []
+    for index, item in enumerate(value):
+        try:  # the item's path ("to[3]") is written only for a problem
+            found.append(parse_address(item))
+        except ValueError as exc:
+            problems[f"{path}[{index}]"] = str(exc)  # "must be a string" for a non-string, as one_address
+    return tuple(found)
 
 
 def subject(path: str, value: Any, problems: dict[str, str]) -> str | None:
@@ -282,11 +289,19 @@ def custom_header_problem(name: object, value: object, seen: set[str]) -> str | 
     The value must survive the email package under both policies :func:`build_message` may use:
     no parse defects (a structured header must parse) and no folded line over 998 octets.
     """
-    if not isinstance(name, str) or not HEADER_NAME.fullmatch(name):
+    if not isinstance(name, str):
         return "not a header field name (printable ASCII, no spaces or ':')"
-    lowered = name.lower()
-    if lowered in RESERVED_HEADERS or lowered.startswith("content-"):
-        return "reserved: dispatcher writes this header itself or does not allow it"
+    lowered = _NAMES.get(name) if type(name) is str else None  # mails enqueued together share their names
+    if lowered is None:
+        if not HEADER_NAME.fullmatch(name):
+            return "not a header field name (printable ASCII, no spaces or ':')"
+        lowered = name.lower()
+        if lowered in RESERVED_HEADERS or lowered.startswith("content-"):
+            return "reserved: dispatcher writes this header itself or does not allow it"
+        if type(name) is str and len(name) <= _NAME_KEPT_CHARS:
+            if len(_NAMES) >= _NAMES_MAX:
+                _NAMES.clear()
+            _NAMES[name] = lowered
     if lowered in seen:
         return "duplicate header name (names are case-insensitive)"
     if not isinstance(value, str):
@@ -312,6 +327,12 @@ def custom_header_problem(name: object, value: object, seen: set[str]) -> str | 
             return f"too long: a line would exceed {MAX_LINE_OCTETS} octets"
     return None
 
+
+_NAMES: dict[str, str] = {}
+"""Custom header names found to be well-formed and not reserved, each with its lower-cased form (what
+``custom_header_problem`` finds of a name depends on nothing else). Emptied when ``_NAMES_MAX`` are held."""
+_NAMES_MAX = 256
+_NAME_KEPT_CHARS = 100
 
 _STRUCTURED: Mapping[str, Any] = email_policy.SMTP.header_factory.registry  # type: ignore[attr-defined]
 """The email package's registry of the header names it parses (address lists, dates, MIME fields), by
@@ -356,30 +377,35 @@ cheaper than a Python loop, and a huge list is refused by its limit later, for t
 
 def _small_ascii_mail(data: Mapping[str, Any]) -> bool:
     """Whether ``data`` is a flat mail of ASCII text (keys too; ``str.isascii`` costs nothing in CPython):
-    strings, numbers, and lists or objects of at most ``_SMALL`` of them. False says nothing: look closer."""
+    strings, numbers, and lists or objects of at most ``_SMALL`` of them. False says nothing: look closer.
+    Exact types only (``type(x) is str``, cheaper than ``isinstance``): a subclass, a bool, is looked at
+    closer."""
     for name, value in data.items():
-        if not (isinstance(name, str) and name.isascii()):
+        if type(name) is not str or not name.isascii():
             return False
-        if isinstance(value, str):
+        kind = type(value)
+        if kind is str:
             if not value.isascii():
                 return False
-        elif isinstance(value, list):
+        elif kind is list:
             if len(value) > _SMALL:
                 return False
             for item in value:
-                if not (isinstance(item, str) and item.isascii()):
+                if type(item) is not str or not item.isascii():
                     return False
-        elif isinstance(value, dict):
+        elif kind is dict:
             if len(value) > _SMALL:
                 return False
             for key, item in value.items():
-                if not (isinstance(key, str) and key.isascii()):
+                if type(key) is not str or not key.isascii():
                     return False
-                if isinstance(item, str) and not item.isascii():
+                item_kind = type(item)
+                if item_kind is str:
+                    if not item.isascii():
+                        return False
+                elif item is not None and item_kind is not int and item_kind is not float:
                     return False
-                if item is not None and not isinstance(item, str | int | float):
-                    return False
-        elif value is not None and not isinstance(value, int | float):
+        elif value is not None and kind is not int and kind is not float:
             return False
     return True
 

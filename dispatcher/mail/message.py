@@ -31,6 +31,10 @@ FIELDS = frozenset(
 )  # fmt: skip
 
 
+_NO_METADATA: Mapping[str, MetadataValue] = MappingProxyType({})
+"""The metadata of every mail without any: read-only, so one proxy serves them all."""
+
+
 @dataclass(frozen=True)
 class Mail:
     """A validated mail. Build it with :meth:`from_dict`; the constructor does not validate."""
@@ -79,7 +83,9 @@ class Mail:
             checker.problems["recipients"] = too_many
             to = cc = bcc = ()
         else:
-            to, cc, bcc = (checker.run(n, fields.address_list, ()) for n in limits.RECIPIENT_FIELDS)
+            to = checker.run("to", fields.address_list, ())  # limits.RECIPIENT_FIELDS, in their order
+            cc = checker.run("cc", fields.address_list, ())
+            bcc = checker.run("bcc", fields.address_list, ())
         reply_to = checker.run("reply_to", fields.reply_to, ())
         if not (to or cc or bcc) and not checker.has_problem("to", "cc", "bcc", "recipients"):
             checker.problems["to"] = "missing: at least one recipient in to, cc or bcc"
@@ -95,18 +101,21 @@ class Mail:
             message_id = make_msgid(domain=domain if domain.startswith("[") else fields.ascii_domain(domain))
         # A scheduled mail is dated when it is due, not when it was enqueued.
         date = checker.run("date", fields.date) or fields.date_header(send_at)
+        subject = checker.run("subject", fields.subject, "")  # the order of the checks is the problems' order
+        headers = checker.run("headers", fields.headers, ())
+        metadata = checker.run("metadata", fields.metadata)
         mail = cls(
             from_address=cast(Address, sender),
             to=to,
             cc=cc,
             bcc=bcc,
             reply_to=reply_to,
-            subject=checker.run("subject", fields.subject, ""),
+            subject=subject,
             text=text,
             html=html,
             attachments=attachments,
-            headers=checker.run("headers", fields.headers, ()),
-            metadata=MappingProxyType(checker.run("metadata", fields.metadata, {})),
+            headers=headers,
+            metadata=MappingProxyType(metadata) if metadata else _NO_METADATA,
             key=checker.run("key", fields.key),
             send_at=send_at,
             priority=checker.run("priority", fields.priority, "default"),

@@ -30,7 +30,7 @@ from dispatcher.mail.limits import MAX_RECIPIENTS
 from dispatcher.mail.message import DEFAULT_MAX_BYTES, Mail
 from dispatcher.mail.mime import validated
 from dispatcher.queue.presence import Presence
-from dispatcher.queue.records import RecipientRecord, SendRecord, compact_json, mail_summary, new_send_id
+from dispatcher.queue.records import PENDING, SendRecord, mail_summary, new_send_id, tree_json
 from dispatcher.queue.states import initial_state
 from dispatcher.queue.store import OUTAGE, SendStore, unavailable
 
@@ -45,8 +45,6 @@ RESULT_TTL = 86400
 FAILURE_TTL = 7 * 86400
 BATCH = 500
 ROUTES_READ_INTERVAL = 5.0
-PENDING = RecipientRecord()
-"""A new send's outcome for each recipient (frozen: one value shared by them all)."""
 _NOT_YET = ValidationError({"mail": "pending"})
 """The place of a valid mail in ``Producer.enqueue_many``'s results until its batch is stored (never
 returned: each is replaced by its ``Enqueued``, or by None in a ``PartiallyEnqueued``)."""
@@ -74,9 +72,13 @@ def attempt_job_id(send_id: str, generation: int, attempt: int, suffix: str = ""
     return f"{send_id}-g{generation}-a{attempt}{suffix}"
 
 
-def enqueue_batch(pipe: Any, connection: redis.Redis, recs: Sequence[SendRecord]) -> None:
-    """Queue one rq job delivering ``recs`` (same priority) one after the other, on ``pipe``."""
-    queue = rq_queue(connection, str(recs[0].mail.get("priority", "default")))
+def enqueue_batch(
+    pipe: Any, connection: redis.Redis, recs: Sequence[SendRecord], queue: Queue | None = None
+) -> None:
+    """Queue one rq job delivering ``recs`` (same priority) one after the other, on ``pipe`` (``queue``:
+    their priority's ``rq_queue`` on ``connection``, when the caller keeps one)."""
+    if queue is None:
+        queue = rq_queue(connection, str(recs[0].mail.get("priority", "default")))
     job_id = f"batch-{uuid.uuid4().hex}"
     job = queue.create_job(
         BATCH_FUNCTION,
@@ -146,6 +148,8 @@ class Producer:
         self.max_recipients = max_recipients
         self._routes: frozenset[str] = frozenset()
         self._routes_read_at: float | None = None
+        self._queues: dict[str, Queue] = {}
+        """``rq_queue`` of each priority, made once (rq checks its serializer each time it makes one)."""
         self.templates_dir = templates_dir
         """Root of the named templates; ``None``: ``DISPATCH_TEMPLATES_DIR``."""
 
@@ -279,12 +283,13 @@ class Producer:
                 continue
             send_id = new_send_id(mail.key)
             scheduled = mail.send_at is not None and mail.send_at.timestamp() > now
-            summary = mail_summary(mail, as_dict)
+            source = None if mail.raw else tree_json(as_dict).encode()
+            summary = mail_summary(mail, as_dict, in_place=True)  # as_dict is done with: no copy
             rec = SendRecord(
                 send_id=send_id,
                 mail=summary,
                 raw=mail.raw or None,
-                source=None if mail.raw else compact_json(as_dict).encode(),
+                source=source,
                 state=initial_state(scheduled),
                 created_at=now,
                 outcomes=dict.fromkeys(summary["envelope"]["recipients"], PENDING),
@@ -298,17 +303,24 @@ class Producer:
                 batch = batches.setdefault(mail.priority, [])
                 batch.append(rec)
                 if len(batch) == JOB_BATCH_SIZE:
-                    enqueue_batch(pipe, self.redis, batches.pop(mail.priority))
+                    enqueue_batch(pipe, self.redis, batches.pop(mail.priority), self._queue(mail.priority))
             if key is not None:
                 self.store.stage_claim(pipe, key, send_id, fingerprint)
             done = Enqueued(send_id, False, mail.message_id)
             if key is not None:
                 claimed[key] = (done, fingerprint)
             results.append(done)
-        for batch in batches.values():
-            enqueue_batch(pipe, self.redis, batch)
+        for priority, batch in batches.items():
+            enqueue_batch(pipe, self.redis, batch, self._queue(priority))
         self.store.stage_new(pipe, created, now=now)
         return results
+
+
+    def _queue(self, priority: str) -> Queue:
+        queue = self._queues.get(priority)
+        if queue is None:
+            queue = self._queues[priority] = rq_queue(self.redis, priority)
+        return queue
 
 
 _NOT_FINGERPRINTED = frozenset({"message_id", "date", "send_at", "priority", "route"})
