@@ -291,12 +291,15 @@ class Attempt:
         def write() -> None:
             rec.stored_state = stored_state  # each try writes the same move between the state indexes
             if next_job is None:  # the common case: one script call, no transaction
-                self.store.record_outcome(rec, accepted, now=now)
-                return
-            pipe = self.store.transaction()
-            schedule_attempt(pipe, self.redis, rec, *next_job)
-            self.store.stage_outcome(pipe, rec, accepted, now=now)
-            self.store.execute(pipe)
+                taken = self.store.record_outcome(rec, accepted, now=now, live=True)
+            else:
+                pipe = self.store.transaction()
+                schedule_attempt(pipe, self.redis, rec, *next_job)
+                self.store.stage_outcome(pipe, rec, accepted, now=now, live=True)
+                taken = bool(self.store.execute(pipe)[-1])
+            if not taken:  # its lease was gone and another attempt has the send: the ledger took the facts
+                logger.warning("outcome_after_takeover", send_id=rec.send_id, attempt=rec.attempts,
+                               state=rec.state, accepted=accepted)  # fmt: skip
 
         self._commit(write, lambda: Entry.of(rec, self.job_id, accepted, next_job, now))
         summary = {

@@ -26,29 +26,55 @@ when the record moved on since it was loaded; else the ledger and the legacy sou
 read)."""
 
 RECORD_OUTCOME = """
-local accepted = tonumber(ARGV[7])
-for first = 8, 7 + accepted, 500 do
-  redis.call('SADD', KEYS[2], unpack(ARGV, first, math.min(first + 499, 7 + accepted)))
+local accepted = tonumber(ARGV[11])
+local function add_to_ledger()
+  for first = 12, 11 + accepted, 500 do
+    redis.call('SADD', KEYS[2], unpack(ARGV, first, math.min(first + 499, 11 + accepted)))
+  end
+  if accepted > 0 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
 end
-if accepted > 0 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 8 + accepted))
+local leased = true
+if ARGV[7] == '1' then leased = redis.call('ZREM', KEYS[3], ARGV[1]) == 1 end
+if not leased then
+  local now = redis.call('HMGET', KEYS[1], 'generation', 'attempts', 'state')
+  if now[1] ~= ARGV[8] or now[2] ~= ARGV[9] then
+    add_to_ledger()
+    return 0
+  end
+  if now[3] == ARGV[10] then return 1 end
+  if now[3] ~= 'sending' and now[3] ~= 'unknown' then
+    add_to_ledger()
+    return 0
+  end
+  if now[3] == 'unknown' then redis.call('ZREM', KEYS[7], ARGV[1]) end
+end
+add_to_ledger()
+redis.call('HSET', KEYS[1], unpack(ARGV, 12 + accepted))
 if ARGV[3] == '1' then
   redis.call('PERSIST', KEYS[1])
   if ARGV[5] == '1' then redis.call('PERSIST', KEYS[6]) end
 end
 if ARGV[6] == '1' then redis.call('ZREM', KEYS[4], ARGV[1]) end
 redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
+if ARGV[7] ~= '1' then redis.call('ZREM', KEYS[3], ARGV[1]) end
 return 1
 """
-"""``SendStore.record_outcome`` / ``stage_outcome``: what an attempt's outcome writes, unconditionally
-(the attempt's lease keeps every other writer off the send): the accepted recipients into the ledger
-(its TTL renewed), the record, the move into
-the new state's index, and the lease dropped. KEYS record, ledger, in-flight, the old state's index, the
-new state's, the legacy source; ARGV send id, updated_at, ``1`` to drop a TTL an earlier version set on a
-final record (and ``1`` next but one when its legacy source has one too), ledger TTL, ``1`` to take the
-send out of the old index (it was not ``sending`` and the state changed), how many accepted recipients
-follow, them, then the record's fields."""
+"""``SendStore.record_outcome`` / ``stage_outcome``: what an attempt's outcome writes — the accepted
+recipients into the ledger (its TTL renewed), the record, the move into the new state's index, and the
+lease dropped. A live attempt's outcome (``ARGV[7]`` = ``1``) first takes its lease away: while the lease
+was there no other writer touched the send, and the rest is written unconditionally. When the lease is
+gone, the record decides: it still shows this attempt (generation ``ARGV[8]``, attempt ``ARGV[9]``)
+``sending``, or settled ``unknown`` by recovery meanwhile (taken out of that index, ``KEYS[7]``) — the
+outcome is the truth and is written; it already holds the outcome's state (``ARGV[10]``: a retried write
+that ran before) — nothing more; anything else (recovery requeued the send and a later attempt, or an
+operator, moved it on) — only the accepted recipients go into the ledger, a true fact that keeps the
+later attempts from sending to them, and 0 comes back. KEYS record, ledger, in-flight, the old state's
+index, the new state's, the legacy source, the ``unknown`` index of the send's bucket; ARGV send id,
+updated_at, ``1`` to drop a TTL an earlier version set on a final record (and ``1`` next but one when its
+legacy source has one too), ledger TTL, ``1`` to take the send out of the old index (it was not
+``sending`` and the state changed), ``1`` for a live attempt, its generation and attempt number, the
+outcome's state, how many accepted recipients follow, them, then the record's fields. Returns 1 when the
+record holds this outcome, 0 when the send had moved on."""
 
 SWEEP_FINAL = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))

@@ -21,7 +21,8 @@ Invariants the store's writes keep (README "Guarantees"):
    and only if the record still names the job and state the attempt read, so a job the reconciler
    replaced can never take it back; ``record_outcome`` / ``stage_outcome`` drop the lease in the script
    that records the outcome, or the outcome waits in the worker's journal, ``delivery.journal``, until
-   Redis takes it).
+   Redis takes it). A live attempt's outcome script takes the lease away first, and one whose lease is
+   gone writes its outcome only while the record still shows its attempt (else only the ledger).
 2. ``data_out`` (``mark_data_out``) is durable before the first byte of an attempt's message data is
    written; recovery then settles the send *unknown*, never resends it.
 3. A recipient in the ledger is never sent to again: the outcome's script adds the accepted ones in the
@@ -445,25 +446,33 @@ class SendStore:
         self._call("HSET", send_key(send_id), "data_out", str(attempt))
 
     @outage_is_unavailable
-    def record_outcome(self, rec: SendRecord, accepted: Sequence[str], *, now: float) -> None:
+    def record_outcome(
+        self, rec: SendRecord, accepted: Sequence[str], *, now: float, live: bool = False
+    ) -> bool:
         """Write an attempt's outcome in one script (``queue.scripts.RECORD_OUTCOME``): ``accepted``
-        recipients (casefolded) into the ledger, the delivery count when ``rec`` is delivered, the record
-        and its move between the state indexes, and the lease dropped."""
-        keys, args = self._outcome_call(rec, accepted, now)
-        self._script(self._outcome, keys, args)
+        recipients (casefolded) into the ledger, the record and its move between the state indexes, and
+        the lease dropped. ``live``: the attempt that holds the lease writes it — when the lease is gone
+        and the record moved on to another attempt, only the ledger is written and False comes back
+        (the script's docstring has every case)."""
+        keys, args = self._outcome_call(rec, accepted, now, live)
+        written = bool(self._script(self._outcome, keys, args))
         rec.stored_state = rec.state
+        return written
 
-    def stage_outcome(self, pipe: Any, rec: SendRecord, accepted: Sequence[str], *, now: float) -> None:
+    def stage_outcome(
+        self, pipe: Any, rec: SendRecord, accepted: Sequence[str], *, now: float, live: bool = False
+    ) -> None:
         """Queue ``record_outcome``'s script on a MULTI ``pipe`` (with rq's schedule of the next attempt,
-        or a replay's WATCH). Sent whole (EVAL, which Redis caches by its digest too), not by digest: an
-        EVALSHA that Redis forgot would fail alone inside the MULTI while rq's part of it applied, and
-        redis-py's guard against that costs a SCRIPT EXISTS round trip before every such transaction."""
-        keys, args = self._outcome_call(rec, accepted, now)
+        or a replay's WATCH); its reply, last of the transaction's, says whether the record took it. Sent
+        whole (EVAL, which Redis caches by its digest too), not by digest: an EVALSHA that Redis forgot
+        would fail alone inside the MULTI while rq's part of it applied, and redis-py's guard against that
+        costs a SCRIPT EXISTS round trip before every such transaction."""
+        keys, args = self._outcome_call(rec, accepted, now, live)
         pipe.eval(RECORD_OUTCOME, len(keys), *keys, *args)
         rec.stored_state = rec.state
 
     def _outcome_call(
-        self, rec: SendRecord, accepted: Sequence[str], now: float
+        self, rec: SendRecord, accepted: Sequence[str], now: float, live: bool
     ) -> tuple[list[str], list[str | float | int]]:
         if rec.state is SendState.SENDING:
             raise ValueError("an outcome moves a send out of sending")
@@ -475,10 +484,12 @@ class SendStore:
         leaves = before is not SendState.SENDING and before != rec.state
         fields = [item for pair in rec.to_hash().items() for item in pair]
         keys = [send_key(rec.send_id), ledger_key(rec.message_id), INFLIGHT, state_key(before, bucket),
-                state_key(rec.state, bucket), legacy_source_key(rec.send_id)]
+                state_key(rec.state, bucket), legacy_source_key(rec.send_id),
+                state_key(SendState.UNKNOWN, bucket)]  # fmt: skip
         args: list[str | float | int] = [
             rec.send_id, rec.updated_at, "1" if persist else "", LEDGER_TTL, "1" if legacy else "",
-            "1" if leaves else "", len(accepted), *accepted, *fields,
+            "1" if leaves else "", "1" if live else "", str(rec.generation), str(rec.attempts),
+            rec.state.value, len(accepted), *accepted, *fields,
         ]  # fmt: skip
         return keys, args
 

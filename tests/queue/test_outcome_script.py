@@ -12,8 +12,10 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from dispatcher.queue.keys import INFLIGHT
 from dispatcher.queue.producer import Producer, attempt_job_id, schedule_attempt
 from dispatcher.queue.records import SendRecord
+from dispatcher.queue.recovery import reap_abandoned
 from dispatcher.queue.states import SendState
 from dispatcher.queue.store import SendStore
 
@@ -25,7 +27,7 @@ def begun(connection: redis.Redis) -> tuple[SendStore, SendRecord]:
     """A send enqueued and begun (``sending``, leased), as an attempt leaves it before its outcome."""
     store = SendStore(connection)
     send_id = Producer(connection).enqueue(MAIL).id
-    rec = store.load(send_id)
+    rec = store.load_whole(send_id)
     assert rec is not None
     rec.move(SendState.SENDING)
     rec.attempts += 1
@@ -88,3 +90,62 @@ def test_a_deferred_outcomes_next_attempt_is_scheduled_by_the_transaction_not_be
     job = Job.fetch(job_id, connection=redis_client, serializer=JSONSerializer)
     assert job.get_status() == "scheduled"
     assert redis_client.sismember("rq:queues", "rq:queue:mail-default")
+
+
+def expire_lease_and_reap(connection: redis.Redis, send_id: str) -> None:
+    """Its worker stalled past the lease (a paused VM, a stopped process): recovery takes the send."""
+    connection.zadd(INFLIGHT, {send_id: time.time() - 1})
+    reap_abandoned(connection)
+
+
+def test_a_stalled_attempts_outcome_after_another_attempt_took_the_send_writes_only_the_ledger(
+    redis_client: redis.Redis,
+) -> None:
+    """The review of session 6: a worker stalled past its lease before its data went out; recovery
+    requeued the send, a second attempt delivered it, and then the first one woke and wrote its deferral
+    over the delivery (the record said deferred, both indexes held it)."""
+    store, first = begun(redis_client)
+    expire_lease_and_reap(redis_client, first.send_id)
+    second = store.load_whole(first.send_id)
+    assert second is not None and second.state is SendState.QUEUED
+    second.move(SendState.SENDING)
+    second.attempts += 1
+    assert store.begin_attempt(second, now=time.time(), lease_seconds=60) is not None
+    second.move(SendState.DELIVERED)
+    assert store.record_outcome(second, ["a@example.org", "b@example.org"], now=time.time(), live=True)
+
+    first.move(SendState.DEFERRED)
+    assert not store.record_outcome(first, ["a@example.org"], now=time.time(), live=True)
+    stored = store.load(first.send_id)
+    assert stored is not None and stored.state is SendState.DELIVERED and stored.attempts == 2
+    assert store.ids_in_state(SendState.DELIVERED) == [first.send_id]
+    assert store.ids_in_state(SendState.DEFERRED) == []
+    assert store.ledger(first.message_id) == {"a@example.org", "b@example.org"}
+
+
+def test_a_stalled_attempts_outcome_after_recovery_settled_it_unknown_is_written(
+    redis_client: redis.Redis,
+) -> None:
+    """Its data had gone out, so recovery settled the send unknown; the attempt's real outcome, known
+    late, replaces "may have been delivered" and the send leaves the unknown index."""
+    store, rec = begun(redis_client)
+    store.mark_data_out(rec.send_id, rec.attempts)
+    expire_lease_and_reap(redis_client, rec.send_id)
+    assert store.ids_in_state(SendState.UNKNOWN) == [rec.send_id]
+    rec.move(SendState.DELIVERED)
+    assert store.record_outcome(rec, ["a@example.org", "b@example.org"], now=time.time(), live=True)
+    stored = store.load(rec.send_id)
+    assert stored is not None and stored.state is SendState.DELIVERED
+    assert store.ids_in_state(SendState.UNKNOWN) == []
+    assert store.ids_in_state(SendState.DELIVERED) == [rec.send_id]
+
+
+def test_an_outcome_written_twice_is_written_once(redis_client: redis.Redis) -> None:
+    """A retried write (Redis dropped the reply to the first, which ran) finds its own outcome there."""
+    store, rec = begun(redis_client)
+    rec.move(SendState.DELIVERED)
+    assert store.record_outcome(rec, ["a@example.org"], now=time.time(), live=True)
+    rec.stored_state = SendState.SENDING
+    assert store.record_outcome(rec, ["a@example.org"], now=time.time(), live=True)
+    assert store.ids_in_state(SendState.DELIVERED) == [rec.send_id]
+    assert store.load(rec.send_id).state is SendState.DELIVERED
