@@ -2,11 +2,15 @@
 
 The send store's keys (``queue.store.SendStore`` is the only code that reads or writes them):
 
-    dispatch:send:<id>          hash   mail summary (JSON), state, attempts, generation, timestamps, record,
-                                       and the mail itself: ``source`` (the whole mail as JSON, which the
-                                       worker builds the MIME message from) or ``raw`` (MIME given as is)
+    dispatch:send:<id>          hash   mail summary (JSON), priority, state, attempts, generation, timestamps,
+                                       record, and the mail itself: ``source`` (the whole mail as JSON,
+                                       which the worker builds the MIME message from) or ``raw`` (MIME
+                                       given as is); no TTL — ``SendStore.sweep_final`` deletes it
+                                       ``RECORD_TTL`` after its last update once final
     dispatch:key:<sha256(key)>  string the send id owning an idempotency key, with the mail's fingerprint
+                                       (``KEY_TTL``)
     dispatch:ledger:<msgid>     set    recipients that accepted the message: never sent to again
+                                       (``LEDGER_TTL`` after its last write)
     dispatch:state:<state>:<p>  zset   send ids by last update, per state and priority (``<p>`` one of
                                        ``PRIORITIES``, or ``unsorted`` for a record whose priority is not
                                        one of them; a quarantined record whose mail cannot be read counts
