@@ -182,8 +182,7 @@ class SendStore:
     def load(self, send_id: str) -> SendRecord | None:
         """The record without the mail itself (``raw`` and ``source`` None): what every reader but an
         attempt needs — a retry of a send with big attachments moves no attachment."""
-        values = self._call("HMGET", send_key(send_id), *SUMMARY_FIELDS)
-        raw = {k: v for k, v in zip(_SUMMARY_KEYS, values, strict=True) if v is not None}
+        raw = _summary(self._call("HMGET", send_key(send_id), *SUMMARY_FIELDS))
         return SendRecord.from_hash(send_id, raw) if raw else None
 
     @outage_is_unavailable
@@ -205,10 +204,7 @@ class SendStore:
         pipe = self.redis.pipeline(transaction=False)
         for send_id in ids:
             pipe.hmget(send_key(send_id), SUMMARY_FIELDS)
-        return [
-            {k: v for k, v in zip(_SUMMARY_KEYS, values, strict=True) if v is not None}
-            for values in pipe.execute()
-        ]
+        return [_summary(values) for values in pipe.execute()]
 
     @outage_is_unavailable
     def load_many_tolerant(
@@ -243,41 +239,43 @@ class SendStore:
     def ids_in_state(self, state: str, *, since: float | None = None, limit: int | None = None) -> list[str]:
         """Ids of the sends in ``state`` updated since ``since``, newest first (every priority's)."""
         low: float | str = since if since is not None else "-inf"
-        if state == SendState.SENDING:
-            return self._sending(low, limit)
-        start, num = (0, limit) if limit is not None else (None, None)
-        pipe = self.redis.pipeline(transaction=False)
-        for bucket in BUCKETS:
-            key = state_key(state, bucket)
-            pipe.zrevrangebyscore(key, "+inf", low, start=start, num=num, withscores=True)
-        merged = sorted(itertools.chain.from_iterable(pipe.execute()), key=lambda pair: -pair[1])
-        return [text(i) for i, _ in merged[:limit]]
-
-    def _sending(self, low: float | str, limit: int | None) -> list[str]:
-        """``ids_in_state(sending)``: the leased sends whose record is ``sending``, newest lease first
-        (a lease's score is its expiry, a fixed time after the attempt began or was last refreshed)."""
-        leased = [text(i) for i in self.redis.zrevrangebyscore(INFLIGHT, "+inf", low)]
-        states = self._states_of(leased)
-        return [i for i in leased if states.get(i) == SendState.SENDING][:limit]
-
-    def _states_of(self, ids: list[str]) -> dict[str, str]:
-        pipe = self.redis.pipeline(transaction=False)
-        for send_id in ids:
-            pipe.hget(send_key(send_id), "state")
-        return {i: text(v) for i, v in zip(ids, pipe.execute(), strict=True) if v is not None}
+        if state == SendState.SENDING:  # newest lease first: a lease's score is its expiry, a fixed time
+            return [i for i, _ in self._leased_sending(low)][:limit]  # after its attempt began or refreshed
+        return self._indexed(state, low, "+inf", limit, newest_first=True)
 
     @outage_is_unavailable
     def waiting_since(self, states: Iterable[SendState], before: float, limit: int) -> list[str]:
         """Ids of sends in ``states`` not updated since ``before``, oldest first, at most ``limit`` each."""
         found: list[str] = []
         for state in states:
-            pipe = self.redis.pipeline(transaction=False)
-            for bucket in BUCKETS:
-                key = state_key(state, bucket)
-                pipe.zrangebyscore(key, "-inf", before, start=0, num=limit, withscores=True)
-            merged = sorted(itertools.chain.from_iterable(pipe.execute()), key=lambda pair: pair[1])
-            found.extend(text(i) for i, _ in merged[:limit])
+            found.extend(self._indexed(state, "-inf", before, limit, newest_first=False))
         return found
+
+    def _indexed(
+        self, state: str, low: float | str, high: float | str, limit: int | None, *, newest_first: bool
+    ) -> list[str]:
+        """Ids in ``state``'s indexes (every bucket's, merged by score) scored from ``low`` to ``high``."""
+        start, num = (0, limit) if limit is not None else (None, None)
+        pipe = self.redis.pipeline(transaction=False)
+        for bucket in BUCKETS:
+            key = state_key(state, bucket)
+            if newest_first:
+                pipe.zrevrangebyscore(key, high, low, start=start, num=num, withscores=True)
+            else:
+                pipe.zrangebyscore(key, low, high, start=start, num=num, withscores=True)
+        entries = itertools.chain.from_iterable(pipe.execute())
+        merged = sorted(entries, key=lambda pair: float(pair[1]), reverse=newest_first)
+        return [text(i) for i, _ in merged[:limit]]
+
+    def _leased_sending(self, low: float | str = "-inf") -> list[tuple[str, bytes | None]]:
+        """The leased sends (lease expiring from ``low`` on, newest first) whose record is ``sending``,
+        each with its record's ``priority`` field (None for a record written before that field)."""
+        leased = [text(i) for i in self.redis.zrevrangebyscore(INFLIGHT, "+inf", low)]
+        pipe = self.redis.pipeline(transaction=False)
+        for send_id in leased:
+            pipe.hmget(send_key(send_id), "state", "priority")
+        found = zip(leased, pipe.execute(), strict=True)
+        return [(i, priority) for i, (state, priority) in found if state == b"sending"]
 
     @outage_is_unavailable
     def count_states(self, priority: str | None = None) -> dict[str, int]:
@@ -296,22 +294,19 @@ class SendStore:
             for state in INDEXED_STATES:
                 pipe.zcard(state_key(state, bucket))
         sizes = iter(pipe.execute())
-        counts = {bucket: {state: int(next(sizes)) for state in INDEXED_STATES} for bucket in BUCKETS}
         sending = dict.fromkeys(BUCKETS, 0)
         for priority in self._sending_priorities():
             sending[_bucket(priority)] += 1
+        counts: dict[str, dict[str, int]] = {}
         for bucket in BUCKETS:
-            counts[bucket][SendState.SENDING] = sending[bucket]
-        return {bucket: {state: counts[bucket][state] for state in STATES} for bucket in BUCKETS}
+            row = {state: int(next(sizes)) for state in INDEXED_STATES}
+            row[SendState.SENDING] = sending[bucket]
+            counts[bucket] = {state: row[state] for state in STATES}
+        return counts
 
     def _sending_priorities(self) -> list[str | None]:
         """The priority of each leased send whose record is ``sending``."""
-        leased = [text(i) for i in self.redis.zrange(INFLIGHT, 0, -1)]
-        pipe = self.redis.pipeline(transaction=False)
-        for send_id in leased:
-            pipe.hmget(send_key(send_id), "state", "priority")
-        found = zip(leased, pipe.execute(), strict=True)
-        sending = [(i, p) for i, (state, p) in found if state == b"sending"]
+        sending = self._leased_sending()
         older = [i for i, p in sending if p is None]
         pipe = self.redis.pipeline(transaction=False)
         for send_id in older:
@@ -555,6 +550,11 @@ class SendStore:
     def is_leased(pipe: Any, send_id: str) -> bool:
         """On a pipeline in WATCH mode (immediate): whether ``send_id`` is under a lease."""
         return pipe.zscore(INFLIGHT, send_id) is not None
+
+
+def _summary(values: Sequence[bytes | None]) -> dict[bytes, bytes]:
+    """An HMGET of ``SUMMARY_FIELDS`` as the hash it read (fields the record lacks left out)."""
+    return {k: v for k, v in zip(_SUMMARY_KEYS, values, strict=True) if v is not None}
 
 
 def _bucket(priority: str | None) -> str:

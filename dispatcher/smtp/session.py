@@ -307,19 +307,16 @@ class SmtpClient:
 
     def _check_reusable(self, channel: Channel) -> None:
         now = time.monotonic()
-        if channel.mail_refused is not None:
+        refused = channel.mail_refused
+        age = now - channel.opened_at
+        capped = channel.messages >= self.config.max_messages or age >= self.config.max_age
+        if refused is not None or capped:
+            why = {"reason": f"MAIL refused: {refused.code} {refused.text}"} if refused is not None else {}
             self._transcript.event(
                 "smtp_connection_retired",
                 messages=channel.messages,
-                age_s=round(now - channel.opened_at, 1),
-                reason=f"MAIL refused: {channel.mail_refused.code} {channel.mail_refused.text}",
-            )
-            self.close()
-        elif channel.messages >= self.config.max_messages or now - channel.opened_at >= self.config.max_age:
-            self._transcript.event(
-                "smtp_connection_retired",
-                messages=channel.messages,
-                age_s=round(now - channel.opened_at, 1),
+                age_s=round(age, 1),
+                **why,
             )
             self.close()
         elif channel.conn.has_unread_input():
